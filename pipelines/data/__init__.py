@@ -1,0 +1,1 @@
+"""Data: the real-data builder, schemas, the site data catalog, sanitization, validation, lineage."""

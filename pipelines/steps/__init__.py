@@ -1,0 +1,63 @@
+"""The step registry. A step is one function `fn(ctx, **params) -> dict`.
+
+The same function runs in-process (embedded runtime), from `factory step NAME`
+(the container entry point of a KubernetesPodOperator pod), or from a test.
+`params` and the returned dict are small JSON values (digests, run ids, model
+versions, package ids), which is what travels through XCom.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pipelines.workspace import SitePaths
+
+StepFunction = Callable[..., dict[str, Any]]
+STEPS: dict[str, StepFunction] = {}
+
+# Modules that register steps; imported on first lookup.
+STEP_MODULES = ("pipelines.steps.stages",)
+
+
+class StepError(RuntimeError):
+    """A step refused or failed a quality bar; the message names the bar."""
+
+
+@dataclass(frozen=True)
+class StepContext:
+    site: str
+    paths: SitePaths
+    run_id: str = "manual"
+    dag_id: str = "manual"
+    actor: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_site(cls, site: str, **kwargs: Any) -> "StepContext":
+        return cls(site=site, paths=SitePaths.of(site), **kwargs)
+
+
+def step(name: str) -> Callable[[StepFunction], StepFunction]:
+    def register(fn: StepFunction) -> StepFunction:
+        if name in STEPS and STEPS[name] is not fn:
+            raise ValueError(f"step {name!r} is registered twice")
+        STEPS[name] = fn
+        fn.step_name = name  # type: ignore[attr-defined]
+        return fn
+
+    return register
+
+
+def get_step(name: str) -> StepFunction:
+    for module in STEP_MODULES:
+        importlib.import_module(module)
+    try:
+        return STEPS[name]
+    except KeyError:
+        raise StepError(f"unknown step {name!r}; known steps: {', '.join(sorted(STEPS))}") from None
+
+
+def run_step(name: str, ctx: StepContext, **params: Any) -> dict[str, Any]:
+    return get_step(name)(ctx, **params)
