@@ -18,7 +18,7 @@ StepFunction = Callable[..., dict[str, Any]]
 STEPS: dict[str, StepFunction] = {}
 
 # Modules that register steps; imported on first lookup.
-STEP_MODULES = ("pipelines.steps.stages",)
+STEP_MODULES = ("pipelines.steps.training", "pipelines.steps.exchange", "pipelines.serving.drift")
 
 
 class StepError(RuntimeError):

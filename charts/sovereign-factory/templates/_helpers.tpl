@@ -1,0 +1,101 @@
+{{/*
+Names are fixed per site (factory-<site>-<component>) rather than per release: step pods built by
+pipelines/runtime/kubernetes.py (SiteObjects) refer to these objects by name.
+*/}}
+{{- define "sovereign-factory.prefix" -}}
+factory-{{ .Values.site }}
+{{- end -}}
+
+{{- define "sovereign-factory.name" -}}
+{{ include "sovereign-factory.prefix" .root }}-{{ .component }}
+{{- end -}}
+
+{{- define "sovereign-factory.stepServiceAccount" -}}
+{{ .Values.step.serviceAccountName }}-{{ .Values.site }}
+{{- end -}}
+
+{{- define "sovereign-factory.keysSecret" -}}
+{{ .Values.siteKeys.existingSecret | default (printf "%s-keys" (include "sovereign-factory.prefix" .)) }}
+{{- end -}}
+
+{{- define "sovereign-factory.mlflowDbSecret" -}}
+{{ .Values.mlflow.database.existingSecret | default (printf "%s-mlflow-db" (include "sovereign-factory.prefix" .)) }}
+{{- end -}}
+
+{{/* Selector labels of one component: {"root": ., "component": "opa"} */}}
+{{- define "sovereign-factory.selectorLabels" -}}
+app.kubernetes.io/name: sovereign-factory
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+sovereign-factory/site: {{ .root.Values.site }}
+{{- end -}}
+
+{{- define "sovereign-factory.labels" -}}
+{{ include "sovereign-factory.selectorLabels" . }}
+app.kubernetes.io/part-of: sovereign-factory
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Labels of step pods, as set by pipelines/runtime/kubernetes.py. */}}
+{{- define "sovereign-factory.stepPodLabels" -}}
+app.kubernetes.io/part-of: sovereign-factory
+app.kubernetes.io/component: step
+sovereign-factory/site: {{ .Values.site }}
+{{- end -}}
+
+{{/* Hardened container security context shared by every container of the chart. */}}
+{{- define "sovereign-factory.containerSecurityContext" -}}
+runAsNonRoot: true
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+privileged: false
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "sovereign-factory.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid }}
+runAsGroup: {{ .uid }}
+fsGroup: {{ .uid }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/*
+Policy files for the OPA ConfigMap as a dict path -> content: values opa.policies when given,
+else files/policies/** staged from the repository's policies/ (make chart-policies).
+Test files (*_test.rego) are never deployed.
+*/}}
+{{- define "sovereign-factory.policyFiles" -}}
+{{- $files := dict -}}
+{{- if .Values.opa.policies -}}
+{{- $files = .Values.opa.policies -}}
+{{- else -}}
+{{- range $path, $content := .Files.Glob "files/policies/**" -}}
+{{- $files = set $files (trimPrefix "files/policies/" $path) (toString $content) -}}
+{{- end -}}
+{{- end -}}
+{{- $kept := dict -}}
+{{- range $path, $content := $files -}}
+{{- if not (hasSuffix "_test.rego" $path) -}}
+{{- $kept = set $kept $path $content -}}
+{{- end -}}
+{{- end -}}
+{{- if not $kept -}}
+{{- fail "opa: no policies to deploy; run `make chart-policies` (copies policies/ into charts/sovereign-factory/files/policies) or set opa.policies" -}}
+{{- end -}}
+{{- toJson $kept -}}
+{{- end -}}
+
+{{/* ConfigMap keys cannot contain "/": a/b.rego is stored as a__b.rego and mounted back at a/b.rego. */}}
+{{- define "sovereign-factory.policyKey" -}}
+{{ replace "/" "__" . }}
+{{- end -}}

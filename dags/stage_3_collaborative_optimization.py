@@ -1,0 +1,37 @@
+"""Stage 3 — collaborative optimization at the supplier.
+
+Fine-tunes M1 on the supplier's data plus the origin's shared data (transfer
+learning) into the collaborative model **M3**, and releases M3 to the origin
+through the `model_release` gate, signed and sealed. Runs when the origin's data
+arrives, or on the platform team's retraining cron (conf/stages.yaml).
+"""
+
+from airflow.sdk import dag
+
+from factory_plugin.flows import (
+    DEFAULT_ARGS,
+    dataset_asset,
+    inbox_asset,
+    retraining_schedule,
+    site_enabled,
+    tags,
+    training_flow,
+)
+from factory_plugin.steps import step_task
+
+SITE = "supplier"
+
+
+@dag(dag_id="stage_3_collaborative_optimization", doc_md=__doc__,
+     schedule=retraining_schedule("stage_3_collaborative_optimization", dataset_asset(SITE, "origin-shared")),
+     catchup=False, tags=tags(3, SITE), default_args=DEFAULT_ARGS)
+def stage_3_collaborative_optimization():
+    registered = training_flow(site=SITE, stage="M3", profile="collaborative", base_model="M1",
+                               datasets=["train", "origin-shared"], test_sets={"supplier_test": "test"},
+                               parity_set="test")
+    step_task("release_model", site=SITE, model=registered, recipient="origin", purpose="collaboration",
+              kind="m3", outlets=[inbox_asset("origin", "m3")])
+
+
+if site_enabled(SITE):
+    stage_3_collaborative_optimization()

@@ -1,0 +1,32 @@
+"""Stage 6 — destination collaboration at the supplier.
+
+Fine-tunes the export model M5 on the data the supplier may use for the
+destination (its own data, the origin's export-authorized subset and the
+destination's shared data) into **M6**, released to the destination through the
+`model_release` gate, sealed. Runs when the destination's data arrives or on cron.
+"""
+
+from airflow.sdk import dag
+
+from factory_plugin.flows import DEFAULT_ARGS, inbox_asset, retraining_schedule, site_enabled, tags, training_flow
+from factory_plugin.steps import step_task
+
+SITE = "supplier"
+
+
+@dag(dag_id="stage_6_destination_collaboration", doc_md=__doc__,
+     schedule=retraining_schedule("stage_6_destination_collaboration", inbox_asset(SITE, "destination-shared")),
+     catchup=False, tags=tags(6, SITE), default_args=DEFAULT_ARGS)
+def stage_6_destination_collaboration():
+    intake = step_task("receive_dataset", site=SITE, kind="destination-shared", name="destination-shared")
+    validated = step_task("validate_dataset", site=SITE, dataset=intake, suite="training")
+    registered = training_flow(site=SITE, stage="M6", profile="collaborative", base_model="M5",
+                               datasets=["train", "origin-export", "destination-shared"],
+                               test_sets={"supplier_test": "test"}, parity_set="test")
+    validated >> registered
+    step_task("release_model", site=SITE, model=registered, recipient="destination", purpose="collaboration",
+              kind="m6", outlets=[inbox_asset("destination", "m6")])
+
+
+if site_enabled(SITE):
+    stage_6_destination_collaboration()

@@ -1,0 +1,36 @@
+"""Stage 8 — reciprocal contribution at the supplier.
+
+Takes the destination's contribution, keeps a held-out part of it for evaluation
+at the supplier, fine-tunes M3 on the supplier's data, the origin's shared data
+and the rest of the contribution into **M8**, and delivers M8 to the origin
+through the `model_release` gate, sealed.
+"""
+
+from airflow.sdk import dag
+
+from factory_plugin.flows import DEFAULT_ARGS, inbox_asset, site_enabled, tags, training_flow
+from factory_plugin.steps import step_task
+
+SITE = "supplier"
+
+
+@dag(dag_id="stage_8_reciprocal_contribution", doc_md=__doc__,
+     schedule=[inbox_asset(SITE, "destination-contribution")], catchup=False, tags=tags(8, SITE),
+     default_args=DEFAULT_ARGS)
+def stage_8_reciprocal_contribution():
+    intake = step_task("receive_dataset", site=SITE, kind="destination-contribution",
+                       name="destination-contribution")
+    validated = step_task("validate_dataset", site=SITE, dataset=intake, suite="training")
+    split = step_task("split_holdout", site=SITE, dataset=validated)
+    registered = training_flow(site=SITE, stage="M8", profile="collaborative", base_model="M3",
+                               datasets=["train", "origin-shared", "destination-contribution-train"],
+                               test_sets={"supplier_test": "test",
+                                          "destination_contribution_holdout": "destination-contribution-holdout"},
+                               parity_set="test")
+    split >> registered
+    step_task("release_model", site=SITE, model=registered, recipient="origin", purpose="collaboration",
+              kind="m8", outlets=[inbox_asset("origin", "m8")])
+
+
+if site_enabled(SITE):
+    stage_8_reciprocal_contribution()

@@ -1,0 +1,1 @@
+"""Models and training: the CNN, training and fine-tuning, ONNX export, the per-site MLflow registry."""

@@ -1,0 +1,151 @@
+"""Each site's MLflow tracking store and model registry.
+
+Registered model names follow the stage: `digits-cnn-m1` ... `digits-cnn-m8`,
+export variants `digits-cnn-m5-<variant>`. A site registers the models it trains
+and the models it receives, so `resolve_model(paths, "M3")` answers "the latest
+M3 this site legitimately holds". A model version's artifact `model/` is a
+directory: model.onnx, weights.safetensors, model_card.json, metadata.json and,
+once signed, model.sig, provenance.dsse.json, bom.cdx.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from pipelines.config import load_config
+from pipelines.workspace import SitePaths
+
+STAGE_MODELS = ("M1", "M2", "M3", "M4", "M5", "M6", "M7", "M8")
+DEFAULT_VARIANT = "default"
+_REF = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+def registered_name(stage: str, variant: str | None = None) -> str:
+    stage = stage.upper()
+    if stage not in STAGE_MODELS:
+        raise ModelNotFound(f"unknown stage model {stage!r}; use M1..M8, NAME@ALIAS or NAME/VERSION")
+    family = load_config().stages.model_family
+    if stage == "M5":
+        return f"{family}-m5-{variant or DEFAULT_VARIANT}"
+    return f"{family}-{stage.lower()}"
+
+
+def client(paths: SitePaths):
+    from mlflow import MlflowClient
+
+    paths.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=paths.mlflow_uri, registry_uri=paths.mlflow_uri)
+
+
+def experiment_id(paths: SitePaths, name: str | None = None) -> str:
+    """The site's experiment (created on first use, artifacts under the site's mlflow folder)."""
+    name = name or f"factory-{paths.site}"
+    mlflow_client = client(paths)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+    return mlflow_client.create_experiment(name, artifact_location=paths.mlflow_artifacts.as_uri())
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    site: str
+    name: str
+    version: str
+    stage: str | None
+    model_dir: Path
+    tags: dict[str, str]
+    run_id: str | None
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return json.loads((self.model_dir / "metadata.json").read_text())
+
+    @property
+    def uri(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+def _local_path(uri: str) -> Path:
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        raise ModelNotFound(f"model source {uri} is not on this site's file store")
+    return Path(unquote(parsed.path))
+
+
+def _to_ref(paths: SitePaths, version) -> ModelRef:
+    return ModelRef(
+        site=paths.site,
+        name=version.name,
+        version=str(version.version),
+        stage=version.tags.get("factory.stage"),
+        model_dir=_local_path(version.source),
+        tags=dict(version.tags),
+        run_id=version.run_id,
+    )
+
+
+def resolve_model(paths: SitePaths, ref: str, *, variant: str | None = None) -> ModelRef:
+    """M1..M8 (latest version this site holds), NAME@ALIAS or NAME/VERSION."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(paths)
+    try:
+        if ref.upper() in STAGE_MODELS:
+            name = registered_name(ref, variant)
+            versions = mlflow_client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise ModelNotFound(f"site {paths.site} holds no {ref.upper()} ({name}) yet")
+            return _to_ref(paths, max(versions, key=lambda v: int(v.version)))
+        match = _REF.match(ref)
+        if not match:
+            raise ModelNotFound(f"cannot read model reference {ref!r}; use M1..M8, NAME@ALIAS or NAME/VERSION")
+        if match["alias"]:
+            version = mlflow_client.get_model_version_by_alias(match["name"], match["alias"])
+        else:
+            version = mlflow_client.get_model_version(match["name"], match["version"])
+        return _to_ref(paths, version)
+    except MlflowException as error:
+        raise ModelNotFound(f"site {paths.site} has no model {ref!r}: {error.message}") from None
+
+
+def find_version_by_tag(paths: SitePaths, name: str, key: str, value: str) -> ModelRef | None:
+    """The version of `name` carrying tag key=value (how steps stay idempotent on their inputs)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client(paths).search_model_versions(f"name='{name}' and tag.`{key}` = '{value}'")
+    except MlflowException:
+        return None
+    return _to_ref(paths, versions[0]) if versions else None
+
+
+def register(paths: SitePaths, name: str, model_dir: Path, *, run_id: str | None, tags: dict[str, str],
+             aliases: tuple[str, ...] = ("latest",)) -> ModelRef:
+    """Register `model_dir` (already in its final place) as a new version of `name`."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(paths)
+    try:
+        mlflow_client.create_registered_model(name, tags={"factory.site": paths.site})
+    except MlflowException as error:
+        if "already exists" not in str(error).lower() and "RESOURCE_ALREADY_EXISTS" not in str(error):
+            raise
+    version = mlflow_client.create_model_version(name, source=model_dir.as_uri(), run_id=run_id, tags=tags)
+    for alias in aliases:
+        mlflow_client.set_registered_model_alias(name, alias, version.version)
+    return _to_ref(paths, mlflow_client.get_model_version(name, version.version))
+
+
+def list_models(paths: SitePaths) -> list[ModelRef]:
+    return [_to_ref(paths, v) for v in client(paths).search_model_versions("")]

@@ -1,0 +1,86 @@
+"""Training, fine-tuning and evaluation. Pure functions on arrays; I/O is the caller's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines.config import TrainingProfile
+from pipelines.learning.model import DigitsCNN
+
+# Collaboration modes the training step can take; federated rounds come later.
+COLLABORATION_MODES = ("centralized", "fine_tune")
+
+
+@dataclass
+class TrainResult:
+    model: DigitsCNN
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def train(
+    x: np.ndarray,
+    y: np.ndarray,
+    profile: TrainingProfile,
+    *,
+    seed: int,
+    base_state: dict[str, torch.Tensor] | None = None,
+    mode: str = "centralized",
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train a new model, or fine-tune `base_state` (transfer learning) when given."""
+    if mode not in COLLABORATION_MODES:
+        raise ValueError(f"unknown collaboration mode {mode!r}; known: {', '.join(COLLABORATION_MODES)}")
+    if len(x) == 0:
+        raise ValueError("no training records")
+    _seed(seed)
+    torch.set_num_threads(1)  # deterministic and friendly to a shared machine
+    model = DigitsCNN()
+    if base_state is not None:
+        model.load_state_dict(base_state)
+    optimiser = torch.optim.Adam(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    xs, ys = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
+    generator = torch.Generator().manual_seed(seed)
+    result = TrainResult(model)
+    for epoch in range(profile.epochs):
+        model.train()
+        order = torch.randperm(len(xs), generator=generator)
+        total, correct, loss_sum = 0, 0, 0.0
+        for start in range(0, len(xs), profile.batch_size):
+            batch = order[start : start + profile.batch_size]
+            optimiser.zero_grad()
+            logits = model(xs[batch])
+            loss = loss_fn(logits, ys[batch])
+            loss.backward()
+            optimiser.step()
+            loss_sum += float(loss.detach()) * len(batch)
+            correct += int((logits.argmax(1) == ys[batch]).sum())
+            total += len(batch)
+        metrics = {"train_loss": loss_sum / total, "train_accuracy": correct / total}
+        result.history.append(metrics)
+        if on_epoch:
+            on_epoch(epoch, metrics)
+    model.eval()
+    return result
+
+
+def logits_torch(model: DigitsCNN, x: np.ndarray) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    if len(y) == 0:
+        raise ValueError("no evaluation records")
+    return float((logits.argmax(1) == y).mean())

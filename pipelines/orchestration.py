@@ -1,0 +1,153 @@
+"""`factory run`: the collaboration headless, through Airflow itself (`dag.test()` in-process).
+
+Stages run in order. At an approval gate the run waits; with `--approve` each
+gate is answered through Airflow's REST API (in-process API app) as the officer
+configured for it in conf/, never by skipping or force-marking the gate.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from pipelines.config import PROJECT_ROOT
+from pipelines.workspace import SitePaths, WorkspaceError, factory_home
+
+console = Console(stderr=True)
+
+# The DAGs of each stage, in the order they run.
+STAGE_DAGS: dict[int, tuple[str, ...]] = {
+    1: ("stage_1_initial_training", "stage_1_model_intake"),
+    2: ("stage_2_sovereign_data_release", "stage_2_sovereign_data_intake"),
+    3: ("stage_3_collaborative_optimization", "stage_3_model_intake"),
+    4: ("stage_4_local_retraining_origin",),
+    5: ("stage_5_export_data_release", "stage_5_export_preparation", "stage_5_export_model_intake"),
+    6: ("stage_6_destination_data_release", "stage_6_destination_collaboration", "stage_6_model_intake"),
+    7: ("stage_7_local_retraining_destination",),
+    8: ("stage_8_contribution_release", "stage_8_reciprocal_contribution", "stage_8_model_intake"),
+}
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def parse_stages(text: str) -> list[int]:
+    stages: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        try:
+            start, end = int(lo), int(hi or lo)
+        except ValueError:
+            raise click.BadParameter(f"{text!r}: use stage numbers like 1, 1-3 or 1,4") from None
+        if not (1 <= start <= end <= 8):
+            raise click.BadParameter(f"{text!r}: stages are 1 to 8")
+        stages.extend(range(start, end + 1))
+    return sorted(set(stages))
+
+
+def prepare_airflow(home: Path) -> None:
+    """Point this process at the embedded Airflow and make sure its database exists."""
+    from pipelines.service.airflow_env import apply_airflow_environment
+
+    apply_airflow_environment(home)
+    plugins = str(PROJECT_ROOT / "plugins")
+    if plugins not in sys.path:
+        sys.path.insert(0, plugins)
+    from airflow.utils import db
+
+    marker = home / "airflow" / ".db-ready"
+    if not marker.exists():
+        with console.status("preparing Airflow's metadata database"):
+            db.initdb()
+        marker.touch()
+
+
+def load_dags() -> dict:
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags"), include_examples=False)
+    if bag.import_errors:
+        raise RunFailed("DAG import errors: " + "; ".join(f"{k}: {v}" for k, v in bag.import_errors.items()))
+    return bag.dags
+
+
+class GateAnswerer(threading.Thread):
+    """Answers waiting approval gates of one DAG run as the configured officers (through the REST API)."""
+
+    def __init__(self, dag_id: str, home: Path) -> None:
+        super().__init__(daemon=True, name=f"approve-{dag_id}")
+        self.dag_id, self.home = dag_id, home
+        self.stop = threading.Event()
+        self.answered: list[dict] = []
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        from pipelines.service.headless import answer_pending_as_configured
+
+        try:
+            while not self.stop.wait(1.0):
+                self.answered += answer_pending_as_configured(self.dag_id, self.home, console=console)
+        except Exception as error:  # surfaced by the runner
+            self.error = error
+
+
+def run_dag(dag, *, approve: bool, home: Path, conf: dict | None = None) -> str:
+    answerer = GateAnswerer(dag.dag_id, home) if approve else None
+    if answerer:
+        answerer.start()
+    else:
+        from pipelines.service.headless import print_pending_hint
+
+        threading.Thread(target=print_pending_hint, args=(dag.dag_id, home, console), daemon=True).start()
+    started = time.monotonic()
+    try:
+        dag_run = dag.test(run_conf=conf)
+    finally:
+        if answerer:
+            answerer.stop.set()
+            answerer.join(timeout=5)
+    if answerer and answerer.error:
+        raise RunFailed(f"{dag.dag_id}: answering a gate failed: {answerer.error}")
+    state = str(getattr(dag_run, "state", "unknown"))
+    console.print(f"{dag.dag_id}: {state} in {time.monotonic() - started:.1f} s")
+    if "success" not in state:
+        raise RunFailed(f"{dag.dag_id} ended {state}; see the task logs above")
+    return state
+
+
+def run_stages(stages: list[int], *, approve: bool, home: Path | None = None) -> None:
+    home = (home or factory_home()).resolve()
+    try:
+        SitePaths.of("supplier", home).require()
+    except WorkspaceError as error:
+        raise RunFailed(str(error)) from None
+    prepare_airflow(home)
+    dags = load_dags()
+    for stage in stages:
+        for dag_id in STAGE_DAGS[stage]:
+            if dag_id not in dags:
+                raise RunFailed(f"DAG {dag_id} is not loaded (FACTORY_SITE may exclude its site)")
+            console.rule(f"stage {stage}: {dag_id}")
+            run_dag(dags[dag_id], approve=approve, home=home)
+
+
+@click.command("run")
+@click.option("--stages", "stages_text", default="1-8", show_default=True, help="Stages to run, e.g. 1, 1-3, 1,4.")
+@click.option("--approve", is_flag=True, help="Answer each approval gate as the officer configured for it.")
+def run_command(stages_text: str, approve: bool) -> None:
+    """Run collaboration stages headless through Airflow, in order."""
+    stages = parse_stages(stages_text)
+    try:
+        run_stages(stages, approve=approve)
+    except RunFailed as error:
+        click.echo(f"run failed: {error}", err=True)
+        sys.exit(1)
+    from pipelines.report import print_summary
+
+    print_summary(factory_home(), stages)

@@ -1,0 +1,124 @@
+"""`factory report`: each model's accuracy on the test data of every site that holds it.
+
+Evaluation happens where the test data lives, so the table is assembled from the
+metrics each site recorded on its own registered versions; a cell stays empty
+where that site may not hold the model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.config import SITES
+from pipelines.workspace import SitePaths, WorkspaceError, factory_home
+
+METRIC_KEYS = ("supplier_test", "origin_test", "destination_test", "destination_contribution_holdout")
+# stage number -> (model, site that produced it)
+STAGE_MODELS = ((1, "M1", "supplier"), (3, "M3", "supplier"), (4, "M4", "origin"), (5, "M5", "supplier"),
+                (6, "M6", "supplier"), (7, "M7", "destination"), (8, "M8", "supplier"))
+
+
+def _metrics_at(paths: SitePaths, model: str) -> dict[str, float]:
+    from pipelines.learning.registry import ModelNotFound, resolve_model
+
+    if not paths.mlflow_dir.exists():
+        return {}
+    try:
+        ref = resolve_model(paths, model)
+    except ModelNotFound:
+        return {}
+    return {k.removeprefix("factory.metric."): float(v) for k, v in ref.tags.items()
+            if k.startswith("factory.metric.") and k.removeprefix("factory.metric.") in METRIC_KEYS}
+
+
+def build_report(home: Path | None = None) -> dict[str, Any]:
+    home = home or factory_home()
+    SitePaths.of("supplier", home).require()
+    stages = []
+    for number, model, site in STAGE_MODELS:
+        metrics: dict[str, float] = {}
+        for holder in SITES:
+            metrics.update(_metrics_at(SitePaths.of(holder, home), model))
+        if metrics:
+            stages.append({"stage": number, "model": model, "site": site, "metrics": metrics})
+    return {"stages": stages}
+
+
+def write_chart(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = [row["model"] for row in report["stages"]]
+    for key in METRIC_KEYS:
+        points = [(i, row["metrics"][key]) for i, row in enumerate(report["stages"]) if key in row["metrics"]]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.set_title("Accuracy per stage, evaluated where each test set lives")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def log_report(home: Path, report: dict[str, Any], chart: Path) -> None:
+    import mlflow
+
+    from pipelines.learning.registry import experiment_id
+
+    paths = SitePaths.of("supplier", home)
+    mlflow.set_tracking_uri(paths.mlflow_uri)
+    with mlflow.start_run(experiment_id=experiment_id(paths, "factory-report"), run_name="stage-report"):
+        mlflow.log_dict(report, "report.json")
+        mlflow.log_artifact(str(chart))
+        for row in report["stages"]:
+            mlflow.log_metrics({f"{row['model']}.{k}": v for k, v in row["metrics"].items()})
+
+
+def render_table(report: dict[str, Any]) -> Table:
+    table = Table(title="Sovereign AI Factory — accuracy per stage")
+    for column in ("stage", "model", "trained at", *METRIC_KEYS):
+        table.add_column(column, justify="right" if column in METRIC_KEYS else "left")
+    for row in report["stages"]:
+        table.add_row(str(row["stage"]), row["model"], row["site"],
+                      *[f"{row['metrics'][k]:.4f}" if k in row["metrics"] else "" for k in METRIC_KEYS])
+    return table
+
+
+def print_summary(home: Path, stages: list[int]) -> None:
+    report = build_report(home)
+    Console().print(render_table(report))
+
+
+@click.command("report")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def report_command(as_json: bool) -> None:
+    """Print the stage table; also write a PNG chart and log both to the supplier's MLflow."""
+    home = factory_home()
+    try:
+        report = build_report(home)
+    except WorkspaceError as error:
+        click.echo(str(error), err=True)
+        sys.exit(1)
+    chart = write_chart(report, home / "reports" / "stages.png")
+    log_report(home, report, chart)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        Console().print(render_table(report))
+        click.echo(f"chart: {chart}")

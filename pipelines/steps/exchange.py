@@ -1,0 +1,341 @@
+"""Steps that move data and models between sites: sanitize → validate → (approval) → gate → seal,
+and on the other side open → verify → register.
+
+Nothing leaves a site except through `release_dataset` / `release_model`, which
+evaluate the `data_release` / `model_release` gate themselves right before sealing:
+there is no path from a model or dataset to another site's inbox that skips a gate.
+Both sides keep small JSON records in the site's state folder so a re-run of a
+finished step returns what it did instead of sending or registering twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipelines.config import load_config
+from pipelines.data.schema import LABEL_COLUMN
+from pipelines.learning import registry
+from pipelines.learning.artifacts import write_json
+from pipelines.steps import StepContext, StepError, step
+from pipelines.workspace import SitePaths
+
+PACKAGE_SUFFIX = ".sfp"
+
+
+def dataset_ref(value: str | dict) -> str:
+    """Steps take a dataset as a catalog reference or as the output dict of an upstream step."""
+    return value["dataset_id"] if isinstance(value, dict) else value
+
+
+def _records(ctx: StepContext, name: str) -> dict[str, Any]:
+    path = ctx.paths.state_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _remember(ctx: StepContext, name: str, key: str, value: dict[str, Any]) -> None:
+    records = _records(ctx, name)
+    records[key] = value
+    ctx.paths.state_dir.mkdir(parents=True, exist_ok=True)
+    write_json(ctx.paths.state_dir / f"{name}.json", records)
+
+
+def _requester(ctx: StepContext) -> str:
+    return ctx.actor or load_config().service_identities[ctx.site].id
+
+
+# ---------------------------------------------------------------------------- datasets
+
+
+@step("sanitize_dataset")
+def sanitize_dataset(ctx: StepContext, *, dataset: str | dict, purpose: str) -> dict[str, Any]:
+    """Sanitize a dataset for release; the result is a new catalog version whose parent is the input."""
+    from pipelines.data.catalog import load_dataset, register_dataset
+    from pipelines.data.repo import commit_files
+    from pipelines.data.sanitize import sanitize, write_report
+
+    frame, source = load_dataset(ctx.paths, dataset_ref(dataset))
+    clean, report = sanitize(frame, ctx.site, purpose)
+    out_dir = ctx.paths.data_dir / "sanitized"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{source.name}-{purpose}.parquet"
+    tmp = target.with_name(f".{target.name}.tmp")
+    clean.to_parquet(tmp, index=False)
+    os.replace(tmp, target)
+    version = register_dataset(ctx.paths, f"{source.name}-sanitized", target, parents=[source.id],
+                               kind="sanitized", flags=source.flags)
+    report_json, report_md = write_report(report, ctx.paths.repo / "reports" / "sanitization", version.id)
+    commit_files(ctx.paths, [report_json, report_md], f"Sanitization report for {version.id}")
+    print(f"sanitized {source.id} -> {version.id}: {report['rows_in']} rows in, {report['rows_out']} out")
+    return {"dataset_id": version.id, "source_id": source.id, "report": str(report_json),
+            "passed": report["passed"], "remaining_sensitive_columns": report["remaining_sensitive_columns"]}
+
+
+@step("validate_dataset")
+def validate_dataset(ctx: StepContext, *, dataset: str | dict, suite: str = "training") -> dict[str, Any]:
+    """Run a Great Expectations suite; a failing version is quarantined and the step fails naming why."""
+    from pipelines.data.catalog import resolve, quarantine
+    from pipelines.data.validate import ValidationFailed, read_for_validation, validate
+
+    version = resolve(ctx.paths, dataset_ref(dataset))
+    if version.status == "quarantined":
+        raise StepError(f"dataset {version.id} is quarantined ({version.reason}); produce a new version")
+    try:
+        frame = read_for_validation(version.path)
+        result = validate(frame, suite, site_paths=ctx.paths, dataset_id=version.id)
+    except ValidationFailed as error:
+        quarantine(ctx.paths, version, str(error))
+        raise
+    print(f"{version.id}: suite {suite} passed")
+    return {"dataset_id": version.id, "md5": version.md5, "suite": suite, "success": result.success}
+
+
+@step("split_holdout")
+def split_holdout(ctx: StepContext, *, dataset: str | dict, fraction: float = 1 / 3) -> dict[str, Any]:
+    """Split a dataset into `<name>-train` and `<name>-holdout` (stratified, seeded)."""
+    from sklearn.model_selection import train_test_split
+
+    from pipelines.data.catalog import load_dataset, register_dataset
+
+    frame, source = load_dataset(ctx.paths, dataset_ref(dataset))
+    train, holdout = train_test_split(frame, test_size=fraction, random_state=load_config().stages.seed,
+                                      stratify=frame[LABEL_COLUMN] if frame[LABEL_COLUMN].value_counts().min() > 1 else None)
+    out = {}
+    for part, rows in (("train", train), ("holdout", holdout)):
+        target = source.path.with_name(f"{source.name}-{part}.parquet")
+        tmp = target.with_name(f".{target.name}.tmp")
+        rows.sort_index().to_parquet(tmp, index=False)
+        os.replace(tmp, target)
+        version = register_dataset(ctx.paths, f"{source.name}-{part}", target, parents=[source.id],
+                                   kind="derived", flags=source.flags)
+        out[part] = version.id
+    return {"dataset_id": out["train"], "train": out["train"], "holdout": out["holdout"]}
+
+
+def _inbox_target(recipient: str, kind: str, home: Path) -> Path:
+    inbox = SitePaths.of(recipient, home).inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    return inbox / f"{kind}-{uuid.uuid4().hex[:12]}{PACKAGE_SUFFIX}"
+
+
+def _already_sent(ctx: StepContext, key: str) -> dict[str, Any] | None:
+    record = _records(ctx, "sent").get(key)
+    if record and Path(record["package"]).exists():
+        print(f"already sent: {record['package']}")
+        return record
+    return None
+
+
+def _approvals(approvals: Any) -> list[dict[str, Any]]:
+    if not approvals:
+        return []
+    return [a for a in (approvals if isinstance(approvals, list) else [approvals]) if a]
+
+
+def _gate(ctx: StepContext, gate: str, document: dict[str, Any]) -> None:
+    from pipelines.policy import evaluate
+
+    decision = evaluate(gate, document, site=ctx.site)
+    if not decision.allow:
+        raise StepError(f"{gate} gate denied: " + "; ".join(decision.reasons))
+    print(f"{gate} gate allowed")
+
+
+@step("release_dataset")
+def release_dataset(ctx: StepContext, *, dataset: str | dict, recipient: str, purpose: str, kind: str,
+                    approvals: Any = None, validation: dict | None = None) -> dict[str, Any]:
+    """data_release gate, then seal the dataset for `recipient` into its inbox."""
+    from pipelines.data.catalog import load_dataset
+    from pipelines.data.sanitize import read_report
+    from pipelines.trust.packages import seal
+
+    frame, version = load_dataset(ctx.paths, dataset_ref(dataset))
+    key = f"{kind}:{version.md5}:{recipient}"
+    if sent := _already_sent(ctx, key):
+        return sent
+    report = read_report(ctx.paths.repo / "reports" / "sanitization", version.id)
+    document = {
+        "dataset": {
+            "id": version.id, "owner": version.owner, "classification": version.flags["classification"],
+            "local_only": version.flags["local_only"],
+            "sanitization": {"passed": bool(report and report["passed"]),
+                             "remaining_sensitive_columns": report["remaining_sensitive_columns"] if report else ["unknown: no sanitization report"]},
+            "validation": {"success": bool(validation and validation.get("success")
+                                           and validation.get("dataset_id") == version.id)},
+        },
+        "recipient": recipient, "purpose": purpose, "requested_by": _requester(ctx),
+        "approvals": _approvals(approvals),
+    }
+    _gate(ctx, "data_release", document)
+    target = _inbox_target(recipient, kind, ctx.paths.home)
+    header = seal(ctx.paths, recipient, version.path, target, purpose=purpose, content_type="dataset",
+                  metadata={"kind": kind, "dataset": version.id, "md5": version.md5, "flags": version.flags,
+                            "owner": version.owner, "rows": len(frame), "approvals": document["approvals"]})
+    record = {"package": str(target), "package_id": header["package_id"], "dataset_id": version.id,
+              "recipient": recipient, "kind": kind}
+    _remember(ctx, "sent", key, record)
+    print(f"sealed {version.id} for {recipient}: {target.name}")
+    return record
+
+
+def _pending_packages(ctx: StepContext, kind: str) -> list[Path]:
+    done = {r["package"] for r in _records(ctx, "received").values()}
+    return sorted((p for p in ctx.paths.inbox.glob(f"{kind}-*{PACKAGE_SUFFIX}") if str(p) not in done),
+                  key=lambda p: p.stat().st_mtime)
+
+
+def _last_received(ctx: StepContext, kind: str) -> dict[str, Any] | None:
+    records = [r for r in _records(ctx, "received").values() if r["kind"] == kind]
+    return records[-1] if records else None
+
+
+@contextlib.contextmanager
+def _opened(ctx: StepContext, package: Path):
+    """Open a package into a temporary folder of the site; nothing stays behind on failure."""
+    from pipelines.trust.packages import open_package
+
+    scratch = Path(tempfile.mkdtemp(prefix="open-", dir=ctx.paths.state_dir))
+    try:
+        header = open_package(ctx.paths, package, scratch / "out")
+        yield header, scratch / "out"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _content(out: Path) -> Path:
+    entries = list(out.iterdir())
+    return entries[0] if len(entries) == 1 else out
+
+
+@step("receive_dataset")
+def receive_dataset(ctx: StepContext, *, kind: str, name: str) -> dict[str, Any]:
+    """Open the newest package of `kind` from the inbox and register it as dataset `name`."""
+    from pipelines.data.catalog import register_dataset
+
+    pending = _pending_packages(ctx, kind)
+    if not pending:
+        if last := _last_received(ctx, kind):
+            return last
+        raise StepError(f"no {kind} package in the {ctx.site} inbox ({ctx.paths.inbox})")
+    package = pending[-1]
+    with _opened(ctx, package) as (header, out):
+        meta = header["metadata"]
+        target = ctx.paths.data_dir / "received" / f"{name}.parquet"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_content(out), target.with_name(f".{target.name}.tmp"))
+        os.replace(target.with_name(f".{target.name}.tmp"), target)
+    version = register_dataset(ctx.paths, name, target, parents=[meta["dataset"]], kind="received",
+                               flags=meta["flags"], owner=meta["owner"])
+    record = {"package": str(package), "package_id": header["package_id"], "kind": kind,
+              "dataset_id": version.id, "from": header["sender"]}
+    _remember(ctx, "received", header["package_id"], record)
+    print(f"received {meta['dataset']} from {header['sender']} as {version.id}")
+    return record
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def release_document(ctx: StepContext, ref: registry.ModelRef, *, recipient: str, purpose: str,
+                     approvals: Any = None) -> dict[str, Any]:
+    """The model_release gate input for a registered model (design section 6)."""
+    from pipelines.trust.signing import verify_model_dir
+
+    meta = ref.metadata
+    try:
+        verify_model_dir(ref.model_dir, ctx.paths, signer=meta["site"])
+        signature_ok = True
+    except Exception as error:  # any failure is a denial reason, recorded by the gate
+        print(f"signature of {ref.uri} does not verify: {error}")
+        signature_ok = False
+    metrics = {k: float(v) for k, v in meta.get("metrics", {}).items()}
+    return {
+        "model": {"id": ref.uri, "site": ctx.site, "stage": meta["stage"], "metrics": metrics,
+                  "watermark": {"verified": False},  # no watermarking yet: the export policy data decides
+                  "signature": {"verified": signature_ok}, "lineage": meta.get("lineage", [])},
+        "recipient": recipient, "purpose": purpose, "requested_by": _requester(ctx),
+        "approvals": _approvals(approvals),
+    }
+
+
+@step("release_model")
+def release_model(ctx: StepContext, *, model: str | dict, recipient: str, purpose: str, kind: str,
+                  variant: str | None = None, approvals: Any = None,
+                  thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    """model_release gate, then seal the signed model directory for `recipient` into its inbox."""
+    from pipelines.trust import audit
+    from pipelines.trust.packages import seal
+
+    ref = registry.resolve_model(ctx.paths, model if isinstance(model, str) else f"{model['name']}/{model['version']}",
+                                 variant=variant)
+    key = f"{kind}:{ref.uri}:{recipient}"
+    if sent := _already_sent(ctx, key):
+        return sent
+    document = release_document(ctx, ref, recipient=recipient, purpose=purpose, approvals=approvals)
+    for metric, floor in (thresholds or {}).items():  # a run may raise a threshold, never lower it
+        value = document["model"]["metrics"].get(metric)
+        if value is None or value < floor:
+            raise StepError(f"{ref.uri} {metric} {value} is below this run's threshold {floor}")
+    _gate(ctx, "model_release", document)
+    target = _inbox_target(recipient, kind, ctx.paths.home)
+    header = seal(ctx.paths, recipient, ref.model_dir, target, purpose=purpose, content_type="model",
+                  metadata={"kind": kind, "model": ref.uri, "stage": ref.metadata["stage"],
+                            "variant": ref.metadata.get("variant"), "approvals": document["approvals"]})
+    audit.append(ctx.paths, action="model.released", actor=_requester(ctx), object=ref.uri, outcome="success",
+                 details={"recipient": recipient, "purpose": purpose, "package_id": header["package_id"],
+                          "approvals": document["approvals"]})
+    record = {"package": str(target), "package_id": header["package_id"], "model": ref.uri,
+              "recipient": recipient, "kind": kind}
+    _remember(ctx, "sent", key, record)
+    print(f"sealed {ref.uri} for {recipient}: {target.name}")
+    return record
+
+
+@step("receive_model")
+def receive_model(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) -> dict[str, Any]:
+    """Open the newest model package of `kind`, verify its signature, register and evaluate it here."""
+    from pipelines.data.repo import commit_tracked, site_lock
+    from pipelines.steps.training import _test_metrics
+    from pipelines.trust import audit
+    from pipelines.trust.signing import verify_model_dir
+
+    pending = _pending_packages(ctx, kind)
+    if not pending:
+        if last := _last_received(ctx, kind):
+            return last
+        raise StepError(f"no {kind} package in the {ctx.site} inbox ({ctx.paths.inbox})")
+    package = pending[-1]
+    with _opened(ctx, package) as (header, out):
+        model_dir = _content(out)
+        verify_model_dir(model_dir, ctx.paths, signer=header["sender"])
+        meta = json.loads((model_dir / "metadata.json").read_text())
+        target = ctx.paths.models_dir / meta["name"] / f"received-{header['package_id'][:12]}"
+        with site_lock(ctx.paths):
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(model_dir, target)
+    metrics = _test_metrics(ctx, target, test_sets)
+    with site_lock(ctx.paths):
+        commit_tracked(ctx.paths, [target], f"Receive {meta['name']} from {header['sender']}")
+        ref = registry.register(ctx.paths, meta["name"], target, run_id=None, tags={
+            "factory.stage": meta["stage"], "factory.site": ctx.site, "factory.received_from": header["sender"],
+            "factory.package_id": header["package_id"], "factory.run_key": meta["run_key"],
+            "factory.variant": meta.get("variant") or "",
+            **{f"factory.metric.{k}": str(v) for k, v in metrics.items()},
+        })
+    audit.append(ctx.paths, action="model.registered", actor=f"svc-{ctx.site}", object=ref.uri, outcome="success",
+                 details={"received_from": header["sender"], "package_id": header["package_id"], "metrics": metrics})
+    record = {"package": str(package), "package_id": header["package_id"], "kind": kind, "name": ref.name,
+              "version": ref.version, "stage": meta["stage"], "metrics": metrics, "from": header["sender"]}
+    _remember(ctx, "received", header["package_id"], record)
+    print(f"received {meta['name']} from {header['sender']}; here: {metrics}")
+    return record

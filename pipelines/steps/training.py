@@ -1,0 +1,306 @@
+"""Training steps: train (or fine-tune) → evaluate → export to ONNX with parity → register.
+
+A training run is keyed by its inputs (dataset digests, base-model digest, profile,
+seed, code version). Re-running a finished run returns the registered version
+instead of training again, so a killed stage can simply be run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.config import load_config
+from pipelines.data.schema import FEATURE_COLUMNS, LABEL_COLUMN
+from pipelines.learning import registry
+from pipelines.learning.artifacts import code_commit, code_version, load_model, model_digest, write_json
+from pipelines.steps import StepContext, StepError, step
+
+MODEL_ONNX = "model.onnx"
+
+
+def _xy(frame) -> tuple[np.ndarray, np.ndarray]:
+    return frame[list(FEATURE_COLUMNS)].to_numpy(np.float32), frame[LABEL_COLUMN].to_numpy(np.int64)
+
+
+def _load(ctx: StepContext, ref: str, *, action: str, purpose: str):
+    """A dataset of this site, through the catalog (refuses quarantine) and the data_access gate."""
+    from pipelines.data.access import require_access
+    from pipelines.data.catalog import load_dataset
+
+    frame, version = load_dataset(ctx.paths, ref)
+    require_access(ctx.paths, version, action=action, purpose=purpose, subject=None)
+    return frame, version
+
+
+def _staging(ctx: StepContext, run_key: str) -> Path:
+    return ctx.paths.state_dir / "staging" / run_key / "model"
+
+
+def _metadata(model_dir: Path) -> dict[str, Any]:
+    return json.loads((model_dir / "metadata.json").read_text())
+
+
+def _update_metadata(model_dir: Path, **changes: Any) -> dict[str, Any]:
+    meta = _metadata(model_dir)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(meta.get(key), dict):
+            meta[key] = {**meta[key], **value}
+        else:
+            meta[key] = value
+    write_json(model_dir / "metadata.json", meta)
+    return meta
+
+
+def _mlflow_run(ctx: StepContext, run_id: str | None = None, **kwargs):
+    import mlflow
+
+    mlflow.set_tracking_uri(ctx.paths.mlflow_uri)
+    mlflow.set_registry_uri(ctx.paths.mlflow_uri)
+    return mlflow.start_run(run_id=run_id, experiment_id=registry.experiment_id(ctx.paths), **kwargs)
+
+
+def _select(frame, subset: dict | None):
+    if not subset:
+        return frame
+    labels = subset.get("labels")
+    if labels is not None:
+        frame = frame[frame[LABEL_COLUMN].isin(labels)]
+    if frame.empty:
+        raise StepError(f"subset selector {subset} selects no records")
+    return frame
+
+
+@step("train_model")
+def train_model(
+    ctx: StepContext,
+    *,
+    stage: str,
+    profile: str,
+    datasets: list[str],
+    base_model: str | None = None,
+    base_variant: str | None = None,
+    variant: str | None = None,
+    subset: dict | None = None,
+    subset_datasets: list[str] | None = None,
+    purpose: str = "training",
+) -> dict[str, Any]:
+    """Train the `stage` model on the site's `datasets`, fine-tuning `base_model` when given.
+
+    `subset` ({"labels": [...]}) selects records of the datasets named in `subset_datasets` (all when None).
+    """
+    import pandas as pd
+
+    from pipelines.data.lineage import lineage_entries
+    from pipelines.learning.artifacts import load_weights, save_weights
+    from pipelines.learning.train import train
+
+    conf = load_config().stages
+    if profile not in conf.training:
+        raise StepError(f"unknown training profile {profile!r}; conf/stages.yaml has {', '.join(conf.training)}")
+    training_profile = conf.training[profile]
+    frames, versions = [], []
+    for ref in datasets:
+        frame, version = _load(ctx, ref, action="train", purpose=purpose)
+        applies = bool(subset) and (subset_datasets is None or version.name in subset_datasets)
+        frames.append(_select(frame, subset) if applies else frame)
+        versions.append(version)
+    base = registry.resolve_model(ctx.paths, base_model, variant=base_variant) if base_model else None
+    base_digest = model_digest(base.model_dir) if base else None
+    name = registry.registered_name(stage, variant)
+    key_material = {
+        "stage": stage, "variant": variant, "profile": training_profile.model_dump(), "seed": conf.seed,
+        "datasets": sorted(v.md5 for v in versions), "base": base_digest, "subset": subset,
+        "code": code_version(),
+    }
+    run_key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:16]
+    done = registry.find_version_by_tag(ctx.paths, name, "factory.run_key", run_key)
+    if done is not None:
+        print(f"{stage}: inputs unchanged, using registered {done.uri}")
+        return {"run_key": run_key, "name": name, "registered": done.uri, "staging": str(done.model_dir),
+                "mlflow_run_id": done.run_id, "stage": stage}
+
+    data = pd.concat(frames, ignore_index=True)
+    x, y = _xy(data)
+    staging = _staging(ctx, run_key)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    with _mlflow_run(ctx, run_name=f"{stage}-{run_key}") as run:
+        import mlflow
+
+        mlflow.set_tags({"factory.stage": stage, "factory.run_key": run_key, "factory.dag_id": ctx.dag_id,
+                         "factory.dag_run_id": ctx.run_id})
+        mlflow.log_params({"stage": stage, "profile": profile, **training_profile.model_dump(), "seed": conf.seed,
+                           "records": len(data), "datasets": ",".join(v.id for v in versions),
+                           "base_model": base.uri if base else "none", "variant": variant or "",
+                           "mode": "fine_tune" if base else "centralized"})
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            mlflow.log_metrics(metrics, step=epoch)
+            print(f"{stage} epoch {epoch + 1}/{training_profile.epochs}: "
+                  f"loss {metrics['train_loss']:.4f} accuracy {metrics['train_accuracy']:.4f}", flush=True)
+
+        result = train(x, y, training_profile, seed=conf.seed, mode="fine_tune" if base else "centralized",
+                       base_state=load_weights(base.model_dir) if base else None, on_epoch=on_epoch)
+        save_weights(result.model, staging)
+        lineage = list(base.metadata.get("lineage", [])) if base else []
+        for entry in lineage_entries(ctx.paths, [v.id for v in versions]):
+            if entry not in lineage:
+                lineage.append(entry)
+        write_json(staging / "metadata.json", {
+            "name": name, "stage": stage, "variant": variant, "site": ctx.site, "run_key": run_key,
+            "datasets": [{"id": v.id, "md5": v.md5, "owner": v.owner} for v in versions],
+            "base_model": {"name": base.name, "version": base.version, "digest": base_digest} if base else None,
+            "lineage": lineage, "metrics": {}, "training": {"profile": profile, "records": len(data), "subset": subset},
+            "reference_data": [v.id for v in versions], "code_version": code_version(),
+            "mlflow_run_id": run.info.run_id, "dag_id": ctx.dag_id, "dag_run_id": ctx.run_id,
+        })
+    return {"run_key": run_key, "name": name, "staging": str(staging), "mlflow_run_id": run.info.run_id,
+            "stage": stage}
+
+
+def _test_metrics(ctx: StepContext, model_dir: Path, test_sets: dict[str, str]) -> dict[str, float]:
+    from pipelines.learning.onnx_export import logits_onnx
+    from pipelines.learning.train import accuracy, logits_torch
+
+    metrics = {}
+    onnx_path = model_dir / MODEL_ONNX
+    model = None if onnx_path.exists() else load_model(model_dir)
+    for key, ref in test_sets.items():
+        frame, _ = _load(ctx, ref, action="read", purpose="evaluation")
+        x, y = _xy(frame)
+        logits = logits_onnx(onnx_path, x) if model is None else logits_torch(model, x)
+        metrics[key] = round(accuracy(logits, y), 6)
+    return metrics
+
+
+@step("evaluate_model")
+def evaluate_model(ctx: StepContext, *, trained: dict, test_sets: dict[str, str],
+                   min_accuracy: dict[str, float] | None = None) -> dict[str, Any]:
+    """Accuracy of a staged model on this site's test sets (metric key -> dataset)."""
+    model_dir = Path(trained["staging"])
+    if trained.get("registered"):
+        return {"metrics": _metadata(model_dir)["metrics"], **trained}
+    metrics = _test_metrics(ctx, model_dir, test_sets)
+    _update_metadata(model_dir, metrics=metrics)
+    with _mlflow_run(ctx, trained["mlflow_run_id"]):
+        import mlflow
+
+        mlflow.log_metrics(metrics)
+    for key, floor in (min_accuracy or {}).items():
+        if metrics.get(key, 0.0) < floor:
+            raise StepError(f"{trained['stage']} {key} accuracy {metrics.get(key, 0.0):.4f} is below the "
+                            f"required {floor:.4f} (short by {floor - metrics.get(key, 0.0):.4f})")
+    print(f"{trained['stage']} evaluation: {metrics}")
+    return {"metrics": metrics, **trained}
+
+
+@step("export_model")
+def export_model(ctx: StepContext, *, trained: dict, parity_set: str) -> dict[str, Any]:
+    """Export to ONNX and check parity against ONNX Runtime on `parity_set`."""
+    from pipelines.learning.onnx_export import export_onnx, parity_max_abs
+
+    model_dir = Path(trained["staging"])
+    if trained.get("registered"):
+        return trained
+    model = load_model(model_dir)
+    onnx_path = export_onnx(model, model_dir / MODEL_ONNX)
+    frame, _ = _load(ctx, parity_set, action="read", purpose="evaluation")
+    parity = parity_max_abs(model, onnx_path, _xy(frame)[0])
+    limit = load_config().stages.onnx_parity_max_abs
+    _update_metadata(model_dir, metrics={"onnx_parity_max_abs": parity})
+    with _mlflow_run(ctx, trained["mlflow_run_id"]):
+        import mlflow
+
+        mlflow.log_metric("onnx_parity_max_abs", parity)
+    if parity >= limit:
+        raise StepError(f"ONNX parity {parity:.2e} is not below {limit:.0e} (max absolute logit difference)")
+    print(f"{trained['stage']} ONNX parity max abs {parity:.2e}")
+    return {**trained, "onnx_parity_max_abs": parity}
+
+
+def _model_card(meta: dict[str, Any], intended_use: str) -> dict[str, Any]:
+    return {
+        "name": meta["name"], "stage": meta["stage"], "site": meta["site"], "variant": meta.get("variant"),
+        "intended_use": intended_use, "metrics": meta["metrics"],
+        "datasets": meta["datasets"], "base_model": meta["base_model"],
+        "limitations": "8x8 grey-level digit images in [0, 1]; evaluated only on the test sets listed in metrics.",
+    }
+
+
+def publish_model_dir(ctx: StepContext, model_dir: Path, *, approvals: tuple = ()) -> dict[str, Path]:
+    """Sign the directory and attach provenance and ML-BOM (trust layer)."""
+    from pipelines.trust.bom import write_ml_bom
+    from pipelines.trust.provenance import write_provenance
+    from pipelines.trust.signing import sign_model_dir
+
+    meta = _metadata(model_dir)
+    dependencies = [{"name": d["id"], "digest": {"md5": d["md5"]}} for d in meta["datasets"]]
+    if meta.get("base_model"):
+        algo, value = meta["base_model"]["digest"].split(":", 1)
+        dependencies.append({"name": f"model:{meta['base_model']['name']}/{meta['base_model']['version']}",
+                             "digest": {algo: value}})
+    dependencies.append({"name": "code", "digest": {"gitCommit": code_commit()}})
+    provenance = write_provenance(
+        ctx.paths, model_dir, stage=meta["stage"],
+        external_parameters={"dag_id": ctx.dag_id, "variant": meta.get("variant"), **meta["training"]},
+        dependencies=dependencies,
+        run_details={"site": ctx.site, "dag_run_id": ctx.run_id, "mlflow_run_id": meta["mlflow_run_id"]},
+        approvals=approvals,
+    )
+    bom = write_ml_bom(
+        model_dir, model_name=meta["name"], version=meta["run_key"], metrics=meta["metrics"],
+        datasets=[{"id": d["id"], "digest": d["md5"], "owner": d["owner"]} for d in meta["datasets"]],
+        intended_use=_model_card(meta, "")["limitations"],
+    )
+    signature = sign_model_dir(ctx.paths, model_dir)
+    return {"provenance": provenance, "bom": bom, "signature": signature}
+
+
+@step("register_model")
+def register_model(ctx: StepContext, *, trained: dict, intended_use: str = "research and evaluation") -> dict[str, Any]:
+    """Move the staged model into the site repo (DVC), sign and attest it, register it in MLflow."""
+    from pipelines.data.repo import commit_tracked, git_head, site_lock
+    from pipelines.trust import audit
+
+    if trained.get("registered"):
+        ref = registry.resolve_model(ctx.paths, trained["registered"])
+        return {"name": ref.name, "version": ref.version, "stage": trained["stage"], "skipped": True,
+                "metrics": ref.metadata["metrics"]}
+    staging = Path(trained["staging"])
+    meta = _metadata(staging)
+    write_json(staging / "model_card.json", _model_card(meta, intended_use))
+    target = ctx.paths.models_dir / meta["name"] / meta["run_key"]
+    with site_lock(ctx.paths):
+        existing = registry.find_version_by_tag(ctx.paths, meta["name"], "factory.run_key", meta["run_key"])
+        if existing is not None:  # a concurrent or earlier run finished first
+            return {"name": existing.name, "version": existing.version, "stage": meta["stage"], "skipped": True,
+                    "metrics": existing.metadata["metrics"]}
+        if target.exists():
+            shutil.rmtree(target)  # left by a run killed between copy and registration
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(staging, target)
+        publish_model_dir(ctx, target)
+        commit_tracked(ctx.paths, [target], f"Add model {meta['name']} run {meta['run_key']}")
+        tags = {
+            "factory.stage": meta["stage"], "factory.site": ctx.site, "factory.run_key": meta["run_key"],
+            "factory.datasets": json.dumps({d["id"]: d["md5"] for d in meta["datasets"]}),
+            "factory.base_model": json.dumps(meta["base_model"]), "factory.repo_commit": git_head(ctx.paths),
+            "factory.code_version": meta["code_version"], "factory.model_digest": model_digest(target),
+            "factory.variant": meta.get("variant") or "",
+            **{f"factory.metric.{k}": str(v) for k, v in meta["metrics"].items()},
+        }
+        ref = registry.register(ctx.paths, meta["name"], target, run_id=meta["mlflow_run_id"], tags=tags)
+    audit.append(ctx.paths, action="model.registered", actor=ctx.actor or f"svc-{ctx.site}",
+                 object=f"{ref.name}/{ref.version}", outcome="success",
+                 details={"stage": meta["stage"], "run_key": meta["run_key"], "metrics": meta["metrics"],
+                          "dag_run_id": ctx.run_id})
+    shutil.rmtree(staging.parent, ignore_errors=True)
+    print(f"registered {ref.name} version {ref.version} at {ctx.site}: {meta['metrics']}")
+    return {"name": ref.name, "version": ref.version, "stage": meta["stage"], "metrics": meta["metrics"]}

@@ -1,0 +1,1 @@
+"""The trust layer: site keys, sealed packages, the audit log, model signatures, provenance, AI-BOM."""

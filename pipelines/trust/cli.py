@@ -1,0 +1,216 @@
+"""`factory package`, `factory keys` and `factory audit`. Errors: exit 1 and one line on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipelines.config import SITES
+from pipelines.workspace import SitePaths, WorkspaceError
+
+SITE = click.Choice(SITES)
+
+
+def _fail(prefix: str, message: str) -> None:
+    click.echo(f"{prefix}: {message}".replace("\n", " "), err=True)
+    sys.exit(1)
+
+
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the trust layer's errors into one stderr line and exit status 1."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipelines.trust.audit import AuditError
+        from pipelines.trust.keys import TrustError
+        from pipelines.trust.packages import PackageRejected, SealError
+        from pipelines.trust.signing import SignatureError
+
+        try:
+            return fn(*args, **kwargs)
+        except PackageRejected as error:
+            _fail("rejected", error.reason)
+        except AuditError as error:
+            _fail("audit log broken", str(error))
+        except (TrustError, SealError, SignatureError, WorkspaceError, FileExistsError, OSError) as error:
+            _fail("error", str(error))
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- package
+
+
+@click.group()
+def package() -> None:
+    """Seal, open and verify packages exchanged between sites."""
+
+
+@package.command("seal")
+@click.option("--from", "sender", type=SITE, required=True, help="sending site (signs the package)")
+@click.option("--to", "recipient", type=SITE, required=True, help="recipient site (the only one that can open it)")
+@click.option("--in", "src", type=click.Path(path_type=Path), required=True, help="file or directory to seal")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="package file to write")
+@click.option("--purpose", default="collaboration", show_default=True)
+@click.option("--content-type", default=None, help="dataset or model (default: model if the folder has model.sig)")
+@click.option("--kem", type=click.Choice(["mlkem768-x25519", "x25519"]), default="mlkem768-x25519", show_default=True)
+@click.option("--expires-days", type=float, default=7.0, show_default=True)
+@_guarded
+def seal_command(sender: str, recipient: str, src: Path, out: Path, purpose: str, content_type: str | None,
+                 kem: str, expires_days: float) -> None:
+    """Seal PATH for one recipient site."""
+    from pipelines.trust import packages
+
+    if content_type is None:
+        content_type = "model" if (src / "model.sig").is_file() else "dataset"
+    header = packages.seal(SitePaths.of(sender), recipient, src, out, purpose=purpose, content_type=content_type,
+                           expires_in=timedelta(days=expires_days), kem=kem)
+    click.echo(json.dumps({k: header[k] for k in ("package_id", "sequence", "content_digest", "content_size")}
+                          | {"out": str(out)}))
+
+
+@package.command("open")
+@click.option("--as", "site", type=SITE, required=True, help="the recipient site opening the package")
+@click.option("--in", "src", type=click.Path(path_type=Path), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="folder to put the content in")
+@_guarded
+def open_command(site: str, src: Path, out: Path) -> None:
+    """Verify and open a package (consumes it: it cannot be opened again)."""
+    from pipelines.trust import packages
+
+    header = packages.open_package(SitePaths.of(site), src, out)
+    click.echo(json.dumps({k: header[k] for k in ("package_id", "sender", "sequence", "content_type", "path")}))
+
+
+@package.command("verify")
+@click.option("--as", "site", type=SITE, required=True)
+@click.option("--in", "src", type=click.Path(path_type=Path), required=True)
+@_guarded
+def verify_command(site: str, src: Path) -> None:
+    """Verify a package completely without writing plaintext or consuming it."""
+    from pipelines.trust import packages
+
+    header = packages.verify_package(SitePaths.of(site), src)
+    header.pop("wrapped_key", None)
+    click.echo(json.dumps(header, indent=2))
+
+
+# ---------------------------------------------------------------- keys
+
+
+@click.group()
+def keys() -> None:
+    """List, rotate, accept and revoke site keys."""
+
+
+@keys.command("list")
+@click.option("--site", type=SITE, required=True)
+@click.option("--json", "as_json", is_flag=True)
+@_guarded
+def keys_list(site: str, as_json: bool) -> None:
+    from pipelines.trust import keys as k
+
+    rows = k.list_keys(SitePaths.of(site))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        owner = "own" if row["own"] else "trusted"
+        click.echo(f"{row['site']:<12} {owner:<8} gen {row['generation']:<3} {row['status']:<10} "
+                   f"signing {row['signing_key_id']}  kem {row['kem_key_id']}  {row['created']}")
+
+
+@keys.command("rotate")
+@click.option("--site", type=SITE, required=True)
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None,
+              help="where to write the key-update documents (default: the site's state/outbox)")
+@_guarded
+def keys_rotate(site: str, out_dir: Path | None) -> None:
+    """New keys for SITE, plus one key-update document per trusted site (deliver each to it)."""
+    from pipelines.trust import keys as k
+
+    for path in k.rotate_keys(SitePaths.of(site), out_dir):
+        click.echo(str(path))
+
+
+@keys.command("accept")
+@click.option("--as", "site", type=SITE, required=True)
+@click.option("--in", "src", type=click.Path(path_type=Path), required=True)
+@_guarded
+def keys_accept(site: str, src: Path) -> None:
+    """Take another site's key-update document into SITE's trust store."""
+    from pipelines.trust import keys as k
+
+    record = k.accept_key_update(SitePaths.of(site), src)
+    click.echo(f"accepted {record['site']} generation {record['generation']} (signing {record['signing_key_id']})")
+
+
+@keys.command("revoke")
+@click.option("--site", type=SITE, required=True, help="the site whose trust store records the revocation")
+@click.option("--key-id", required=True)
+@click.option("--reason", default="")
+@_guarded
+def keys_revoke(site: str, key_id: str, reason: str) -> None:
+    from pipelines.trust import keys as k
+
+    entry = k.revoke_key(SitePaths.of(site), key_id, reason)
+    click.echo(f"revoked {entry['key_id']} of {entry['site']} at {site}")
+
+
+# ---------------------------------------------------------------- audit
+
+
+@click.group()
+def audit() -> None:
+    """Verify, show and export the site's audit log."""
+
+
+@audit.command("verify")
+@click.option("--site", type=SITE, required=True)
+@_guarded
+def audit_verify(site: str) -> None:
+    from pipelines.trust import audit as a
+
+    paths = SitePaths.of(site)
+    a.verify(paths)
+    click.echo(f"audit log of {site} intact: {sum(1 for _ in a.entries(paths))} entries")
+
+
+@audit.command("show")
+@click.option("--site", type=SITE, required=True)
+@click.option("--json", "as_json", is_flag=True)
+@_guarded
+def audit_show(site: str, as_json: bool) -> None:
+    from pipelines.trust import audit as a
+
+    rows = list(a.entries(SitePaths.of(site)))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for e in rows:
+        click.echo(f"{e['seq']:>6} {e['time']} {e['actor']:<24} {e['action']:<20} {e['outcome']:<9} {e['object']}")
+
+
+@audit.command("export")
+@click.option("--site", type=SITE, required=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="file to write (default: stdout)")
+@_guarded
+def audit_export(site: str, out: Path | None) -> None:
+    """SIEM export: one JSON event per line (time, site, actor, action, object, outcome, ...)."""
+    from pipelines.trust import audit as a
+    from pipelines.trust._io import write_atomic
+
+    paths = SitePaths.of(site)
+    a.verify(paths)
+    lines = "".join(json.dumps(a.siem_record(e), sort_keys=False) + "\n" for e in a.entries(paths))
+    if out is None:
+        click.echo(lines, nl=False)
+    else:
+        write_atomic(out, lines.encode())

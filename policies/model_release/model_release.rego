@@ -1,0 +1,341 @@
+# METADATA
+# title: Model release gate
+# description: |
+#   May this model leave the site that trained it for the recipient?
+#   Input: {model: {id, site, metrics: {name: value}, watermark: {verified},
+#   signature: {verified}, lineage: [{dataset_id, owner, local_only, export_authorized,
+#   releasable_to}]}, recipient, purpose: "collaboration"|"export", requested_by,
+#   approvals: [{user, site, roles, decision}], end_use (optional)}.
+#
+#   Every release: a non-empty lineage with no local-only source, every source owned by
+#   the recipient or releasable to it, the requirements of the purpose met
+#   (data.data.release_requirements: metric thresholds, verified watermark and
+#   signature where required), no rejection and no self-approval among the approvals.
+#   Collaboration releases need no officer approval here: the data owner's officer
+#   approved the data release that brought the data to the sender.
+#   Export adds: every source export-authorized; a licence of the recipient that covers
+#   the purpose (and the end use when given) and has not expired
+#   (data.data.export_licences); approvals by distinct users, a compliance_officer of
+#   every data owner in the lineage other than the sender (the sender's own when it is
+#   the only owner) and an export_control_officer of the sender, none by the requester.
+package factory.model_release
+
+import rego.v1
+
+# METADATA
+# description: The decision document of the gate.
+# entrypoint: true
+decision := {"allow": true, "reasons": []} if {
+	allow
+} else := {"allow": false, "reasons": reasons}
+
+# METADATA
+# description: |
+#   Every check of a release on one path, so the interpreter does little work when the
+#   release is allowed. `deny` states the same checks one by one with their reasons.
+default allow := false
+
+allow if {
+	model := input.model
+	sender := model.site
+	recipient := input.recipient
+	requester := input.requested_by
+	req := data.data.release_requirements[input.purpose]
+
+	is_string(model.id)
+	model.id != ""
+	is_string(sender)
+	is_string(recipient)
+	recipient != sender
+	is_string(requester)
+	requester != ""
+	is_boolean(model.watermark.verified)
+	is_boolean(model.signature.verified)
+
+	# the lineage: known sources, none local-only, each releasable to the recipient
+	is_array(model.lineage)
+	count(model.lineage) > 0
+	every s in model.lineage {
+		is_string(s.dataset_id)
+		s.dataset_id != ""
+		is_string(s.owner)
+		s.local_only == false
+		is_boolean(s.export_authorized)
+		is_array(s.releasable_to)
+		recipient in array.concat(s.releasable_to, [s.owner])
+	}
+
+	# the requirements of the purpose
+	is_object(model.metrics)
+	every name, threshold in req.metrics {
+		is_number(model.metrics[name])
+		model.metrics[name] >= threshold
+	}
+	satisfied(req.watermark, model.watermark.verified)
+	satisfied(req.signature, model.signature.verified)
+
+	# approvals: all well formed, none rejects, none by the requester
+	is_array(input.approvals)
+	every a in input.approvals {
+		is_string(a.user)
+		a.user != ""
+		is_string(a.site)
+		is_array(a.roles)
+		a.decision == "approve"
+		a.user != requester
+	}
+
+	purpose_allows
+}
+
+# METADATA
+# description: Whether a requirement (true = required) is met by a verification result.
+satisfied(required, _) if required == false
+
+satisfied(_, verified) if verified == true
+
+# METADATA
+# description: The checks particular to the purpose.
+purpose_allows if input.purpose == "collaboration"
+
+purpose_allows if {
+	input.purpose == "export"
+	model := input.model
+	sender := model.site
+
+	every s in model.lineage {
+		s.export_authorized == true
+	}
+
+	# a licence covers the purpose and the end use, and has not expired
+	some licence in data.data.export_licences[input.recipient]
+	input.purpose in licence.purposes
+	object.get(input, "end_use", null) in array.concat(licence.end_uses, [null])
+	sprintf("%04d-%02d-%02d", time.date(time.now_ns())) <= licence.expires
+
+	# an export officer of the sender, and an officer of each data owner, distinct users
+	owners := {s.owner | some s in model.lineage; s.owner != sender}
+	some e in input.approvals
+	e.site == sender
+	data.data.officers.export_role in e.roles
+	every owner in owners | {sender | count(owners) == 0} {
+		some a in input.approvals
+		a.site == owner
+		data.data.officers.data_owner_role in a.roles
+		a.user != e.user
+	}
+}
+
+# METADATA
+# description: The data owners whose officers approve an export (the sender's own when it is the only owner).
+approving_owners := owners if {
+	owners := {s.owner | some s in input.model.lineage; s.owner != input.model.site}
+	count(owners) > 0
+} else := {input.model.site}
+
+fields := [
+	[["model", "id"], "string"],
+	[["model", "site"], "string"],
+	[["model", "metrics"], "object"],
+	[["model", "watermark", "verified"], "boolean"],
+	[["model", "signature", "verified"], "boolean"],
+	[["model", "lineage"], "array"],
+	[["recipient"], "string"],
+	[["purpose"], "purpose"],
+	[["requested_by"], "string"],
+]
+
+source_fields := [
+	[["dataset_id"], "string"],
+	[["owner"], "string"],
+	[["local_only"], "boolean"],
+	[["export_authorized"], "boolean"],
+	[["releasable_to"], "array"],
+]
+
+field_problems := (data.factory.helpers.entry_reasons(input, fields, "input") | approval_problems) | source_problems
+
+approval_problems := data.factory.helpers.approval_reasons(object.get(input, "approvals", null)) if {
+	is_object(input)
+} else := set()
+
+source_problems := data.factory.helpers.list_reasons(input.model.lineage, source_fields, "model.lineage") if {
+	is_array(input.model.lineage)
+} else := set()
+
+well_formed if count(field_problems) == 0
+
+model := input.model
+
+req := data.data.release_requirements[input.purpose]
+
+# METADATA
+# description: Why the release is denied; each reason names the field, dataset, metric or user.
+deny contains msg if {
+	some msg in field_problems
+}
+
+deny contains msg if {
+	well_formed
+	count(model.lineage) == 0
+	msg := sprintf("model %s has an empty lineage; the sources of a released model must be known", [model.id])
+}
+
+deny contains msg if {
+	well_formed
+	input.recipient == model.site
+	msg := sprintf("recipient %s is the site that trained model %s; a release must leave it", [input.recipient, model.id])
+}
+
+deny contains msg if {
+	well_formed
+	some s in model.lineage
+	s.local_only == true
+	msg := sprintf("model %s was trained on local-only dataset %s of %s and may not leave %s", [
+		model.id, s.dataset_id, s.owner, model.site,
+	])
+}
+
+deny contains msg if {
+	well_formed
+	some s in model.lineage
+	s.owner != input.recipient
+	not input.recipient in s.releasable_to
+	msg := sprintf("lineage source %s of %s is not releasable to %s", [s.dataset_id, s.owner, input.recipient])
+}
+
+deny contains msg if {
+	well_formed
+	some name, threshold in req.metrics
+	not is_number(model.metrics[name])
+	msg := sprintf("metric %s of model %s is missing (the %s threshold is %v)", [
+		name, model.id, input.purpose, threshold,
+	])
+}
+
+deny contains msg if {
+	well_formed
+	some name, threshold in req.metrics
+	value := model.metrics[name]
+	value < threshold
+	msg := sprintf("metric %s of model %s is %v, below the %s threshold %v", [
+		name, model.id, value, input.purpose, threshold,
+	])
+}
+
+deny contains msg if {
+	well_formed
+	not satisfied(req.watermark, model.watermark.verified)
+	msg := sprintf("the watermark of model %s is not verified (required for %s)", [model.id, input.purpose])
+}
+
+deny contains msg if {
+	well_formed
+	not satisfied(req.signature, model.signature.verified)
+	msg := sprintf("the signature of model %s is not verified (required for %s)", [model.id, input.purpose])
+}
+
+deny contains msg if {
+	well_formed
+	some msg in data.factory.helpers.rejection_reasons(input.approvals)
+}
+
+deny contains msg if {
+	well_formed
+	some msg in data.factory.helpers.self_approval_reasons(input.approvals, input.requested_by)
+}
+
+deny contains msg if {
+	well_formed
+	input.purpose == "export"
+	some s in model.lineage
+	s.export_authorized == false
+	msg := sprintf("lineage source %s of %s is not export-authorized", [s.dataset_id, s.owner])
+}
+
+deny contains msg if {
+	well_formed
+	input.purpose == "export"
+	not data.data.export_licences[input.recipient]
+	msg := sprintf("%s holds no export licence (policy data export_licences)", [input.recipient])
+}
+
+deny contains msg if {
+	well_formed
+	input.purpose == "export"
+	not valid_licence
+	some licence in data.data.export_licences[input.recipient]
+	some msg in licence_problems(licence)
+}
+
+valid_licence if {
+	some licence in data.data.export_licences[input.recipient]
+	count(licence_problems(licence)) == 0
+}
+
+# METADATA
+# description: What keeps one licence from covering this export.
+licence_problems(licence) := {msg |
+	not input.purpose in licence.purposes
+	msg := sprintf("export licence %s of %s does not cover purpose %q", [licence.id, input.recipient, input.purpose])
+} | {msg |
+	end_use := object.get(input, "end_use", null)
+	not end_use in array.concat(licence.end_uses, [null])
+	msg := sprintf("export licence %s of %s does not cover end use %v", [licence.id, input.recipient, end_use])
+} | {msg |
+	data.factory.helpers.today > licence.expires
+	msg := sprintf("export licence %s of %s expired on %s", [licence.id, input.recipient, licence.expires])
+}
+
+deny contains msg if {
+	well_formed
+	input.purpose == "export"
+	role := data.data.officers.export_role
+	not export_officer_approved
+	msg := sprintf("no approval by an %s of %s other than the requester %s", [role, model.site, input.requested_by])
+}
+
+export_officer_approved if {
+	some a in input.approvals
+	data.factory.helpers.approved_by(a, model.site, data.data.officers.export_role, input.requested_by)
+}
+
+deny contains msg if {
+	well_formed
+	input.purpose == "export"
+	role := data.data.officers.data_owner_role
+	some owner in approving_owners
+	not owner_officer_approved(owner)
+	msg := sprintf("no approval by a %s of %s (data owner in the lineage) other than the requester %s", [
+		role, owner, input.requested_by,
+	])
+}
+
+owner_officer_approved(owner) if {
+	some a in input.approvals
+	data.factory.helpers.approved_by(a, owner, data.data.officers.data_owner_role, input.requested_by)
+}
+
+deny contains msg if {
+	well_formed
+	input.purpose == "export"
+	export_officer_approved
+	some owner in approving_owners
+	owner_officer_approved(owner)
+	not distinct_approvers(owner)
+	msg := sprintf("the export approval and the approval for %s data come from the same user; two distinct users must approve", [owner])
+}
+
+distinct_approvers(owner) if {
+	some e in input.approvals
+	data.factory.helpers.approved_by(e, model.site, data.data.officers.export_role, input.requested_by)
+	some a in input.approvals
+	data.factory.helpers.approved_by(a, owner, data.data.officers.data_owner_role, input.requested_by)
+	a.user != e.user
+}
+
+# METADATA
+# description: The reasons of a denial, never empty.
+reasons := sort(deny) if {
+	count(deny) > 0
+} else := ["denied by default: no rule allowed this request"]

@@ -1,0 +1,298 @@
+"""The site chart: rendered offline with Helm's Go SDK, every object validated against Kubernetes schemas."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from pipelines.config import PROJECT_ROOT, SITES, load_config
+from pipelines.runtime.bundle import stage_chart_policies
+from pipelines.runtime.kubernetes import SiteObjects, pod_operator_for_step, render_pod
+
+CHART = PROJECT_ROOT / "charts" / "sovereign-factory"
+K8S_VERSION = kubernetes_validate.latest_version()
+REGO = "package factory.probe\n\nimport rego.v1\n\ndefault allow := false\n\nallow if input.ok\n"
+REGO_TEST = (
+    "package factory.probe_test\n\nimport rego.v1\n\ntest_ok if data.factory.probe.allow with input as {}\n"
+)
+OFF = {"airflow": {"enabled": False}}
+
+
+@pytest.fixture(scope="module")
+def chart_dir(tmp_path_factory) -> Path:
+    """A copy of the chart with the repository's policies staged, as `make chart-policies` does."""
+    target = tmp_path_factory.mktemp("chart") / "sovereign-factory"
+    shutil.copytree(CHART, target, ignore=shutil.ignore_patterns("policies"))
+    policies = tmp_path_factory.mktemp("policies")
+    shutil.copytree(PROJECT_ROOT / "policies", policies, dirs_exist_ok=True)
+    (policies / "probe").mkdir(exist_ok=True)
+    (policies / "probe" / "probe.rego").write_text(REGO)
+    (policies / "probe" / "probe_test.rego").write_text(REGO_TEST)
+    stage_chart_policies(target, policies)
+    return target
+
+
+@pytest.fixture(scope="module")
+def chart(chart_dir):
+    with helm.Chart.load(chart_dir) as loaded:
+        yield loaded
+
+
+def render(chart, values: dict, *, name: str = "site", namespace: str = "factory") -> list[dict]:
+    manifests = chart.render({**OFF, **values}, name=name, namespace=namespace)
+    objects = []
+    for text in manifests.values():
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+VALUE_SETS = {
+    "defaults": {},
+    "s3-remote": {
+        "dvc": {
+            "remote": {
+                "type": "s3",
+                "s3": {"url": "s3://bucket/dvc", "egress": [{"cidr": "10.0.0.0/16", "port": 443}]},
+            }
+        }
+    },
+    "minimal": {"opa": {"enabled": False}, "mlflow": {"enabled": False}, "networkPolicy": {"enabled": False}},
+    "tuned": {
+        "workspace": {"size": "5Gi", "storageClassName": "fast", "accessModes": ["ReadWriteMany"]},
+        "opa": {"replicas": 3, "policies": {"gates/probe.rego": REGO}},
+        "siteKeys": {"existingSecret": "keys-from-vault"},
+        "step": {"extraRoleSubjects": [{"name": "scheduler", "namespace": "airflow"}]},
+        "commonLabels": {"team": "platform"},
+    },
+}
+
+
+@pytest.mark.parametrize("site", SITES)
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_every_rendered_object_is_valid_kubernetes(chart, site, value_set):
+    objects = render(chart, {"site": site, **VALUE_SETS[value_set]}, name=site)
+    assert objects
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        assert obj["metadata"]["labels"]["sovereign-factory/site"] == site
+        assert obj["metadata"]["name"].startswith(("factory-", "factory-step-"))
+
+
+@pytest.mark.parametrize("values_file", sorted((CHART / "ci").glob("*-values.yaml")), ids=lambda p: p.name)
+def test_ci_values_files_render_valid_objects(chart, values_file):
+    values = helm.values_from_yaml(values_file.read_text())
+    objects = render(chart, values, name=values["site"])
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_validator_is_strict_about_unknown_fields():
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "x"},
+        "spec": {"containers": [], "bogus": 1},
+    }
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+def test_values_file_violating_the_schema_is_refused_with_the_schema_message(chart, tmp_path):
+    bad = tmp_path / "bad-values.yaml"
+    bad.write_text("site: mars\nworkspace:\n  size: lots\n")
+    with pytest.raises(helm.HelmValuesError) as refused:
+        chart.render(helm.values_from_yaml(bad.read_text()), name="x", namespace="factory")
+    message = str(refused.value)
+    assert "at '/site': value must be one of 'supplier', 'origin', 'destination'" in message
+    assert "/workspace/size" in message
+
+
+def test_unknown_value_key_is_refused(chart):
+    with pytest.raises(helm.HelmValuesError, match="additional properties 'replica' not allowed"):
+        chart.render({**OFF, "site": "origin", "opa": {"replica": 2}}, name="x", namespace="factory")
+
+
+def _schema_nodes(node: dict, path: str):
+    for key, prop in node.get("properties", {}).items():
+        yield f"{path}.{key}", prop
+        if prop.get("type") == "object":
+            yield from _schema_nodes(prop, f"{path}.{key}")
+
+
+def test_schema_documents_every_property_and_forbids_unknown_keys():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    for path, prop in _schema_nodes(schema, ""):
+        assert {"description", "type", "default"} <= prop.keys(), path
+        if prop["type"] == "object" and path != ".airflow":  # airflow: the subchart's own schema applies
+            assert prop.get("additionalProperties") is not True, path
+            if "properties" in prop:
+                assert prop["additionalProperties"] is False, path
+
+
+def test_schema_defaults_are_the_values_yaml_defaults():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def check(node: dict, data: dict, path: str) -> None:
+        assert set(node["properties"]) == set(data), f"{path}: values.yaml and schema keys differ"
+        for key, prop in node["properties"].items():
+            assert prop["default"] == data[key], f"{path}.{key}"
+            if prop.get("type") == "object" and "properties" in prop and key != "airflow":
+                check(prop, data[key], f"{path}.{key}")
+
+    check(schema, values, "")
+
+
+def test_airflow_is_an_optional_dependency_on_the_official_chart():
+    # a fresh load: rendering with the condition off drops the dependency from a loaded chart
+    with helm.Chart.load(CHART) as fresh:
+        (dep,) = fresh.metadata["dependencies"]
+        assert fresh.values["airflow"]["enabled"] is True
+        assert fresh.values["airflow"]["executor"] == "KubernetesExecutor"
+    assert dep["name"] == "airflow" and dep["repository"] == "https://airflow.apache.org"
+    assert dep["condition"] == "airflow.enabled"
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_chart_provides_what_step_pods_refer_to(chart, site):
+    objects = render(chart, {"site": site}, name=site, namespace="factory")
+    names = SiteObjects.of(site)
+    assert names.service_account in by_kind(objects, "ServiceAccount")
+    claims = by_kind(objects, "PersistentVolumeClaim")
+    assert {names.workspace_claim, names.dvc_remote_claim} <= claims.keys()
+    services = {n: s["spec"]["ports"][0]["port"] for n, s in by_kind(objects, "Service").items()}
+    for url in (names.mlflow_url, names.opa_url):
+        host, port = url.removeprefix("http://").split(":")
+        assert services[host] == int(port)
+    # the pod's labels are the ones the NetworkPolicy selects
+    pod = render_pod(pod_operator_for_step(task_id="t", step="evaluate", site=site))
+    egress = by_kind(objects, "NetworkPolicy")[f"factory-{site}-step-egress"]
+    assert egress["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert pod["spec"]["serviceAccountName"] == names.service_account
+    assert load_config().stages.kubernetes.service_account == chart.values["step"]["serviceAccountName"]
+
+
+def test_secrets_are_referenced_never_rendered(chart):
+    objects = render(chart, {"site": "origin", "siteKeys": {"existingSecret": "vault-keys"}})
+    assert not by_kind(objects, "Secret")
+    mlflow = by_kind(objects, "Deployment")["factory-origin-mlflow"]
+    (env,) = [
+        e
+        for e in mlflow["spec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"].startswith("MLFLOW_")
+    ]
+    assert env == {
+        "name": "MLFLOW_BACKEND_STORE_URI",
+        "valueFrom": {"secretKeyRef": {"name": "factory-origin-mlflow-db", "key": "uri"}},
+    }
+    assert "postgresql" not in json.dumps(objects)
+
+
+def test_pod_launcher_rbac_is_the_minimum(chart):
+    objects = render(chart, {"site": "supplier"})
+    (role,) = by_kind(objects, "Role").values()
+    rules = {(tuple(r["resources"]), tuple(sorted(r["verbs"]))) for r in role["rules"]}
+    assert rules == {
+        (("pods",), ("create", "delete", "get", "list", "patch", "watch")),
+        (("pods/log",), ("get",)),
+        (("pods/exec",), ("create", "get")),
+        (("events",), ("list",)),
+    }
+    assert all(r["apiGroups"] == [""] for r in role["rules"])
+    (binding,) = by_kind(objects, "RoleBinding").values()
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "factory-step-supplier", "namespace": "factory"}
+    ]
+    assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
+
+
+def test_step_pods_reach_only_mlflow_opa_and_dns_and_ingress_is_denied(chart):
+    objects = render(chart, {"site": "destination"})
+    policies = by_kind(objects, "NetworkPolicy")
+    deny = policies["factory-destination-default-deny-ingress"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    egress = policies["factory-destination-step-egress"]["spec"]
+    assert set(egress["policyTypes"]) == {"Ingress", "Egress"} and egress["ingress"] == []
+    targets = [rule["to"][0] for rule in egress["egress"]]
+    components = [t["podSelector"]["matchLabels"].get("app.kubernetes.io/component") for t in targets]
+    assert components == ["mlflow", "opa", None]
+    assert all(
+        t["podSelector"]["matchLabels"]["sovereign-factory/site"] == "destination" for t in targets[:2]
+    )
+    assert targets[2]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert not any("ipBlock" in t for t in targets)
+
+
+def test_s3_remote_opens_egress_to_the_store_only(chart):
+    s3 = {"type": "s3", "s3": {"url": "s3://b/dvc", "egress": [{"cidr": "10.9.0.0/24", "port": 9000}]}}
+    objects = render(chart, {"site": "origin", "dvc": {"remote": s3}})
+    egress = by_kind(objects, "NetworkPolicy")["factory-origin-step-egress"]["spec"]["egress"]
+    assert egress[-1] == {
+        "to": [{"ipBlock": {"cidr": "10.9.0.0/24"}}],
+        "ports": [{"protocol": "TCP", "port": 9000}],
+    }
+    assert "factory-origin-dvc-remote" not in by_kind(objects, "PersistentVolumeClaim")
+    assert (
+        by_kind(objects, "ConfigMap")["factory-origin-dvc"]["data"]["FACTORY_DVC_REMOTE_URL"] == "s3://b/dvc"
+    )
+
+
+def test_s3_remote_without_url_fails_to_render(chart):
+    with pytest.raises(helm.HelmRenderError, match="dvc.remote.s3.url is required"):
+        render(chart, {"site": "origin", "dvc": {"remote": {"type": "s3"}}})
+
+
+def test_opa_serves_the_staged_policies_without_their_tests(chart):
+    objects = render(chart, {"site": "supplier"})
+    config = by_kind(objects, "ConfigMap")["factory-supplier-opa-policies"]["data"]
+    assert config["probe__probe.rego"] == REGO
+    assert not any(key.endswith("_test.rego") for key in config)
+    repo_files = {
+        p.relative_to(PROJECT_ROOT / "policies").as_posix()
+        for p in (PROJECT_ROOT / "policies").rglob("*")
+        if p.suffix in (".rego", ".json") and not p.name.endswith("_test.rego")
+    }
+    deployment = by_kind(objects, "Deployment")["factory-supplier-opa"]["spec"]["template"]["spec"]
+    items = {i["key"]: i["path"] for i in deployment["volumes"][0]["configMap"]["items"]}
+    assert set(items.values()) == repo_files | {"probe/probe.rego"}
+    assert all(key in config for key in items)
+    (container,) = deployment["containers"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert "/policies" in container["args"]
+
+
+def test_policies_from_values_replace_the_staged_ones(chart):
+    objects = render(chart, {"site": "origin", "opa": {"policies": {"only.rego": REGO}}})
+    assert by_kind(objects, "ConfigMap")["factory-origin-opa-policies"]["data"] == {"only.rego": REGO}
+
+
+def test_chart_without_staged_policies_says_how_to_stage_them(tmp_path):
+    bare = tmp_path / "sovereign-factory"
+    shutil.copytree(CHART, bare, ignore=shutil.ignore_patterns("policies"))
+    with helm.Chart.load(bare) as unstaged, pytest.raises(helm.HelmRenderError, match="make chart-policies"):
+        unstaged.render({**OFF, "site": "origin"}, name="x", namespace="factory")
+
+
+def test_stage_chart_policies_replaces_the_old_copy(tmp_path):
+    chart_copy = tmp_path / "chart"
+    policies = tmp_path / "policies"
+    (policies / "gate").mkdir(parents=True)
+    (policies / "gate" / "gate.rego").write_text(REGO)
+    (policies / "gate" / "gate_test.rego").write_text(REGO_TEST)
+    stale = chart_copy / "files" / "policies" / "old.rego"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("stale")
+    staged = stage_chart_policies(chart_copy, policies)
+    assert [p.relative_to(chart_copy).as_posix() for p in staged] == ["files/policies/gate/gate.rego"]
+    assert not stale.exists()
