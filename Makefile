@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run stop test test-fast lint clean
+.PHONY: install run stop test test-fast lint chart-policies clean
 
 install: $(STAMP)
 
@@ -32,6 +32,9 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check pipelines plugins dags tests benchmarks
 	$(BIN)/hadolint docker/step/Dockerfile docker/airflow/Dockerfile
+
+chart-policies: install
+	$(BIN)/python -c "from pipelines.runtime.bundle import stage_chart_policies; stage_chart_policies()"
 
 clean:
 	rm -rf .factory test-artifacts

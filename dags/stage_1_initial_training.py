@@ -7,7 +7,6 @@ origin as the initial system: through the `model_release` gate, signed, sealed.
 """
 
 from airflow.sdk import dag
-
 from factory_plugin.flows import DEFAULT_ARGS, inbox_asset, site_enabled, tags, training_flow
 from factory_plugin.steps import step_task
 

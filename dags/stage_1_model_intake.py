@@ -6,7 +6,6 @@ evaluates it on the origin's own test data, which never leaves the origin.
 """
 
 from airflow.sdk import dag
-
 from factory_plugin.flows import DEFAULT_ARGS, inbox_asset, model_intake_flow, site_enabled, tags
 
 SITE = "origin"

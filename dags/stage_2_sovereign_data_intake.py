@@ -5,7 +5,6 @@ catalog with the origin's flags (owner, releasability) and validates it for trai
 """
 
 from airflow.sdk import dag
-
 from factory_plugin.flows import DEFAULT_ARGS, data_intake_flow, inbox_asset, site_enabled, tags
 
 SITE = "supplier"

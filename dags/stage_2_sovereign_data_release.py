@@ -7,7 +7,6 @@ with the release suite, asks its compliance officer to approve, passes the
 """
 
 from airflow.sdk import dag
-
 from factory_plugin.flows import DEFAULT_ARGS, data_release_flow, model_asset, site_enabled, tags
 
 SITE = "origin"

@@ -7,7 +7,6 @@ arrives, or on the platform team's retraining cron (conf/stages.yaml).
 """
 
 from airflow.sdk import dag
-
 from factory_plugin.flows import (
     DEFAULT_ARGS,
     dataset_asset,

@@ -1,7 +1,6 @@
 """Stage 3 — the origin receives the collaborative model **M3** and evaluates it on its own test data."""
 
 from airflow.sdk import dag
-
 from factory_plugin.flows import DEFAULT_ARGS, inbox_asset, model_intake_flow, site_enabled, tags
 
 SITE = "origin"

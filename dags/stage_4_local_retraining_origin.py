@@ -7,7 +7,6 @@ Runs when M3 arrives or when drift is detected at the origin.
 """
 
 from airflow.sdk import AssetAny, dag
-
 from factory_plugin.flows import DEFAULT_ARGS, drift_asset, model_asset, site_enabled, tags, training_flow
 
 SITE = "origin"

@@ -6,7 +6,6 @@ sealed for the supplier, which may use it only for export models.
 """
 
 from airflow.sdk import dag
-
 from factory_plugin.flows import DEFAULT_ARGS, data_release_flow, model_asset, site_enabled, tags
 
 SITE = "origin"

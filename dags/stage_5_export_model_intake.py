@@ -1,7 +1,6 @@
 """Stage 5 — the destination receives its export model **M5** and evaluates it on its own test data."""
 
 from airflow.sdk import dag
-
 from factory_plugin.flows import DEFAULT_ARGS, inbox_asset, model_intake_flow, site_enabled, tags
 
 SITE = "destination"

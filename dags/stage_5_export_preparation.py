@@ -11,7 +11,6 @@ sealed for the destination.
 """
 
 from airflow.sdk import Param, dag
-
 from factory_plugin.flows import (
     DEFAULT_ARGS,
     approval_step,

@@ -7,8 +7,14 @@ destination's shared data) into **M6**, released to the destination through the
 """
 
 from airflow.sdk import dag
-
-from factory_plugin.flows import DEFAULT_ARGS, inbox_asset, retraining_schedule, site_enabled, tags, training_flow
+from factory_plugin.flows import (
+    DEFAULT_ARGS,
+    inbox_asset,
+    retraining_schedule,
+    site_enabled,
+    tags,
+    training_flow,
+)
 from factory_plugin.steps import step_task
 
 SITE = "supplier"

@@ -5,7 +5,6 @@ approves, and the `data_release` gate lets it be sealed for the supplier.
 """
 
 from airflow.sdk import dag
-
 from factory_plugin.flows import DEFAULT_ARGS, data_release_flow, model_asset, site_enabled, tags
 
 SITE = "destination"

@@ -6,7 +6,6 @@ because of the local-only lineage). Runs when M6 arrives or on detected drift.
 """
 
 from airflow.sdk import AssetAny, dag
-
 from factory_plugin.flows import DEFAULT_ARGS, drift_asset, model_asset, site_enabled, tags, training_flow
 
 SITE = "destination"

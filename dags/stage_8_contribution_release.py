@@ -6,7 +6,6 @@ it be sealed for the supplier (it is releasable onward to the origin in models).
 """
 
 from airflow.sdk import dag
-
 from factory_plugin.flows import DEFAULT_ARGS, data_release_flow, model_asset, site_enabled, tags
 
 SITE = "destination"

@@ -71,7 +71,7 @@ def prepare_airflow(home: Path) -> None:
 def load_dags() -> dict:
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags"), include_examples=False)
+    bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags"))
     if bag.import_errors:
         raise RunFailed("DAG import errors: " + "; ".join(f"{k}: {v}" for k, v in bag.import_errors.items()))
     return bag.dags

@@ -31,7 +31,7 @@ class SitePaths:
     home: Path
 
     @classmethod
-    def of(cls, site: str, home: Path | None = None) -> "SitePaths":
+    def of(cls, site: str, home: Path | None = None) -> SitePaths:
         return cls(check_site(site), (home or factory_home()).resolve())
 
     @property
@@ -92,7 +92,7 @@ class SitePaths:
         """Site-local bookkeeping that is not versioned data (consumed packages, locks, reports)."""
         return self.root / "state"
 
-    def require(self) -> "SitePaths":
+    def require(self) -> SitePaths:
         if not (self.repo / ".dvc").is_dir():
             raise WorkspaceError(
                 f"site {self.site!r} is not initialised under {self.home}; run `factory init` first"

@@ -327,12 +327,25 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def write_report(report: dict[str, Any], base: Path) -> tuple[Path, Path]:
-    """Write `<base>.json` and `<base>.md`."""
-    json_path, md_path = base.with_name(base.name + ".json"), base.with_name(base.name + ".md")
+def report_paths(directory: Path, dataset_id: str) -> tuple[Path, Path]:
+    base = Path(directory) / dataset_id
+    return base.with_name(base.name + ".json"), base.with_name(base.name + ".md")
+
+
+def write_report(report: dict[str, Any], directory: Path, dataset_id: str) -> tuple[Path, Path]:
+    """Write `<directory>/<dataset_id>.json` and `.md` (a site/ folder per dataset id); return both."""
+    json_path, md_path = report_paths(directory, dataset_id)
     atomic_write(json_path, json.dumps(report, indent=2, sort_keys=True, default=str).encode())
     atomic_write(md_path, render_markdown(report).encode())
     return json_path, md_path
+
+
+def read_report(directory: Path, dataset_id: str) -> dict[str, Any] | None:
+    """The sanitization report written for `dataset_id`, or None when there is none."""
+    json_path, _ = report_paths(directory, dataset_id)
+    if not json_path.is_file():
+        return None
+    return json.loads(json_path.read_text())
 
 
 def read_parquet(path: Path) -> tuple[pd.DataFrame, bytes]:
@@ -349,38 +362,34 @@ def sanitize_file(in_path: Path, out_path: Path, site: str, purpose: str) -> dic
     df, data = read_parquet(in_path)
     _, report, out_data = _sanitize(df, site, purpose, sha256(data))
     atomic_write(Path(out_path), out_data)
-    write_report(report, Path(out_path).with_suffix(".sanitization"))
+    write_report(report, Path(out_path).parent, f"{Path(out_path).stem}.sanitization")
     return report
 
 
 def sanitize_dataset(paths, ref: str, purpose: str, *, name: str | None = None, actor: str | None = None):
-    """Sanitize a catalogued dataset into a new version whose parent is `ref`.
+    """Sanitize a catalogued dataset into a new version whose parent is `ref`; return (version, report).
 
-    Returns (DatasetVersion, report). The output lives at `data/sanitized/<name>.parquet`,
-    DVC-tracked; the report is kept in the version's catalog record (`sanitization`) and as
-    JSON + Markdown in `state/sanitization/`. A failed sanitization registers nothing.
+    The output is `data/sanitized/<source>-<purpose>.parquet`, DVC-tracked, registered as
+    `<source>-sanitized` (kind sanitized); the report goes to `repo/reports/sanitization/<id>.{json,md}`
+    (committed) and its summary into the version's record (`extra.sanitization`).
     """
-    from pipelines.data import catalog
+    from pipelines.data import catalog, repo
 
     df, source = catalog.load_dataset(paths, ref)
     _, report, out_data = _sanitize(df, paths.site, purpose, None)
-    if not report["passed"]:
-        raise SanitizationError(
-            f"sanitization of {source.id} for {purpose} failed: {'; '.join(report['problems'])}"
-        )
-    name = name or f"{source.name}-{purpose}"
-    out_path = paths.data_dir / "sanitized" / f"{name}.parquet"
+    out_path = paths.data_dir / "sanitized" / f"{source.name}-{purpose}.parquet"
     atomic_write(out_path, out_data)
     version = catalog.register_dataset(
         paths,
-        name,
+        name or f"{source.name}-sanitized",
         out_path,
         parents=(source.id,),
         kind="sanitized",
         extra={"sanitization": _summary(report)},
         actor=actor,
     )
-    write_report(report, paths.state_dir / "sanitization" / f"{version.name}@{version.md5[:12]}")
+    files = write_report(report, paths.repo / "reports" / "sanitization", version.id)
+    repo.commit_files(paths, list(files), f"Sanitization report for {version.id}")
     return version, report
 
 

@@ -36,6 +36,7 @@ class Decision:
     input_digest: str
     bundle_digest: str
     engine: str
+    failed: bool = False  # True when no policy decided (engine, server, input or audit failure): a retry may help
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # other keys of the document
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,8 +44,9 @@ class Decision:
         return {**self.extra, "allow": self.allow, "reasons": list(self.reasons)}
 
     def record(self) -> dict[str, Any]:
+        """The decision with what identifies it (gate, input and bundle digests, engine)."""
         return {**self.to_dict(), "gate": self.gate, "input_digest": self.input_digest,
-                "bundle_digest": self.bundle_digest, "engine": self.engine}
+                "bundle_digest": self.bundle_digest, "engine": self.engine, "failed": self.failed}
 
 
 def canonical_json(value: Any) -> str:
@@ -92,7 +94,7 @@ def evaluate(
     except (TypeError, ValueError) as error:
         input_json, input_problem = repr(input), f"the gate input is not JSON: {error}"
     input_digest = "sha256:" + hashlib.sha256(input_json.encode()).hexdigest()
-    engine_name, bundle_digest, extra = "none", "none", {}
+    engine_name, bundle_digest, extra, failed = "none", "none", {}, False
     try:
         bundle = load_bundle()
         bundle_digest = bundle.digest
@@ -108,8 +110,8 @@ def evaluate(
         if not allow and not reasons:
             reasons = ("denied without a reason by the policy",)
     except (EngineFailure, BundleError) as error:
-        allow, reasons = False, (str(error),)
-    decision = Decision(allow, reasons, str(gate), input_digest, bundle_digest, engine_name, extra)
+        allow, reasons, failed = False, (str(error),), True
+    decision = Decision(allow, reasons, str(gate), input_digest, bundle_digest, engine_name, failed, extra)
     if site is not None:
         decision = _record(decision, site, home, actor)
     return decision
@@ -141,7 +143,7 @@ def _record(decision: Decision, site: str, home: Path | None, actor: str | None)
         )
     except Exception as error:  # fail closed: an unrecorded decision does not allow anything
         reason = f"the decision could not be written to the audit log of {site}: {type(error).__name__}: {error}"
-        return dataclasses.replace(decision, allow=False, reasons=(*decision.reasons, reason))
+        return dataclasses.replace(decision, allow=False, reasons=(*decision.reasons, reason), failed=True)
     return decision
 
 

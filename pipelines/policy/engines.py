@@ -14,6 +14,7 @@ FACTORY_OPA_TIMEOUT (seconds, default 2), FACTORY_OPA_TOKEN (bearer token, optio
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from typing import Any, Protocol
@@ -91,7 +92,7 @@ def new_regorus(bundle: Bundle, *, tests: bool = False, coverage: bool = False):
         engine.set_enable_coverage(True)
     for path, text in bundle.modules + (bundle.tests if tests else ()):
         engine.add_policy(path, text)
-    engine.add_data(bundle.data)
+    engine.add_data_json(json.dumps(bundle.data))  # add_data(dict) turns Python booleans into numbers
     return engine
 
 

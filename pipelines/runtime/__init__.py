@@ -1,4 +1,4 @@
-"""How a step runs: in-process (embedded default), as a subprocess, or as a Kubernetes pod.
+"""How a step runs: in-process in the Airflow worker (`local`, the default) or as a Kubernetes pod.
 
 `FACTORY_RUNTIME` selects the runtime for Airflow step tasks. The Kubernetes runtime
 (`pipelines.runtime.kubernetes.pod_operator_for_step`) builds a KubernetesPodOperator whose
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 
-RUNTIMES = ("embedded", "subprocess", "kubernetes")
+RUNTIMES = ("local", "kubernetes")
 
 
 def current_runtime() -> str:
-    """The runtime named by `FACTORY_RUNTIME` (default `embedded`); an unknown name is an error."""
-    name = os.environ.get("FACTORY_RUNTIME", "embedded").strip() or "embedded"
+    """The runtime named by `FACTORY_RUNTIME` (default `local`); an unknown name is an error."""
+    name = os.environ.get("FACTORY_RUNTIME", "local").strip() or "local"
     if name not in RUNTIMES:
         raise ValueError(f"FACTORY_RUNTIME={name!r} is not a runtime; choose one of {', '.join(RUNTIMES)}")
     return name

@@ -39,7 +39,7 @@ CHART_DIR = PROJECT_ROOT / "charts" / "sovereign-factory"
 INSTALL_SH = """#!/bin/sh
 # Install the Sovereign AI Factory {version} from this bundle, with no network access.
 # Usage: ./install.sh [PYTHON]   (default python3; pass a virtual environment's python to install there)
-# Afterwards: export FACTORY_CONF="$HERE/project/conf" (printed below).
+# Afterwards: export FACTORY_CONF=<bundle>/project/conf FACTORY_POLICIES=<bundle>/project/policies.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${{1:-python3}}
@@ -50,7 +50,7 @@ unset PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CONSTRAINT PIP_REQUIR
 export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
 "$PYTHON" -m pip install --no-index --find-links "$HERE/wheels" --requirement "$HERE/requirements.txt"
 "$PYTHON" -m pip install --no-index --find-links "$HERE/wheels" --no-deps "{project}=={version}"
-echo "installed {project} {version}; set FACTORY_CONF=$HERE/project/conf"
+echo "installed {project} {version}; set FACTORY_CONF=$HERE/project/conf FACTORY_POLICIES=$HERE/project/policies"
 """
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from pipelines.config import load_config
@@ -58,9 +59,17 @@ class SiteObjects:
         )
 
 
-def step_arguments(step: str, site: str, params: dict[str, Any] | None = None) -> list[str]:
-    """The container arguments (the image's entrypoint is `factory`)."""
-    return ["step", step, "--site", site, "--params-json", json.dumps(params or {}, sort_keys=True)]
+def step_arguments(step: str, site: str, params: dict[str, Any] | str | None = None) -> list[str]:
+    """The container arguments (the image's entrypoint is `factory`).
+
+    `params` is a dict, or JSON text already built (it may hold Jinja such as XCom pulls, which
+    Airflow renders at run time because `arguments` is a templated field).
+    """
+    params_json = params if isinstance(params, str) else json.dumps(params or {}, sort_keys=True)
+    return [
+        "step", step, "--site", site, "--params-json", params_json,
+        "--run-id", "{{ run_id }}", "--dag-id", "{{ dag.dag_id }}",
+    ]  # fmt: skip
 
 
 def _container_security_context() -> Any:
@@ -83,15 +92,16 @@ def pod_operator_for_step(
     task_id: str,
     step: str,
     site: str,
-    params: dict[str, Any] | None = None,
+    params: dict[str, Any] | str | None = None,
     resources: str = "default",
     dvc_remote: str = "pvc",
     **operator_kwargs: Any,
 ) -> KubernetesPodOperator:
     """A KubernetesPodOperator that runs one step at one site.
 
-    `params` travel as JSON in the container arguments (Jinja in them is rendered at run time,
-    `arguments` being a templated field). `resources` names a profile of `conf/stages.yaml`.
+    `params` (a dict, or JSON text that may hold Jinja) travel as `--params-json`; Airflow renders
+    Jinja in the arguments at run time (`--run-id`/`--dag-id` too), `render_pod` shows it unrendered.
+    `resources` names a profile of `conf/stages.yaml`.
     `dvc_remote` is `pvc` (the site's DVC remote claim is mounted) or `s3` (remote settings
     and credentials come from the site's `factory-<site>-dvc` ConfigMap and Secret).
     `operator_kwargs` go to the operator (e.g. `dag`, `retries`, `in_cluster`, `namespace`).
@@ -111,7 +121,7 @@ def pod_operator_for_step(
         raise ValueError(f"dvc_remote must be one of {', '.join(DVC_REMOTE_KINDS)}, not {dvc_remote!r}")
 
     names = SiteObjects.of(site)
-    paths = SitePaths(site, _pod_home())
+    paths = SitePaths(site, PurePosixPath(POD_FACTORY_HOME))  # type: ignore[arg-type]  # paths in the pod
     volumes = [
         k8s.V1Volume(
             name="workspace",
@@ -148,7 +158,6 @@ def pod_operator_for_step(
     env = {
         "FACTORY_SITE": site,
         "FACTORY_HOME": POD_FACTORY_HOME,
-        "FACTORY_RUNTIME": "kubernetes",
         "FACTORY_OPA_URL": names.opa_url,
         f"FACTORY_MLFLOW_URI_{site.upper()}": names.mlflow_url,
         # the root filesystem is read-only: caches and config of libraries go to the /tmp emptyDir
@@ -195,12 +204,6 @@ def pod_operator_for_step(
         env_from=env_from,
         **kwargs,
     )
-
-
-def _pod_home() -> Any:
-    from pathlib import PurePosixPath
-
-    return PurePosixPath(POD_FACTORY_HOME)
 
 
 def render_pod(op: KubernetesPodOperator) -> dict[str, Any]:

@@ -36,6 +36,10 @@ def ensure_passwords(home: Path | None = None) -> dict[str, str]:
     return wanted
 
 
+# SQLite under several Airflow processes: wait for a lock instead of failing after sqlite3's 5 s.
+SQLITE_CONNECT_ARGS = {"timeout": 60}
+
+
 def simple_auth_users() -> str:
     return ",".join(f"{user.id}:{user.airflow_role}" for user in load_config().users)
 
@@ -54,7 +58,8 @@ def airflow_environment(
     ahome = airflow_home(home)
     ahome.mkdir(parents=True, exist_ok=True)
     ensure_passwords(home)
-    return {
+    db_url = db_url or f"sqlite:///{ahome / 'airflow.db'}"
+    env = {
         "FACTORY_HOME": str(home),
         "AIRFLOW_HOME": str(ahome),
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
@@ -67,7 +72,7 @@ def airflow_environment(
         ),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": simple_auth_users(),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file(home)),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db_url or f"sqlite:///{ahome / 'airflow.db'}",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db_url,
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__API__BASE_URL": f"http://localhost:{port}",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
@@ -75,6 +80,9 @@ def airflow_environment(
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT / "plugins"), os.environ.get("PYTHONPATH")])),
     }
+    if db_url.startswith("sqlite"):
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = "pipelines.service.airflow_env.SQLITE_CONNECT_ARGS"
+    return env
 
 
 def apply_airflow_environment(home: Path | None = None, **kwargs) -> dict[str, str]:

@@ -65,7 +65,7 @@ def _http(client_or_url: httpx.Client | str) -> Iterator[httpx.Client]:
     if isinstance(client_or_url, httpx.Client):
         yield client_or_url
         return
-    with httpx.Client(base_url=str(client_or_url).rstrip("/"), timeout=30.0) as client:
+    with httpx.Client(base_url=str(client_or_url).rstrip("/"), timeout=90.0) as client:
         yield client
 
 

@@ -168,6 +168,21 @@ def stop_service(home: Path, state: dict[str, Any], *, quiet: bool = False, time
 
 # --- waiting, triggering -------------------------------------------------------------------------
 
+_last_progress = [0.0]
+
+
+def _progress(text: str) -> None:
+    """One updating line on a terminal; a line every 10 s in a log."""
+    if sys.stdout.isatty():
+        click.echo(f"\r{text}   ", nl=False)
+    elif time.monotonic() - _last_progress[0] >= 10:
+        _last_progress[0] = time.monotonic()
+        click.echo(text)
+
+
+def _done(text: str) -> None:
+    click.echo(("\r" if sys.stdout.isatty() else "") + text + (" " * 20 if sys.stdout.isatty() else ""))
+
 def _wait_http(url: str, timeout: float, label: str, processes: list[dict[str, Any]] | None = None) -> float:
     """Poll `url` until it answers 200; show progress; return the seconds it took."""
     import httpx
@@ -177,7 +192,7 @@ def _wait_http(url: str, timeout: float, label: str, processes: list[dict[str, A
         elapsed = time.monotonic() - started
         try:
             if httpx.get(url, timeout=2.0).status_code == 200:
-                click.echo(f"\r{label}: up after {elapsed:.0f} s" + " " * 10)
+                _done(f"{label}: up after {elapsed:.0f} s")
                 return elapsed
         except httpx.HTTPError:
             pass
@@ -186,7 +201,7 @@ def _wait_http(url: str, timeout: float, label: str, processes: list[dict[str, A
                 raise click.ClickException(f"{process['name']} exited during start; see {process['log']}")
         if elapsed > timeout:
             raise click.ClickException(f"{label} did not answer at {url} within {timeout:.0f} s")
-        click.echo(f"\rwaiting for {label} ... {elapsed:.0f} s", nl=False)
+        _progress(f"waiting for {label} ... {elapsed:.0f} s")
         time.sleep(1.0)
 
 
@@ -206,18 +221,18 @@ def trigger_first_run(url: str, passwords: dict[str, str], *, wait: float = 120.
         while client.get(f"/api/v2/dags/{FIRST_DAG}", headers=headers).status_code != 200:
             elapsed = time.monotonic() - started
             if elapsed > wait:
-                click.echo(f"\r{FIRST_DAG} is not loaded (no such DAG in the DAGs folder yet, or it failed to "
+                _done(f"{FIRST_DAG} is not loaded (no such DAG in the DAGs folder yet, or it failed to "
                            "parse: see the dag-processor log); nothing triggered")
                 return None
-            click.echo(f"\rwaiting for the DAG {FIRST_DAG} to be parsed ... {elapsed:.0f} s", nl=False)
+            _progress(f"waiting for the DAG {FIRST_DAG} to be parsed ... {elapsed:.0f} s")
             time.sleep(2.0)
         response = client.post(f"/api/v2/dags/{FIRST_DAG}/dagRuns", headers=headers,
                                json={"logical_date": None, "conf": {}})
         if response.status_code >= 300:
-            click.echo(f"\rtriggering {FIRST_DAG} failed: HTTP {response.status_code} {response.text[:300]}")
+            _done(f"triggering {FIRST_DAG} failed: HTTP {response.status_code} {response.text[:300]}")
             return None
         run_id = response.json()["dag_run_id"]
-        click.echo(f"\rtriggered {FIRST_DAG} as {FIRST_DAG_USER}: run {run_id}" + " " * 20)
+        _done(f"triggered {FIRST_DAG} as {FIRST_DAG_USER}: run {run_id}")
         return run_id
 
 
@@ -313,6 +328,8 @@ def start_service(
         if migrate.returncode != 0:
             (logs / "db-migrate.log").write_text(migrate.stdout + migrate.stderr)
             raise click.ClickException(f"airflow db migrate failed; see {logs / 'db-migrate.log'}")
+        if env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite:///"):
+            _sqlite_wal(Path(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].removeprefix("sqlite:///")))
         commands = {
             "api-server": [_bin("airflow"), "api-server", "--host", host, "--port", str(api_port), "--workers", "1"],
             "scheduler": [_bin("airflow"), "scheduler"],
@@ -342,6 +359,14 @@ def start_service(
     except BaseException:
         stop_service(home, state, quiet=True)
         raise
+
+
+def _sqlite_wal(path: Path) -> None:
+    """WAL lets the API answer reads while the scheduler writes (the file keeps the mode)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path, timeout=60)) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
 
 
 def _supervise(home: Path, state: dict[str, Any]) -> None:

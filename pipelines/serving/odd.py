@@ -69,30 +69,40 @@ class OddGate:
     """
 
     def __init__(self, policies_dir: Path | None = None) -> None:
-        import regorus
-
         root = policies_dir or _policies_dir()
         data: dict[str, Any] = {}
         for path in sorted((root / "data").glob("*.json")):
             data.update(json.loads(path.read_text()))
-        engine = regorus.Engine()
-        engine.add_data({"data": data})
-        for path in sorted((root / GATE).glob("*.rego")):
-            if not path.name.endswith("_test.rego"):
-                engine.add_policy_from_file(str(path))
-        self._engine = engine
-        self._lock = threading.Lock()
+        self._data = {"data": data}
+        self._policies = [(str(p), p.read_text()) for p in sorted((root / GATE).glob("*.rego"))
+                          if not p.name.endswith("_test.rego")]
+        self._local = threading.local()  # a regorus Engine may only be used by the thread that made it
         self.site_odd = data.get("odd", {}).get("sites", {})
+        self._engine()  # a policy that does not parse fails here, at start
+
+    def _engine(self):
+        engine = getattr(self._local, "engine", None)
+        if engine is None:
+            import regorus
+
+            engine = regorus.Engine()
+            engine.add_data(self._data)
+            for name, text in self._policies:
+                engine.add_policy(name, text)
+            self._local.engine = engine
+        return engine
 
     def decide(self, odd_input: dict[str, Any]) -> OddDecision:
         try:
-            with self._lock:
-                self._engine.set_input(odd_input)
-                doc = self._engine.eval_rule(RULE)
+            engine = self._engine()
+            engine.set_input(odd_input)
+            doc = engine.eval_rule(RULE)
             allow, reasons, mode = doc["allow"] is True, [str(r) for r in doc["reasons"]], doc["mode"]
             if mode not in MODES or (allow and mode != "normal"):
                 raise ValueError(f"malformed ODD decision {doc!r}")
-        except Exception as exc:  # fail closed: an engine error is a breach
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # fail closed: any engine error (a Rust panic included) is a breach
             return OddDecision(False, [f"ODD gate error: {exc}".splitlines()[0]], "withhold", odd_input)
         return OddDecision(allow, reasons, mode, odd_input)
 

@@ -39,6 +39,7 @@ class InputStore:
         self.max_samples = max_samples
         self.segment_samples = segment_samples
         self._lock = threading.Lock()
+        self._index: list[list] | None = None  # [number, path, rows] per segment, oldest first
 
     @classmethod
     def for_site(cls, paths: SitePaths, conf: dict | None = None) -> InputStore:
@@ -68,32 +69,30 @@ class InputStore:
         if x.ndim != 2 or x.shape[1] != N_FEATURES:
             raise ValueError(f"store expects rows of {N_FEATURES} features, got shape {x.shape}")
         with self._lock:
-            self.root.mkdir(parents=True, exist_ok=True)
-            segments = self._segments()
-            number, path = segments[-1] if segments else (1, self.root / "segment-00000001.f32")
+            if self._index is None or (self._index and not self._index[-1][1].exists()):
+                # scanned once (this process is the store's only writer), again if cleared meanwhile
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._index = [[n, p, self._rows(p)] for n, p in self._segments()]
+            index = self._index
             offset = 0
             while offset < len(x):
-                room = self.segment_samples - self._rows(path)
-                if room <= 0:
-                    number += 1
-                    path = self.root / f"segment-{number:08d}.f32"
-                    continue
-                chunk = x[offset : offset + room]
+                if not index or index[-1][2] >= self.segment_samples:
+                    number = index[-1][0] + 1 if index else 1
+                    index.append([number, self.root / f"segment-{number:08d}.f32", 0])
+                _, path, rows = index[-1]
+                chunk = x[offset : offset + self.segment_samples - rows]
                 fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
                     os.write(fd, chunk.tobytes())
                 finally:
                     os.close(fd)
+                index[-1][2] += len(chunk)
                 offset += len(chunk)
-            self._trim()
-
-    def _trim(self) -> None:
-        segments = self._segments()
-        total = sum(self._rows(p) for _, p in segments)
-        while segments and total > self.max_samples:
-            _, oldest = segments.pop(0)
-            total -= self._rows(oldest)
-            oldest.unlink(missing_ok=True)
+            total = sum(entry[2] for entry in index)
+            while len(index) > 1 and total > self.max_samples:
+                _, oldest, rows = index.pop(0)
+                total -= rows
+                oldest.unlink(missing_ok=True)
 
     def count(self) -> int:
         return sum(self._rows(p) for _, p in self._segments())
@@ -120,3 +119,4 @@ class InputStore:
         with self._lock:
             for _, path in self._segments():
                 path.unlink(missing_ok=True)
+            self._index = None

@@ -9,8 +9,9 @@ versions, package ids), which is what travels through XCom.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pipelines.workspace import SitePaths
 
@@ -35,7 +36,7 @@ class StepContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def for_site(cls, site: str, **kwargs: Any) -> "StepContext":
+    def for_site(cls, site: str, **kwargs: Any) -> StepContext:
         return cls(site=site, paths=SitePaths.of(site), **kwargs)
 
 

@@ -19,8 +19,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from pipelines.config import load_config
 from pipelines.data.schema import LABEL_COLUMN
 from pipelines.learning import registry
@@ -82,7 +80,7 @@ def sanitize_dataset(ctx: StepContext, *, dataset: str | dict, purpose: str) -> 
 @step("validate_dataset")
 def validate_dataset(ctx: StepContext, *, dataset: str | dict, suite: str = "training") -> dict[str, Any]:
     """Run a Great Expectations suite; a failing version is quarantined and the step fails naming why."""
-    from pipelines.data.catalog import resolve, quarantine
+    from pipelines.data.catalog import quarantine, resolve
     from pipelines.data.validate import ValidationFailed, read_for_validation, validate
 
     version = resolve(ctx.paths, dataset_ref(dataset))
@@ -210,11 +208,6 @@ def _opened(ctx: StepContext, package: Path):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _content(out: Path) -> Path:
-    entries = list(out.iterdir())
-    return entries[0] if len(entries) == 1 else out
-
-
 @step("receive_dataset")
 def receive_dataset(ctx: StepContext, *, kind: str, name: str) -> dict[str, Any]:
     """Open the newest package of `kind` from the inbox and register it as dataset `name`."""
@@ -230,7 +223,7 @@ def receive_dataset(ctx: StepContext, *, kind: str, name: str) -> dict[str, Any]
         meta = header["metadata"]
         target = ctx.paths.data_dir / "received" / f"{name}.parquet"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_content(out), target.with_name(f".{target.name}.tmp"))
+        shutil.copyfile(header["path"], target.with_name(f".{target.name}.tmp"))
         os.replace(target.with_name(f".{target.name}.tmp"), target)
     version = register_dataset(ctx.paths, name, target, parents=[meta["dataset"]], kind="received",
                                flags=meta["flags"], owner=meta["owner"])
@@ -251,7 +244,7 @@ def release_document(ctx: StepContext, ref: registry.ModelRef, *, recipient: str
 
     meta = ref.metadata
     try:
-        verify_model_dir(ref.model_dir, ctx.paths, signer=meta["site"])
+        verify_model_dir(ref.model_dir, paths=ctx.paths, signer_site=meta["site"])
         signature_ok = True
     except Exception as error:  # any failure is a denial reason, recorded by the gate
         print(f"signature of {ref.uri} does not verify: {error}")
@@ -264,6 +257,24 @@ def release_document(ctx: StepContext, ref: registry.ModelRef, *, recipient: str
         "recipient": recipient, "purpose": purpose, "requested_by": _requester(ctx),
         "approvals": _approvals(approvals),
     }
+
+
+@contextlib.contextmanager
+def _release_dir(ctx: StepContext, ref: registry.ModelRef, approvals: list[dict[str, Any]]):
+    """The directory that is sealed: the registered one, or a copy whose provenance records the approvals."""
+    from pipelines.steps.training import write_model_provenance
+
+    if not approvals:
+        yield ref.model_dir
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="release-", dir=ctx.paths.state_dir))
+    try:
+        release = scratch / ref.model_dir.name
+        shutil.copytree(ref.model_dir, release)
+        write_model_provenance(ctx, release, approvals=approvals)
+        yield release
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @step("release_model")
@@ -286,9 +297,10 @@ def release_model(ctx: StepContext, *, model: str | dict, recipient: str, purpos
             raise StepError(f"{ref.uri} {metric} {value} is below this run's threshold {floor}")
     _gate(ctx, "model_release", document)
     target = _inbox_target(recipient, kind, ctx.paths.home)
-    header = seal(ctx.paths, recipient, ref.model_dir, target, purpose=purpose, content_type="model",
-                  metadata={"kind": kind, "model": ref.uri, "stage": ref.metadata["stage"],
-                            "variant": ref.metadata.get("variant"), "approvals": document["approvals"]})
+    with _release_dir(ctx, ref, document["approvals"]) as release:
+        header = seal(ctx.paths, recipient, release, target, purpose=purpose, content_type="model",
+                      metadata={"kind": kind, "model": ref.uri, "stage": ref.metadata["stage"],
+                                "variant": ref.metadata.get("variant"), "approvals": document["approvals"]})
     audit.append(ctx.paths, action="model.released", actor=_requester(ctx), object=ref.uri, outcome="success",
                  details={"recipient": recipient, "purpose": purpose, "package_id": header["package_id"],
                           "approvals": document["approvals"]})
@@ -314,8 +326,8 @@ def receive_model(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) -> 
         raise StepError(f"no {kind} package in the {ctx.site} inbox ({ctx.paths.inbox})")
     package = pending[-1]
     with _opened(ctx, package) as (header, out):
-        model_dir = _content(out)
-        verify_model_dir(model_dir, ctx.paths, signer=header["sender"])
+        model_dir = Path(header["path"])
+        verify_model_dir(model_dir, paths=ctx.paths, signer_site=header["sender"])
         meta = json.loads((model_dir / "metadata.json").read_text())
         target = ctx.paths.models_dir / meta["name"] / f"received-{header['package_id'][:12]}"
         with site_lock(ctx.paths):

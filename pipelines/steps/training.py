@@ -234,11 +234,9 @@ def _model_card(meta: dict[str, Any], intended_use: str) -> dict[str, Any]:
     }
 
 
-def publish_model_dir(ctx: StepContext, model_dir: Path, *, approvals: tuple = ()) -> dict[str, Path]:
-    """Sign the directory and attach provenance and ML-BOM (trust layer)."""
-    from pipelines.trust.bom import write_ml_bom
+def write_model_provenance(ctx: StepContext, model_dir: Path, *, approvals=()) -> Path:
+    """The in-toto/SLSA provenance of a model directory, with the approvals that released it."""
     from pipelines.trust.provenance import write_provenance
-    from pipelines.trust.signing import sign_model_dir
 
     meta = _metadata(model_dir)
     dependencies = [{"name": d["id"], "digest": {"md5": d["md5"]}} for d in meta["datasets"]]
@@ -247,19 +245,29 @@ def publish_model_dir(ctx: StepContext, model_dir: Path, *, approvals: tuple = (
         dependencies.append({"name": f"model:{meta['base_model']['name']}/{meta['base_model']['version']}",
                              "digest": {algo: value}})
     dependencies.append({"name": "code", "digest": {"gitCommit": code_commit()}})
-    provenance = write_provenance(
+    return write_provenance(
         ctx.paths, model_dir, stage=meta["stage"],
-        external_parameters={"dag_id": ctx.dag_id, "variant": meta.get("variant"), **meta["training"]},
+        external_parameters={"dag_id": meta["dag_id"], "variant": meta.get("variant"), **meta["training"]},
         dependencies=dependencies,
-        run_details={"site": ctx.site, "dag_run_id": ctx.run_id, "mlflow_run_id": meta["mlflow_run_id"]},
+        run_details={"site": meta["site"], "dag_run_id": meta["dag_run_id"], "mlflow_run_id": meta["mlflow_run_id"],
+                     "released_by_run": ctx.run_id},
         approvals=approvals,
     )
+
+
+def publish_model_dir(ctx: StepContext, model_dir: Path) -> dict[str, Path]:
+    """Sign the directory, then attach provenance and the ML-BOM (trust layer)."""
+    from pipelines.trust.bom import write_ml_bom
+    from pipelines.trust.signing import sign_model_dir
+
+    meta = _metadata(model_dir)
+    signature = sign_model_dir(ctx.paths, model_dir)  # first: provenance and BOM describe the signed files
+    provenance = write_model_provenance(ctx, model_dir)
     bom = write_ml_bom(
         model_dir, model_name=meta["name"], version=meta["run_key"], metrics=meta["metrics"],
         datasets=[{"id": d["id"], "digest": d["md5"], "owner": d["owner"]} for d in meta["datasets"]],
-        intended_use=_model_card(meta, "")["limitations"],
+        intended_use=json.loads((model_dir / "model_card.json").read_text())["intended_use"],
     )
-    signature = sign_model_dir(ctx.paths, model_dir)
     return {"provenance": provenance, "bom": bom, "signature": signature}
 
 

@@ -28,7 +28,6 @@ import base64
 import contextlib
 import json
 import os
-import queue
 import shutil
 import struct
 import tarfile
@@ -36,6 +35,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ MAX_HEADER = 1 << 20
 DEFAULT_KEM = "mlkem768-x25519"
 KEMS = {"mlkem768-x25519": hpke.KEM.MLKEM768_X25519, "x25519": hpke.KEM.X25519}
 _SLACK = 64  # header room for the size/digest/chunk counts filled in after streaming
-_BUFFERS = 4  # read-ahead buffers; the consumer may hold the two latest views
+_BUFFERS = 4  # input and output buffers of the streaming pipeline (memory: 2 x 4 x chunk size)
 
 
 class PackageRejected(Exception):
@@ -157,48 +157,74 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-def _reader(fd: int, size: int, count: int | None = None) -> Iterator[memoryview]:
-    """Yield views of successive `size`-byte blocks of `fd`, read ahead by a thread (readinto into a
-    fixed pool of buffers). A view stays valid until two more have been yielded."""
-    free: queue.Queue[bytearray] = queue.Queue()
-    full: queue.Queue[Any] = queue.Queue()
-    for _ in range(_BUFFERS):
-        free.put(bytearray(size))
-    stop = threading.Event()
+def _pipeline(
+    src_fd: int,
+    block: int,
+    out_size: Callable[[int], int],
+    crypt: Callable[[int, bool, memoryview, memoryview], None],
+    sink: Callable[[memoryview], None],
+    hasher: Any,
+    hash_output: bool,
+    count: int | None = None,
+) -> tuple[int, int]:
+    """Stream `src_fd` in `block`-sized pieces through `crypt` (chunk index, final flag, input view,
+    output view) into `sink`, hashing the plaintext (the input when sealing, the output when opening).
 
-    def run() -> None:
-        try:
-            n = 0
-            while not stop.is_set() and (count is None or n < count):
-                buffer = free.get()
-                got = _read_into(fd, memoryview(buffer))
-                full.put((buffer, got))
-                n += 1
-                if got < size:
-                    break
-        except BaseException as error:  # surfaces in the consumer
-            full.put(error)
-        full.put(None)
+    Reading, hashing and writing run on one worker thread each (all three release the GIL), so they
+    overlap with the AEAD work in the calling thread; buffers come from a fixed pool of `_BUFFERS`
+    input and output buffers, so memory stays bounded. `count` is the number of chunks when known;
+    otherwise the final chunk is the one after which the file ends. Returns (chunks, input bytes).
+    """
+    ins = [bytearray(block) for _ in range(_BUFFERS)]
+    outs = [bytearray(out_size(block)) for _ in range(_BUFFERS)]
+    readers, hashers, writers = (ThreadPoolExecutor(1, thread_name_prefix=f"pkg-{n}") for n in ("read", "hash", "write"))
+    reads: dict[int, Future] = {}
+    in_busy: list[Future | None] = [None] * _BUFFERS   # hash of the input still using the slot
+    out_busy: list[list[Future]] = [[] for _ in range(_BUFFERS)]
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    held: list[bytearray] = []
+    def read(index: int) -> int:
+        slot = index % _BUFFERS
+        if in_busy[slot] is not None:
+            in_busy[slot].result()
+        return _read_into(src_fd, memoryview(ins[slot]))
+
+    def submit_read(index: int) -> None:
+        if index not in reads and (count is None or index < count):
+            reads[index] = readers.submit(read, index)
+
+    index = total = 0
     try:
+        for ahead in range(_BUFFERS - 1):
+            submit_read(ahead)
         while True:
-            item = full.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            buffer, got = item
-            held.append(buffer)
-            if len(held) > 2:
-                free.put(held.pop(0))
-            yield memoryview(buffer)[:got]
+            got = reads.pop(index).result()
+            slot = index % _BUFFERS
+            if count is not None:
+                final = index == count - 1
+            elif got < block:
+                final = True
+            else:
+                final = reads[index + 1].result() == 0  # the file ends exactly at a chunk boundary
+            for pending in out_busy[slot]:
+                pending.result()
+            data = memoryview(ins[slot])[:got]
+            out = memoryview(outs[slot])[: out_size(got)]
+            crypt(index, final, data, out)
+            plain = out if hash_output else data
+            hashed = hashers.submit(hasher.update, plain)
+            in_busy[slot] = None if hash_output else hashed
+            out_busy[slot] = [writers.submit(sink, out), hashed]
+            total += got
+            index += 1
+            if final:
+                break
+            submit_read(index + _BUFFERS - 2)
+        for pending in (f for group in out_busy for f in group):
+            pending.result()
+        return index, total
     finally:
-        stop.set()
-        free.put(bytearray(0))
-        thread.join()
+        for pool in (readers, hashers, writers):
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Encryptor:
@@ -232,14 +258,12 @@ class _Encryptor:
         self.pending = bytearray()
 
     def file(self, src_fd: int) -> None:
-        previous: memoryview | None = None
-        for block in _reader(src_fd, self.chunk_size):
-            if previous is not None:
-                if len(block) == 0:
-                    break
-                self.chunk(previous, final=False)
-            previous = block
-        self.chunk(previous if previous is not None else memoryview(b""), final=True)
+        def crypt(index: int, final: bool, data: memoryview, out: memoryview) -> None:
+            nonce, aad = _nonce_aad(self.prefix, self.pid, index, final)
+            self.aead.encrypt_into(nonce, data, aad, out)
+
+        self.index, self.size = _pipeline(src_fd, self.chunk_size, lambda n: n + 16, crypt,
+                                          lambda view: _write_all(self.fd, view), self.hasher, hash_output=False)
 
 
 # ---------------------------------------------------------------- seal
@@ -404,20 +428,18 @@ def _decrypt(recipient: SitePaths, handle: int, header: dict[str, Any], offset: 
         raise PackageRejected(f"content key cannot be unwrapped with {recipient.site}'s key") from None
     aead, prefix, pid = AESGCM(content_key), base64.b64decode(header["nonce_prefix"]), bytes.fromhex(header["package_id"])
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    plain = bytearray(chunk_size)
-    os.lseek(handle, offset, os.SEEK_SET)
-    for index, block in enumerate(_reader(handle, chunk_size + 16, count=chunks)):
-        final = index == chunks - 1
+
+    def crypt(index: int, final: bool, block: memoryview, out: memoryview) -> None:
         if len(block) < 16:
             raise PackageRejected(f"package is truncated at chunk {index}")
         nonce, aad = _nonce_aad(prefix, pid, index, final)
-        view = memoryview(plain)[: len(block) - 16]
         try:
-            aead.decrypt_into(nonce, block, aad, view)
+            aead.decrypt_into(nonce, block, aad, out)
         except (InvalidTag, ValueError):
             raise PackageRejected(f"content chunk {index} failed authentication (modified package)") from None
-        hasher.update(view)
-        sink(view)
+
+    os.lseek(handle, offset, os.SEEK_SET)
+    _pipeline(handle, chunk_size + 16, lambda n: max(n - 16, 0), crypt, sink, hasher, hash_output=True, count=chunks)
     if "blake3:" + hasher.hexdigest() != header["content_digest"]:
         raise PackageRejected("content digest does not match the header")
 
@@ -429,6 +451,16 @@ def _reject(recipient: SitePaths, package: Path, error: PackageRejected, header:
         details |= {k: header.get(k) for k in ("sender", "recipient", "sequence", "content_type", "purpose")}
     audit.append(recipient, action="package.rejected", actor=actor or f"svc-{recipient.site}",
                  object=(header or {}).get("package_id", package.name), outcome="rejected", details=details)
+
+
+def read_signed_header(recipient: SitePaths, package: Path) -> dict:
+    """The package's header, its signature verified, without decrypting or replay checks (for audits
+    of what crossed a border, including packages already opened)."""
+    handle = os.open(package, os.O_RDONLY)
+    try:
+        return _read_header(recipient, handle)[0]
+    finally:
+        os.close(handle)
 
 
 def verify_package(recipient: SitePaths, package: Path, *, actor: str | None = None) -> dict:

@@ -57,7 +57,7 @@ def pod_params_json(params: dict[str, Any]) -> tuple[str, list[XComArg]]:
     for ref in upstream:
         task_id = ref.operator.task_id
         marker = json.dumps({"__xcom__": task_id, "key": getattr(ref, "key", "return_value")}, sort_keys=True)
-        text = text.replace(marker, "{{ ti.xcom_pull(task_ids='%s') | tojson }}" % task_id)
+        text = text.replace(marker, "{{ ti.xcom_pull(task_ids='" + task_id + "') | tojson }}")
     return text, upstream
 
 
@@ -69,7 +69,7 @@ def step_task(step_name: str, *, site: str, task_id: str | None = None, resource
         from pipelines.runtime.kubernetes import pod_operator_for_step
 
         params_json, upstream = pod_params_json(params)
-        operator = pod_operator_for_step(task_id=task_id, step=step_name, site=site, params_json=params_json,
+        operator = pod_operator_for_step(task_id=task_id, step=step_name, site=site, params=params_json,
                                          resources=resources, outlets=outlets or [])
         for ref in upstream:
             ref.operator >> operator

@@ -82,6 +82,8 @@ fields := [
 
 field_problems := data.factory.helpers.entry_reasons(input, fields, "input")
 
+well_formed if count(field_problems) == 0
+
 # METADATA
 # description: Why the request is denied; each reason names the field, dataset or subject.
 deny contains msg if {
@@ -89,7 +91,7 @@ deny contains msg if {
 }
 
 deny contains msg if {
-	count(field_problems) == 0
+	well_formed
 	not data.factory.helpers.at_most(input.resource.classification, input.subject.clearance)
 	msg := sprintf("subject %s has clearance %s, below the classification %s of dataset %s", [
 		input.subject.id, input.subject.clearance, input.resource.classification, input.resource.id,
@@ -97,28 +99,29 @@ deny contains msg if {
 }
 
 deny contains msg if {
-	count(field_problems) == 0
+	well_formed
 	not role_permits
-	msg := sprintf("no role of subject %s (%s) permits action %q", [
+	msg := sprintf("no role of subject %s (%s) permits action \"%s\"", [
 		input.subject.id, concat(", ", input.subject.roles), input.action,
 	])
 }
 
 role_permits if {
+	well_formed
 	some role in input.subject.roles
 	input.action in data.data.role_actions[role]
 }
 
 deny contains msg if {
-	count(field_problems) == 0
+	well_formed
 	not input.purpose in input.resource.purposes
-	msg := sprintf("dataset %s may not be used for purpose %q (allowed: %s)", [
+	msg := sprintf("dataset %s may not be used for purpose \"%s\" (allowed: %s)", [
 		input.resource.id, input.purpose, concat(", ", input.resource.purposes),
 	])
 }
 
 deny contains msg if {
-	count(field_problems) == 0
+	well_formed
 	input.subject.site != input.resource.owner
 	not input.subject.site in input.resource.releasable_to
 	msg := sprintf("dataset %s of %s is not releasable to site %s of subject %s", [

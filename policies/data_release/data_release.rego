@@ -174,6 +174,7 @@ deny contains msg if {
 }
 
 owner_officer_approved if {
+	well_formed
 	some a in input.approvals
 	data.factory.helpers.approved_by(a, ds.owner, data.data.officers.data_owner_role, input.requested_by)
 }

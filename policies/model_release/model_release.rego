@@ -9,8 +9,8 @@
 #
 #   Every release: a non-empty lineage with no local-only source, every source owned by
 #   the recipient or releasable to it, the requirements of the purpose met
-#   (data.data.release_requirements: metric thresholds, verified watermark and
-#   signature where required), no rejection and no self-approval among the approvals.
+#   (data.data.release_thresholds per metric, data.data.release_verification:
+#   verified watermark and signature where required), no rejection and no self-approval among the approvals.
 #   Collaboration releases need no officer approval here: the data owner's officer
 #   approved the data release that brought the data to the sender.
 #   Export adds: every source export-authorized; a licence of the recipient that covers
@@ -40,7 +40,8 @@ allow if {
 	sender := model.site
 	recipient := input.recipient
 	requester := input.requested_by
-	req := data.data.release_requirements[input.purpose]
+	thresholds := data.data.release_thresholds[input.purpose]
+	verify := data.data.release_verification[input.purpose]
 
 	is_string(model.id)
 	model.id != ""
@@ -67,12 +68,12 @@ allow if {
 
 	# the requirements of the purpose
 	is_object(model.metrics)
-	every name, threshold in req.metrics {
+	every name, threshold in thresholds {
 		is_number(model.metrics[name])
 		model.metrics[name] >= threshold
 	}
-	satisfied(req.watermark, model.watermark.verified)
-	satisfied(req.signature, model.signature.verified)
+	satisfied(verify.watermark, model.watermark.verified)
+	satisfied(verify.signature, model.signature.verified)
 
 	# approvals: all well formed, none rejects, none by the requester
 	is_array(input.approvals)
@@ -129,6 +130,7 @@ purpose_allows if {
 # METADATA
 # description: The data owners whose officers approve an export (the sender's own when it is the only owner).
 approving_owners := owners if {
+	well_formed
 	owners := {s.owner | some s in input.model.lineage; s.owner != input.model.site}
 	count(owners) > 0
 } else := {input.model.site}
@@ -167,7 +169,9 @@ well_formed if count(field_problems) == 0
 
 model := input.model
 
-req := data.data.release_requirements[input.purpose]
+thresholds := data.data.release_thresholds[input.purpose]
+
+verify := data.data.release_verification[input.purpose]
 
 # METADATA
 # description: Why the release is denied; each reason names the field, dataset, metric or user.
@@ -206,7 +210,7 @@ deny contains msg if {
 
 deny contains msg if {
 	well_formed
-	some name, threshold in req.metrics
+	some name, threshold in thresholds
 	not is_number(model.metrics[name])
 	msg := sprintf("metric %s of model %s is missing (the %s threshold is %v)", [
 		name, model.id, input.purpose, threshold,
@@ -215,7 +219,7 @@ deny contains msg if {
 
 deny contains msg if {
 	well_formed
-	some name, threshold in req.metrics
+	some name, threshold in thresholds
 	value := model.metrics[name]
 	value < threshold
 	msg := sprintf("metric %s of model %s is %v, below the %s threshold %v", [
@@ -225,13 +229,13 @@ deny contains msg if {
 
 deny contains msg if {
 	well_formed
-	not satisfied(req.watermark, model.watermark.verified)
+	not satisfied(verify.watermark, model.watermark.verified)
 	msg := sprintf("the watermark of model %s is not verified (required for %s)", [model.id, input.purpose])
 }
 
 deny contains msg if {
 	well_formed
-	not satisfied(req.signature, model.signature.verified)
+	not satisfied(verify.signature, model.signature.verified)
 	msg := sprintf("the signature of model %s is not verified (required for %s)", [model.id, input.purpose])
 }
 
@@ -277,7 +281,7 @@ valid_licence if {
 # description: What keeps one licence from covering this export.
 licence_problems(licence) := {msg |
 	not input.purpose in licence.purposes
-	msg := sprintf("export licence %s of %s does not cover purpose %q", [licence.id, input.recipient, input.purpose])
+	msg := sprintf("export licence %s of %s does not cover purpose \"%s\"", [licence.id, input.recipient, input.purpose])
 } | {msg |
 	end_use := object.get(input, "end_use", null)
 	not end_use in array.concat(licence.end_uses, [null])
@@ -296,6 +300,7 @@ deny contains msg if {
 }
 
 export_officer_approved if {
+	well_formed
 	some a in input.approvals
 	data.factory.helpers.approved_by(a, model.site, data.data.officers.export_role, input.requested_by)
 }
@@ -312,6 +317,7 @@ deny contains msg if {
 }
 
 owner_officer_approved(owner) if {
+	well_formed
 	some a in input.approvals
 	data.factory.helpers.approved_by(a, owner, data.data.officers.data_owner_role, input.requested_by)
 }
@@ -327,6 +333,7 @@ deny contains msg if {
 }
 
 distinct_approvers(owner) if {
+	well_formed
 	some e in input.approvals
 	data.factory.helpers.approved_by(e, model.site, data.data.officers.export_role, input.requested_by)
 	some a in input.approvals

@@ -154,6 +154,12 @@ def test_schema_defaults_are_the_values_yaml_defaults():
     check(schema, values, "")
 
 
+def test_helm_lint_finds_nothing_but_the_undownloadable_airflow_chart(chart_dir):
+    report = helm.lint(chart_dir, {**OFF, "site": "origin"}, strict=True, kube_version=f"v{K8S_VERSION}")
+    problems = [m["error"] for m in report["messages"] if m["severity"] >= 2]
+    assert problems == ["chart directory is missing these dependencies: airflow"]
+
+
 def test_airflow_is_an_optional_dependency_on_the_official_chart():
     # a fresh load: rendering with the condition off drops the dependency from a loaded chart
     with helm.Chart.load(CHART) as fresh:

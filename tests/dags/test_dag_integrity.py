@@ -57,7 +57,7 @@ def test_dag_file_imports_without_io(path: Path, no_io):
 def test_dagbag_has_every_file_and_follows_the_style_guide():
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(DAGS), include_examples=False)
+    bag = DagBag(dag_folder=str(DAGS))
     assert not bag.import_errors
     assert sorted(bag.dags) == sorted(p.stem for p in DAG_FILES)
     for dag_id, dag in bag.dags.items():
@@ -73,7 +73,7 @@ def test_factory_site_restricts_loaded_dags(monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
 
     monkeypatch.setenv("FACTORY_SITE", "origin")
-    bag = DagBag(dag_folder=str(DAGS), include_examples=False)
+    bag = DagBag(dag_folder=str(DAGS))
     assert bag.dags, "no DAG loaded for origin"
     assert all("site:origin" in dag.tags for dag in bag.dags.values())
     assert "stage_1_initial_training" not in bag.dags

@@ -30,7 +30,7 @@ class Service:
         self.state = json.loads((home / "service.json").read_text())
         self.url = self.state["url"]
         self.passwords = json.loads(Path(self.state["passwords_file"]).read_text())
-        self.http = httpx.Client(base_url=self.url, timeout=30.0)
+        self.http = httpx.Client(base_url=self.url, timeout=90.0)
         self._tokens: dict[str, str] = {}
 
     def headers(self, user: str) -> dict[str, str]:
@@ -93,9 +93,11 @@ class Service:
 
     def pids(self) -> list[int]:
         """Processes of this service still alive (by the marker `factory up` put in their environment)."""
-        from pipelines.service.up import _marked_pids
+        from pipelines.service.up import _alive, _group_members, _marked_pids, _ours
 
-        return _marked_pids(self.state["service_id"])
+        processes = self.state["processes"]
+        found = [p["pid"] for p in processes if _ours(p)] + _group_members({p["pgid"] for p in processes})
+        return sorted({pid for pid in found + _marked_pids(self.state["service_id"]) if _alive(pid)})
 
 
 def _kill_leftovers(home: Path) -> None:

@@ -24,7 +24,6 @@ def test_builder_writes_byte_identical_files(tmp_path):
 
 def test_partitions_do_not_overlap_across_parties():
     seen_ids: set[str] = set()
-    seen_images: dict[bytes, str] = {}
     x_all, _ = builder.digits()
     for site in PARTITIONS:
         frames, _ = builder.build_frames(site)

@@ -55,6 +55,7 @@ def test_step_pod_is_valid_and_hardened(step, site, params, profile):
     assert main["args"][:4] == ["step", step, "--site", site]
     assert main["args"][4] == "--params-json"
     assert json.loads(main["args"][5]) == (params or {})
+    assert main["args"][6:] == ["--run-id", "{{ run_id }}", "--dag-id", "{{ dag.dag_id }}"]
     assert not main.get("command")  # the image's entrypoint is `factory`
 
     wanted = stages.resources[profile]
@@ -104,6 +105,12 @@ def test_s3_remote_pods_read_store_settings_instead_of_a_claim():
     sources = _main(pod)["envFrom"]
     assert {"configMapRef": {"name": "factory-origin-dvc"}} in sources
     assert {"secretRef": {"name": "factory-origin-dvc"}} in sources
+
+
+def test_prebuilt_params_json_is_passed_verbatim():
+    text = '{"model": {{ ti.xcom_pull(task_ids="train") | tojson }}}'
+    op = pod_operator_for_step(task_id="t", step="evaluate", site="origin", params=text)
+    assert _main(render_pod(op))["args"][5] == text
 
 
 def test_operator_kwargs_override_defaults():

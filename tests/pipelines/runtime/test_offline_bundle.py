@@ -21,7 +21,10 @@ from pipelines.runtime.bundle import BundleError, build_bundle, bundle_command, 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "factory-bundle"
-    result = CliRunner().invoke(bundle_command, ["--out", str(out), "--only", "click", "--only", "PyYAML"])
+    result = CliRunner().invoke(
+        bundle_command,
+        ["--out", str(out), "--only", "click", "--only", "PyYAML"],
+    )
     assert result.exit_code == 0, result.output
     assert f"bundle written to {out}" in result.output
     return out
@@ -29,10 +32,16 @@ def bundle(tmp_path_factory) -> Path:
 
 def test_bundle_holds_the_pinned_wheels_the_project_and_its_files(bundle):
     wheels = sorted(p.name for p in (bundle / "wheels").glob("*.whl"))
-    assert [w.split("-")[0].lower() for w in wheels] == ["click", "pyyaml", "sovereign_ai_factory"]
+    assert [w.split("-")[0].lower() for w in wheels] == [
+        "click",
+        "pyyaml",
+        "sovereign_ai_factory",
+    ]
     assert f"sovereign_ai_factory-{__version__}-py3-none-any.whl" in wheels
     pins = read_pins(Path(__file__).parents[3] / "requirements.lock")
-    assert (bundle / "requirements.txt").read_text().splitlines() == [str(pins["click"]), str(pins["pyyaml"])]
+    assert (bundle / "requirements.txt").read_text().splitlines() == [
+        str(pins[name]) for name in ("click", "pyyaml")
+    ]
     assert (bundle / "project" / "conf" / "stages.yaml").is_file()
     assert (bundle / "chart" / "sovereign-factory" / "Chart.yaml").is_file()
     assert (bundle / "chart" / "sovereign-factory" / "files" / "policies").is_dir()
@@ -71,7 +80,12 @@ def test_bundle_installs_into_a_fresh_venv_without_network(bundle, tmp_path):
     listed = subprocess.run(
         [str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, timeout=60
     ).stdout
-    assert "click==8" in listed and "PyYAML==" in listed and f"sovereign-ai-factory=={__version__}" in listed
+    for pin in (
+        "click==8",
+        "PyYAML==",
+        f"sovereign-ai-factory=={__version__}",
+    ):
+        assert pin in listed
 
 
 def test_install_refuses_a_tampered_bundle(bundle, tmp_path):

@@ -56,7 +56,8 @@ def origin(tmp_path_factory):
         build_site_data(paths)
         keys.ensure_site_keys(paths)
         model_dir = make_model_dir(paths, paths.models_dir / "m4" / "model")
-        ref = registry.register(paths, "digits-cnn-m4", model_dir, run_id=None, tags={"factory.stage": "M4"})
+        ref = registry.register(paths, "digits-cnn-m4", model_dir, run_id=None, tags={"factory.stage": "M4"},
+                                aliases=("serving",))
         yield paths, ref
 
 

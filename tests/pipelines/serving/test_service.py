@@ -91,10 +91,10 @@ def test_inputs_outside_the_envelope_are_withheld(client, in_domain_rows):
 
 
 def test_latency_over_budget_flags_but_answers(client, origin, in_domain_rows):
-    body = _post(client, in_domain_rows[:3], sensor_id=ORIGIN_SENSOR, latency_budget_ms=1e-6).json()
+    body = _post(client, in_domain_rows[:3], sensor_id=ORIGIN_SENSOR, latency_budget_ms=0.001).json()
     assert body["odd"]["mode"] == "flag" and body["odd"]["flagged"] is True
     assert len(body["predictions"]) == 3
-    assert "over the latency budget of 1e-06 ms" in body["odd"]["reasons"][0]
+    assert "over the latency budget of 0.001 ms" in body["odd"]["reasons"][0]
     assert _last_breach(origin[0])["outcome"] == "flag"
 
 

@@ -1,0 +1,150 @@
+"""Policy gate latency: p50/p99 and decisions per second, embedded regorus vs the OPA server path.
+
+Measures `pipelines.policy.evaluate` (what every gate call pays: JSON digest, engine,
+decision checks) and, beside it, the bare engine call (`set_input_json` + `eval_rule`
+of the decision). The server path is a real `opa run --server` when `opa` is on PATH,
+otherwise the regorus-backed OPA Data API server of `pipelines.policy.testing`
+(so its figures are HTTP + client overhead, not OPA's interpreter).
+
+    .venv/bin/python benchmarks/policy_latency.py [--n 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.policy import engine_for, evaluate  # noqa: E402
+from pipelines.policy.bundle import load_bundle  # noqa: E402
+from pipelines.policy.testing import serve_data_api  # noqa: E402
+
+DATA_ACCESS = {
+    "subject": {"id": "svc-supplier", "site": "supplier", "roles": ["pipeline"], "clearance": "confidential"},
+    "action": "train", "purpose": "training",
+    "resource": {"id": "origin/shared@1", "owner": "origin", "classification": "confidential",
+                 "releasable_to": ["supplier"], "purposes": ["training", "collaboration"]},
+}
+MODEL_RELEASE = {
+    "model": {
+        "id": "digits-cnn-export/3", "site": "supplier", "metrics": {"supplier_test": 0.93, "origin_test": 0.9},
+        "watermark": {"verified": True}, "signature": {"verified": True},
+        "lineage": [
+            {"dataset_id": "supplier/train@1", "owner": "supplier", "local_only": False,
+             "export_authorized": True, "releasable_to": ["origin", "destination"]},
+            {"dataset_id": "origin/export_authorized@1", "owner": "origin", "local_only": False,
+             "export_authorized": True, "releasable_to": ["supplier", "destination"]},
+        ],
+    },
+    "recipient": "destination", "purpose": "export", "requested_by": "supplier_engineer",
+    "approvals": [
+        {"user": "origin_officer", "site": "origin", "roles": ["compliance_officer"], "decision": "approve"},
+        {"user": "supplier_export_officer", "site": "supplier", "roles": ["export_control_officer"],
+         "decision": "approve"},
+    ],
+}
+# a denial takes the slow path (every reason is built)
+MODEL_RELEASE_DENIED = {**MODEL_RELEASE, "approvals": [], "model": {**MODEL_RELEASE["model"],
+                                                                    "watermark": {"verified": False}}}
+CASES = [("data_access", DATA_ACCESS, True), ("model_release", MODEL_RELEASE, True),
+         ("model_release", MODEL_RELEASE_DENIED, False)]
+
+
+def measure(fn, n: int, rounds: int = 10) -> dict[str, float]:
+    """p50/p99 over all calls, decisions per second, and the best round's p50 (the cost on a quiet machine)."""
+    for _ in range(min(200, n)):
+        fn()
+    times, medians = [], []
+    started = time.perf_counter()
+    for _ in range(rounds):
+        chunk = []
+        for _ in range(max(1, n // rounds)):
+            t0 = time.perf_counter()
+            fn()
+            chunk.append(time.perf_counter() - t0)
+        medians.append(statistics.median(chunk))
+        times += chunk
+    total = time.perf_counter() - started
+    times.sort()
+    return {"p50": statistics.median(times) * 1e6, "p99": times[int(len(times) * 0.99) - 1] * 1e6,
+            "per_s": len(times) / total, "best": min(medians) * 1e6}
+
+
+@contextmanager
+def server_url():
+    opa = shutil.which("opa")
+    if not opa:
+        with serve_data_api() as server:
+            yield server.url, "regorus-backed Data API server (no opa on PATH)"
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([opa, "run", "--server", "--addr", f"127.0.0.1:{port}", str(load_bundle().root)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", "opa run --server"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=5000, help="decisions per measurement (HTTP: n/5)")
+    args = parser.parse_args()
+    os.environ.pop("FACTORY_OPA_URL", None)
+    engine = engine_for(load_bundle()).engine()
+    rows = []
+    for gate, document, allowed in CASES:
+        assert evaluate(gate, document).allow is allowed, (gate, evaluate(gate, document).reasons)
+        text = json.dumps(document)
+        rule = f"data.factory.{gate}.decision"
+        bare = measure(lambda text=text, rule=rule: (engine.set_input_json(text), engine.eval_rule(rule)), args.n)
+        full = measure(lambda gate=gate, document=document: evaluate(gate, document), args.n)
+        rows.append((gate, allowed, bare, full))
+    with server_url() as (url, kind):
+        os.environ["FACTORY_OPA_URL"] = url
+        for index, (gate, document, allowed) in enumerate(CASES):
+            decision = evaluate(gate, document)
+            assert decision.engine == "opa" and decision.allow is allowed, decision
+            rows[index] += (measure(lambda gate=gate, document=document: evaluate(gate, document),
+                                    max(200, args.n // 5)),)
+        os.environ.pop("FACTORY_OPA_URL")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"policy gate latency, {args.n} decisions each; {os.cpu_count()} CPUs, load average {load:.2f}")
+    print(f"HTTP path: {kind}. Times in us: p50 / p99 over all calls, [best round's p50]")
+    print(f"{'gate':<14}{'outcome':<8}{'engine only':>24}{'evaluate() embedded':>26}{'per s':>8}"
+          f"{'evaluate() HTTP':>26}{'per s':>7}{'HTTP/embedded':>15}")
+
+    def cell(m):
+        return f"{m['p50']:.1f} / {m['p99']:.1f} [{m['best']:.1f}]"
+
+    for gate, allowed, bare, full, http in rows:
+        print(f"{gate:<14}{'allow' if allowed else 'deny':<8}{cell(bare):>24}{cell(full):>26}{full['per_s']:>8.0f}"
+              f"{cell(http):>26}{http['per_s']:>7.0f}{http['p50'] / full['p50']:>14.1f}x")
+    allowed_rows = [r for r in rows if r[1]]
+    met = all(full["p50"] < 100 for _, _, _, full, _ in allowed_rows)
+    quiet = all(full["best"] < 100 for _, _, _, full, _ in allowed_rows)
+    print(f"target embedded evaluate() p50 < 100 us on allowed decisions: {'met' if met else 'NOT met'}"
+          f" (best rounds: {'met' if quiet else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

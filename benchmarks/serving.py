@@ -1,0 +1,171 @@
+"""Cost of the inference service and its ODD policy, and of the drift check.
+
+Serves a freshly trained, signed model over real HTTP (uvicorn on 127.0.0.1, one process) with ODD
+checks and input storage, and compares its latency and throughput with a bare ONNX Runtime session
+on the same batches in the same process (batch sizes 1, 32, 256). Then times the drift check
+(store read + KS + MMD) on windows of 10k and 100k samples.
+
+    .venv/bin/python benchmarks/serving.py [--requests 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _site(home: Path):
+    import pandas as pd
+
+    from pipelines.config import TrainingProfile
+    from pipelines.data.builder import build_site_data
+    from pipelines.data.schema import FEATURE_COLUMNS, LABEL_COLUMN
+    from pipelines.learning.onnx_export import export_onnx
+    from pipelines.learning.train import train
+    from pipelines.serving.app import ServedModel
+    from pipelines.trust import keys
+    from pipelines.trust.signing import sign_model_dir
+    from pipelines.workspace import SitePaths
+
+    paths = SitePaths.of("origin", home)
+    build_site_data(paths)
+    keys.ensure_site_keys(paths)
+    frame = pd.read_parquet(paths.data_dir / "private.parquet")
+    x, y = frame[list(FEATURE_COLUMNS)].to_numpy(np.float32), frame[LABEL_COLUMN].to_numpy(np.int64)
+    model = train(x, y, TrainingProfile(epochs=2, lr=0.003, batch_size=64, weight_decay=0.0), seed=1).model
+    model_dir = paths.models_dir / "bench" / "model"
+    model_dir.mkdir(parents=True)
+    export_onnx(model, model_dir / "model.onnx")
+    metadata = {"name": "digits-cnn-m4", "stage": "M4", "site": "origin", "reference_data": ["data/private.parquet"]}
+    (model_dir / "metadata.json").write_text(json.dumps(metadata))
+    sign_model_dir(paths, model_dir)
+    return paths, ServedModel("digits-cnn-m4", "bench", "M4", model_dir, metadata)
+
+
+def _stats(seconds: list[float], batch: int) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "samples_per_s": batch * len(ms) / float(np.sum(ms) / 1000)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_service(paths, ref, requests: int) -> list[dict]:
+    import httpx
+    import onnxruntime as ort
+    import pandas as pd
+    import uvicorn
+
+    from pipelines.data.schema import FEATURE_COLUMNS
+    from pipelines.serving.app import create_app
+
+    app = create_app(paths, ref)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(ref.model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    rows = pd.read_parquet(paths.data_dir / "test.parquet")[list(FEATURE_COLUMNS)].to_numpy(np.float32)
+    rng = np.random.default_rng(0)
+    out = []
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for batch in (1, 32, 256):
+                n = max(20, requests // (1 + batch // 32))
+                batches = [rows[rng.choice(len(rows), batch)] for _ in range(n)]
+                payloads = [{"inputs": b.tolist(), "context": {"sensor_id": "ORG-SN-0001"}} for b in batches]
+                for p in payloads[:5]:  # warm-up
+                    client.post("/predict", json=p)
+                    session.run(["logits"], {"input": batches[0]})
+                service, bare = [], []
+                for p in payloads:
+                    t = time.perf_counter()
+                    response = client.post("/predict", json=p)
+                    service.append(time.perf_counter() - t)
+                    assert response.status_code == 200 and response.json()["odd"]["allow"], response.text
+                for b in batches:
+                    t = time.perf_counter()
+                    session.run(["logits"], {"input": b})
+                    bare.append(time.perf_counter() - t)
+                s, o = _stats(service, batch), _stats(bare, batch)
+                out.append({"batch": batch, "requests": n, "service": s, "bare_onnx": o,
+                            "p50_ratio": s["p50_ms"] / o["p50_ms"],
+                            "throughput_ratio": o["samples_per_s"] / s["samples_per_s"]})
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    return out
+
+
+def bench_drift(paths, ref) -> list[dict]:
+    from pipelines.data.builder import build_frames
+    from pipelines.data.schema import FEATURE_COLUMNS
+    from pipelines.serving.drift import detect, make_detectors
+    from pipelines.serving.store import InputStore
+
+    import alibi_detect.cd  # noqa: F401  (its import, ~15 s here, is not part of a check)
+
+    out = []
+    for n in (10_000, 100_000):
+        frames, _ = build_frames("origin", scale=int(n * 1797 / 150))  # the test partition grows to ~n rows
+        window = frames["test"][list(FEATURE_COLUMNS)].to_numpy(np.float32)[:n]
+        reference = frames["private"][list(FEATURE_COLUMNS)].to_numpy(np.float32)[:n]
+        store = InputStore(Path(tempfile.mkdtemp(dir=paths.state_dir)), max_samples=n, segment_samples=2000)
+        for start in range(0, len(window), 256):
+            store.append(window[start : start + 256])
+        t = time.perf_counter()
+        recent = store.recent(n)
+        read_s = time.perf_counter() - t
+        t = time.perf_counter()
+        result = detect(reference, recent, make_detectors())
+        detect_s = time.perf_counter() - t
+        out.append({"samples": len(recent), "reference": len(reference), "store_read_s": read_s,
+                    "detect_s": detect_s, "drift": result["drift"],
+                    **{f"{k}_s": v["seconds"] for k, v in result["detectors"].items()}})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="factory-bench-") as home:
+        os.environ["FACTORY_HOME"] = home
+        paths, ref = _site(Path(home))
+        print("service (uvicorn over HTTP, ODD + store) vs bare ONNX Runtime, same batches")
+        print(f"{'batch':>5} {'svc p50':>9} {'svc p99':>9} {'ort p50':>9} {'ort p99':>9} "
+              f"{'svc samp/s':>11} {'ort samp/s':>11} {'p50 x':>7} {'tput x':>7}")
+        for r in bench_service(paths, ref, args.requests):
+            s, o = r["service"], r["bare_onnx"]
+            print(f"{r['batch']:>5} {s['p50_ms']:>8.3f}m {s['p99_ms']:>8.3f}m {o['p50_ms']:>8.3f}m {o['p99_ms']:>8.3f}m "
+                  f"{s['samples_per_s']:>11.0f} {o['samples_per_s']:>11.0f} {r['p50_ratio']:>7.1f} "
+                  f"{r['throughput_ratio']:>7.1f}")
+        print("\ndrift check (store read + KS on all rows + MMD on a 500-row subsample each side)")
+        for r in bench_drift(paths, ref):
+            print(f"{r['samples']:>7} samples vs {r['reference']:>6} reference: read {r['store_read_s']:.3f}s, "
+                  f"ks {r['ks_s']:.2f}s, mmd {r['mmd_s']:.2f}s, total {r['store_read_s'] + r['detect_s']:.2f}s "
+                  f"(drift={r['drift']})")
+
+
+if __name__ == "__main__":
+    main()

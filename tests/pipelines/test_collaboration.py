@@ -1,0 +1,137 @@
+"""The eight stages end to end (headless, through Airflow, approvals answered by the officers):
+the paper's claims on real data, and the sovereignty invariants after a full run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import SITES
+from pipelines.data.repo import dvc_md5
+from pipelines.learning.registry import resolve_model
+from pipelines.report import build_report
+from pipelines.workspace import SitePaths
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def metrics(collaboration: Path) -> dict[str, dict[str, float]]:
+    return {row["model"]: row["metrics"] for row in build_report(collaboration)["stages"]}
+
+
+def test_report_has_every_stage_model(metrics):
+    assert sorted(metrics) == ["M1", "M3", "M4", "M5", "M6", "M7", "M8"]
+    assert "origin_test" not in metrics["M5"] and "destination_test" not in metrics["M3"]  # sovereignty of test sets
+
+
+def test_stage1_model_is_registered_with_lineage(collaboration: Path, metrics):
+    ref = resolve_model(SitePaths.of("supplier", collaboration), "M1")
+    assert json.loads(ref.tags["factory.datasets"])  # exact input dataset digests
+    assert len(ref.tags["factory.repo_commit"]) == 40 and ref.tags["factory.code_version"]
+    assert float(ref.tags["factory.metric.onnx_parity_max_abs"]) < 1e-4
+    assert metrics["M1"]["supplier_test"] >= 0.9
+
+
+def test_collaboration_raises_origin_accuracy(metrics):
+    assert metrics["M3"]["origin_test"] > metrics["M1"]["origin_test"]
+
+
+def test_local_retraining_keeps_origin_accuracy(metrics):
+    assert metrics["M4"]["origin_test"] >= metrics["M3"]["origin_test"]
+
+
+def test_destination_collaboration_raises_destination_accuracy(metrics):
+    assert metrics["M6"]["destination_test"] > metrics["M5"]["destination_test"]
+
+
+def test_local_retraining_keeps_destination_accuracy(metrics):
+    assert metrics["M7"]["destination_test"] >= metrics["M6"]["destination_test"]
+
+
+def test_reciprocal_contribution_helps_on_its_holdout(metrics):
+    assert metrics["M8"]["destination_contribution_holdout"] > metrics["M3"]["destination_contribution_holdout"]
+
+
+def test_reciprocal_contribution_loses_nothing_at_origin(metrics):
+    assert metrics["M8"]["origin_test"] >= metrics["M3"]["origin_test"] - 0.01
+
+
+def _packages(home: Path):
+    from pipelines.trust.packages import read_signed_header
+
+    for site in SITES:
+        paths = SitePaths.of(site, home)
+        for package in sorted(paths.inbox.glob("*.sfp")):
+            yield site, package, read_signed_header(paths, package)
+
+
+def test_no_package_carries_local_only_models_or_private_or_test_data(collaboration: Path):
+    forbidden_md5 = set()
+    for site, partitions in (("origin", ("private", "test")), ("destination", ("private", "test")),
+                             ("supplier", ("test",))):
+        data = SitePaths.of(site, collaboration).data_dir
+        forbidden_md5 |= {dvc_md5(data / f"{p}.parquet") for p in partitions}
+    seen = 0
+    for _, package, header in _packages(collaboration):
+        seen += 1
+        meta = header["metadata"]
+        assert meta.get("stage") not in ("M4", "M7"), f"{package.name} carries {meta.get('stage')}"
+        if header["content_type"] == "dataset":
+            assert meta["md5"] not in forbidden_md5, f"{package.name} carries a private or test partition"
+            assert not meta["flags"]["local_only"]
+    assert seen >= 9  # M1, M3, M5, M6, M8 and four datasets
+
+
+def test_export_model_lineage_is_export_authorized_only(collaboration: Path):
+    ref = resolve_model(SitePaths.of("supplier", collaboration), "M5")
+    lineage = ref.metadata["lineage"]
+    assert lineage and all(entry["export_authorized"] for entry in lineage)
+    assert all("destination" in entry["releasable_to"] for entry in lineage)
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_audit_log_verifies(collaboration: Path, site: str):
+    from pipelines.trust import audit
+
+    audit.verify(SitePaths.of(site, collaboration))
+
+
+def test_released_models_verify(collaboration: Path):
+    from pipelines.trust.bom import validate_bom
+    from pipelines.trust.keys import public_signing_key
+    from pipelines.trust.provenance import verify_provenance
+    from pipelines.trust.signing import verify_model_dir
+
+    supplier = SitePaths.of("supplier", collaboration)
+    for stage in ("M1", "M3", "M5", "M6", "M8"):
+        ref = resolve_model(supplier, stage)
+        verify_model_dir(ref.model_dir, paths=supplier, signer_site="supplier")
+        verify_provenance(ref.model_dir / "provenance.dsse.json", public_signing_key(supplier, "supplier"))
+        validate_bom(ref.model_dir / "bom.cdx.json")
+
+
+@pytest.mark.parametrize("site,stage", [("origin", "M4"), ("destination", "M7")])
+def test_local_only_models_cannot_be_released(collaboration: Path, site: str, stage: str):
+    from pipelines.policy import evaluate
+    from pipelines.steps import StepContext
+    from pipelines.steps.exchange import release_document
+
+    ctx = StepContext.for_site(site)
+    ref = resolve_model(ctx.paths, stage)
+    document = release_document(ctx, ref, recipient="supplier", purpose="collaboration")
+    decision = evaluate("model_release", document)
+    assert not decision.allow
+    assert any("local" in reason.lower() for reason in decision.reasons)
+
+
+def test_rerunning_finished_stages_duplicates_nothing(collaboration: Path):
+    from pipelines.learning.registry import list_models
+    from pipelines.orchestration import run_stages
+
+    before = {site: len(list_models(SitePaths.of(site, collaboration))) for site in SITES}
+    run_stages([1, 4], approve=True, home=collaboration)
+    after = {site: len(list_models(SitePaths.of(site, collaboration))) for site in SITES}
+    assert after == before
