@@ -131,7 +131,7 @@ def find_version_by_tag(paths: SitePaths, name: str, key: str, value: str) -> Mo
 
 
 def register(paths: SitePaths, name: str, model_dir: Path, *, run_id: str | None, tags: dict[str, str],
-             aliases: tuple[str, ...] = ("latest",)) -> ModelRef:
+             aliases: tuple[str, ...] = ("current",)) -> ModelRef:
     """Register `model_dir` (already in its final place) as a new version of `name`."""
     from mlflow.exceptions import MlflowException
 
