@@ -135,17 +135,17 @@ def combine_flags(flag_sets: Iterable[dict[str, Any]]) -> dict[str, Any]:
     flag_sets = list(flag_sets)
     if not flag_sets:
         return dict(RESTRICTIVE)
-    releasable = set(flag_sets[0].get("releasable_to") or ())
-    purposes = set(flag_sets[0].get("purposes") or ())
-    for flags in flag_sets[1:]:
-        releasable &= set(flags.get("releasable_to") or ())
-        purposes &= set(flags.get("purposes") or ())
+    # Intersections keep the first source's order, so a single source's flags come back unchanged.
+    releasable = [s for s in flag_sets[0].get("releasable_to") or () if all(
+        s in (f.get("releasable_to") or ()) for f in flag_sets[1:])]
+    purposes = [p for p in flag_sets[0].get("purposes") or () if all(
+        p in (f.get("purposes") or ()) for f in flag_sets[1:])]
     return {
         "classification": max((f.get("classification", "secret") for f in flag_sets), key=_level),
         "local_only": any(bool(f.get("local_only", True)) for f in flag_sets),
         "export_authorized": all(bool(f.get("export_authorized", False)) for f in flag_sets),
-        "releasable_to": tuple(sorted(releasable)),
-        "purposes": tuple(sorted(purposes)),
+        "releasable_to": tuple(releasable),
+        "purposes": tuple(purposes),
     }
 
 
