@@ -1,6 +1,6 @@
 """Stage 4 — local-only retraining at the origin.
 
-Fine-tunes M3 on the origin's sanitized shared data and its private data into the
+Fine-tunes M3 on all the origin's own data (sanitized shared, private, export-authorized) into the
 domestic model **M4**. M4 and the private data never leave the origin: M4's
 lineage holds a local-only source, so the `model_release` gate denies any release.
 Runs when M3 arrives or when drift is detected at the origin.
@@ -17,7 +17,8 @@ SITE = "origin"
      default_args=DEFAULT_ARGS)
 def stage_4_local_retraining_origin():
     training_flow(site=SITE, stage="M4", profile="local", base_model="M3",
-                  datasets=["shared-sanitized", "private"], test_sets={"origin_test": "test"}, parity_set="test")
+                  datasets=["shared-sanitized", "private", "export_authorized"], test_sets={"origin_test": "test"},
+                  parity_set="test")
 
 
 if site_enabled(SITE):

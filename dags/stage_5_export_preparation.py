@@ -58,11 +58,11 @@ def stage_5_export_preparation():
             "signature, and both approvals (origin compliance officer, supplier export-control officer), "
             "neither by the requester.")
     origin_ok = approval_step(group="origin", gate_name="model_release", owner_site="origin",
-                              required_role="compliance_officer", subject="Approve export of M5 (origin)?", body=body)
+                              required_role="compliance_officer", subject="Approve export of M5 (origin)?", body=body,
+                              after=[registered])
     export_ok = approval_step(group="export_control", gate_name="model_release", owner_site=SITE,
                               required_role="export_control_officer",
-                              subject="Approve export of M5 (export control)?", body=body)
-    registered >> [origin_ok, export_ok]
+                              subject="Approve export of M5 (export control)?", body=body, after=[registered])
     step_task("release_model", site=SITE, model=registered, recipient="{{ params.destination }}", purpose="export",
               kind="m5", variant="{{ params.variant }}", approvals=[origin_ok, export_ok],
               thresholds="{{ params.thresholds }}", outlets=[inbox_asset("destination", "m5")])

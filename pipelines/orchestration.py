@@ -7,6 +7,7 @@ configured for it in conf/, never by skipping or force-marking the gate.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -90,8 +91,9 @@ class GateAnswerer(threading.Thread):
     def run(self) -> None:
         from pipelines.service.headless import answer_pending_as_configured
 
+        logging.getLogger("http.access").setLevel(logging.WARNING)  # one line per poll otherwise
         try:
-            while not self.stop.wait(1.0):
+            while not self.stop.wait(2.0):
                 self.answered += answer_pending_as_configured(self.dag_id, self.home, console=console)
         except Exception as error:  # surfaced by the runner
             self.error = error

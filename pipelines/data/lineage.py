@@ -28,6 +28,7 @@ def entry(version: catalog.DatasetVersion) -> dict[str, Any]:
         "releasable_to": list(version.releasable_to),
         "md5": version.md5,
         "classification": version.classification,
+        "purposes": list(version.purposes),
         "kind": version.kind,
         "status": version.status,
         "parents": list(version.parents),

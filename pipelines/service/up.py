@@ -318,6 +318,8 @@ def start_service(
             click.echo(f"port {port} is busy; using {api_port}")
         env = {**base_env, **airflow_environment(home, port=api_port, dags_folder=dags_folder,
                                                  db_url=base_env.get("FACTORY_AIRFLOW_DB_URL"))}
+        if not env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite"):
+            env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", None)  # SQLite's, from a caller's env
         env.setdefault("AIRFLOW__CORE__PARALLELISM", "8")
         env.setdefault("AIRFLOW__API__WORKERS", "1")
         state["url"] = f"http://localhost:{api_port}"

@@ -60,5 +60,5 @@ def get_step(name: str) -> StepFunction:
         raise StepError(f"unknown step {name!r}; known steps: {', '.join(sorted(STEPS))}") from None
 
 
-def run_step(name: str, ctx: StepContext, **params: Any) -> dict[str, Any]:
-    return get_step(name)(ctx, **params)
+def run_step(step_name: str, ctx: StepContext, /, **params: Any) -> dict[str, Any]:
+    return get_step(step_name)(ctx, **params)

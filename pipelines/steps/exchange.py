@@ -56,42 +56,24 @@ def _requester(ctx: StepContext) -> str:
 @step("sanitize_dataset")
 def sanitize_dataset(ctx: StepContext, *, dataset: str | dict, purpose: str) -> dict[str, Any]:
     """Sanitize a dataset for release; the result is a new catalog version whose parent is the input."""
-    from pipelines.data.catalog import load_dataset, register_dataset
-    from pipelines.data.repo import commit_files
-    from pipelines.data.sanitize import sanitize, write_report
+    from pipelines.data.sanitize import report_paths
+    from pipelines.data.sanitize import sanitize_dataset as run_sanitization
 
-    frame, source = load_dataset(ctx.paths, dataset_ref(dataset))
-    clean, report = sanitize(frame, ctx.site, purpose)
-    out_dir = ctx.paths.data_dir / "sanitized"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{source.name}-{purpose}.parquet"
-    tmp = target.with_name(f".{target.name}.tmp")
-    clean.to_parquet(tmp, index=False)
-    os.replace(tmp, target)
-    version = register_dataset(ctx.paths, f"{source.name}-sanitized", target, parents=[source.id],
-                               kind="sanitized", flags=source.flags)
-    report_json, report_md = write_report(report, ctx.paths.repo / "reports" / "sanitization", version.id)
-    commit_files(ctx.paths, [report_json, report_md], f"Sanitization report for {version.id}")
-    print(f"sanitized {source.id} -> {version.id}: {report['rows_in']} rows in, {report['rows_out']} out")
-    return {"dataset_id": version.id, "source_id": source.id, "report": str(report_json),
+    version, report = run_sanitization(ctx.paths, dataset_ref(dataset), purpose, actor=_requester(ctx))
+    report_json, _ = report_paths(ctx.paths.repo / "reports" / "sanitization", version.id)
+    print(f"sanitized {version.parents[0]} -> {version.id}: {report['rows_in']} rows in, {report['rows_out']} out")
+    return {"dataset_id": version.id, "source_id": version.parents[0], "report": str(report_json),
             "passed": report["passed"], "remaining_sensitive_columns": report["remaining_sensitive_columns"]}
 
 
 @step("validate_dataset")
 def validate_dataset(ctx: StepContext, *, dataset: str | dict, suite: str = "training") -> dict[str, Any]:
     """Run a Great Expectations suite; a failing version is quarantined and the step fails naming why."""
-    from pipelines.data.catalog import quarantine, resolve
-    from pipelines.data.validate import ValidationFailed, read_for_validation, validate
+    from pipelines.data.catalog import get
+    from pipelines.data.validate import validate_dataset as run_suite
 
-    version = resolve(ctx.paths, dataset_ref(dataset))
-    if version.status == "quarantined":
-        raise StepError(f"dataset {version.id} is quarantined ({version.reason}); produce a new version")
-    try:
-        frame = read_for_validation(version.path)
-        result = validate(frame, suite, site_paths=ctx.paths, dataset_id=version.id)
-    except ValidationFailed as error:
-        quarantine(ctx.paths, version, str(error))
-        raise
+    version = get(ctx.paths, dataset_ref(dataset))
+    result = run_suite(ctx.paths, version, suite, actor=_requester(ctx))
     print(f"{version.id}: suite {suite} passed")
     return {"dataset_id": version.id, "md5": version.md5, "suite": suite, "success": result.success}
 
@@ -151,11 +133,12 @@ def _gate(ctx: StepContext, gate: str, document: dict[str, Any]) -> None:
 def release_dataset(ctx: StepContext, *, dataset: str | dict, recipient: str, purpose: str, kind: str,
                     approvals: Any = None, validation: dict | None = None) -> dict[str, Any]:
     """data_release gate, then seal the dataset for `recipient` into its inbox."""
-    from pipelines.data.catalog import load_dataset
+    from pipelines.data.catalog import content_path, load_dataset
+    from pipelines.data.lineage import lineage_entries
     from pipelines.data.sanitize import read_report
     from pipelines.trust.packages import seal
 
-    frame, version = load_dataset(ctx.paths, dataset_ref(dataset))
+    frame, version = load_dataset(ctx.paths, dataset_ref(dataset), action="share", purpose=purpose)
     key = f"{kind}:{version.md5}:{recipient}"
     if sent := _already_sent(ctx, key):
         return sent
@@ -174,9 +157,11 @@ def release_dataset(ctx: StepContext, *, dataset: str | dict, recipient: str, pu
     }
     _gate(ctx, "data_release", document)
     target = _inbox_target(recipient, kind, ctx.paths.home)
-    header = seal(ctx.paths, recipient, version.path, target, purpose=purpose, content_type="dataset",
+    header = seal(ctx.paths, recipient, content_path(ctx.paths, version), target, purpose=purpose,
+                  content_type="dataset",
                   metadata={"kind": kind, "dataset": version.id, "md5": version.md5, "flags": version.flags,
-                            "owner": version.owner, "rows": len(frame), "approvals": document["approvals"]})
+                            "owner": version.owner, "rows": len(frame), "approvals": document["approvals"],
+                            "lineage": lineage_entries(ctx.paths, [version.id])})
     record = {"package": str(target), "package_id": header["package_id"], "dataset_id": version.id,
               "recipient": recipient, "kind": kind}
     _remember(ctx, "sent", key, record)
@@ -226,7 +211,7 @@ def receive_dataset(ctx: StepContext, *, kind: str, name: str) -> dict[str, Any]
         shutil.copyfile(header["path"], target.with_name(f".{target.name}.tmp"))
         os.replace(target.with_name(f".{target.name}.tmp"), target)
     version = register_dataset(ctx.paths, name, target, parents=[meta["dataset"]], kind="received",
-                               flags=meta["flags"], owner=meta["owner"])
+                               flags=meta["flags"], owner=meta["owner"], upstream=meta["lineage"])
     record = {"package": str(package), "package_id": header["package_id"], "kind": kind,
               "dataset_id": version.id, "from": header["sender"]}
     _remember(ctx, "received", header["package_id"], record)

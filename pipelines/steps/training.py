@@ -30,12 +30,9 @@ def _xy(frame) -> tuple[np.ndarray, np.ndarray]:
 
 def _load(ctx: StepContext, ref: str, *, action: str, purpose: str):
     """A dataset of this site, through the catalog (refuses quarantine) and the data_access gate."""
-    from pipelines.data.access import require_access
     from pipelines.data.catalog import load_dataset
 
-    frame, version = load_dataset(ctx.paths, ref)
-    require_access(ctx.paths, version, action=action, purpose=purpose, subject=None)
-    return frame, version
+    return load_dataset(ctx.paths, ref, action=action, purpose=purpose)
 
 
 def _staging(ctx: StepContext, run_key: str) -> Path:

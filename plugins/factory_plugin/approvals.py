@@ -158,7 +158,8 @@ def approval_gate(
     params = kwargs.pop("params", None) or {}
     params.setdefault(
         "comment",
-        Param("", type="string", title="Comment", description="Why you approve or reject (kept in the audit log)"),
+        Param(None, type=["null", "string"], title="Comment",
+              description="Why you approve or reject (optional, kept in the audit log)"),
     )
     footer = f"\n\n---\nGate `{gate_name}` of site `{owner_site}`, answered by a `{required_role}`; requested by `{requested_by}`."
     return _operator_class()(
@@ -271,6 +272,7 @@ def verified_approval(
             "requested_by": requested_by,
         },
         site=owner_site,
+        home=Path(site_paths.home),
     )
     details = {**details, "allowed": bool(verdict.allow), "reasons": list(verdict.reasons)}
     if not verdict.allow:

@@ -76,7 +76,8 @@ def _requested_by_template() -> str:
     return "{{ dag_run.triggering_user_name or 'svc-' ~ params.get('site', '') }}"
 
 
-def approval_step(*, group: str, gate_name: str, owner_site: str, required_role: str, subject: str, body: str):
+def approval_step(*, group: str, gate_name: str, owner_site: str, required_role: str, subject: str, body: str,
+                  after: list | None = None):
     """An approval gate (HITL) followed by the task that re-checks the recorded answer.
 
     The check never trusts the gate task's state: it reads the gate's recorded response
@@ -102,6 +103,8 @@ def approval_step(*, group: str, gate_name: str, owner_site: str, required_role:
                                  site_paths=SitePaths.of(owner_site))
 
     checked = check_approval()
+    for upstream in after or []:
+        upstream >> gate
     gate >> checked
     return checked
 
@@ -125,8 +128,7 @@ def data_release_flow(*, site: str, dataset: str, recipient: str, purpose: str, 
     )
     approved = approval_step(group="release", gate_name="data_release", owner_site=site,
                              required_role="compliance_officer", subject=f"Release {dataset} data to {recipient}?",
-                             body=body)
-    validated >> approved
+                             body=body, after=[validated])
     return step_task("release_dataset", site=site, dataset=sanitized, recipient=recipient, purpose=purpose,
                      kind=kind, approvals=approved, validation=validated, outlets=[inbox_asset(recipient, kind)])
 

@@ -31,10 +31,10 @@ def step_context(site: str, context: dict[str, Any]):
 
 
 @task
-def run_local_step(step_name: str, site: str, params: dict[str, Any], **context: Any) -> dict[str, Any]:
+def run_local_step(step_name: str, site: str, step_params: dict[str, Any], **context: Any) -> dict[str, Any]:
     from pipelines.steps import run_step
 
-    return run_step(step_name, step_context(site, context), **params)
+    return run_step(step_name, step_context(site, context), **step_params)
 
 
 def _templated(value: Any, upstream: list[XComArg]) -> Any:

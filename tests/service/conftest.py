@@ -118,8 +118,10 @@ def start_service(db: str, *extra: str) -> tuple[Service, callable]:
     # Not under pytest's 0700 tmp folder: the postgres system user must reach the cluster.
     home = Path(tempfile.mkdtemp(prefix="factory-svc-", dir="/tmp"))
     os.chmod(home, 0o755)
-    env = {**os.environ, "FACTORY_HOME": str(home), "FACTORY_DB": db, "PYTHONPATH": str(ROOT)}
-    env.pop("FACTORY_AIRFLOW_DB_URL", None)
+    # The service is configured by `factory up` alone, not by the test session's embedded Airflow.
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("AIRFLOW__", "AIRFLOW_HOME", "FACTORY_"))}
+    env.update({"FACTORY_HOME": str(home), "FACTORY_DB": db, "PYTHONPATH": str(ROOT)})
     from pipelines.trust.keys import ensure_site_keys
     from pipelines.workspace import SitePaths
 
