@@ -19,8 +19,7 @@ def stage_1_initial_training():
     validated = step_task("validate_dataset", site=SITE, dataset="train", suite="training")
     registered = training_flow(site=SITE, stage="M1", profile="initial", datasets=["train"],
                                test_sets={"supplier_test": "test"}, parity_set="test",
-                               min_accuracy={"supplier_test": 0.9})
-    validated >> registered
+                               min_accuracy={"supplier_test": 0.9}, after=[validated])
     step_task("release_model", site=SITE, model=registered, recipient="origin", purpose="collaboration",
               kind="m1", outlets=[inbox_asset("origin", "m1")])
 

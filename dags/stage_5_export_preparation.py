@@ -48,8 +48,7 @@ def stage_5_export_preparation():
     registered = training_flow(site=SITE, stage="M5", profile="export", datasets=["train", "origin-export"],
                                variant="{{ params.variant }}", subset="{{ params.subset }}",
                                subset_datasets=["origin-export"], test_sets={"supplier_test": "test"},
-                               parity_set="test")
-    validated >> registered
+                               parity_set="test", after=[validated])
     body = ("Export variant `{{ params.variant }}` of **M5** for **{{ params.destination }}**.\n\n"
             "- Model: `{{ ti.xcom_pull(task_ids='training_flow.register_model') }}`\n"
             "- Subset: `{{ params.subset }}`; stricter thresholds: `{{ params.thresholds }}`\n\n"

@@ -28,8 +28,7 @@ def stage_6_destination_collaboration():
     validated = step_task("validate_dataset", site=SITE, dataset=intake, suite="training")
     registered = training_flow(site=SITE, stage="M6", profile="collaborative", base_model="M5",
                                datasets=["train", "origin-export", "destination-shared"],
-                               test_sets={"supplier_test": "test"}, parity_set="test")
-    validated >> registered
+                               test_sets={"supplier_test": "test"}, parity_set="test", after=[validated])
     step_task("release_model", site=SITE, model=registered, recipient="destination", purpose="collaboration",
               kind="m6", outlets=[inbox_asset("destination", "m6")])
 

@@ -1,7 +1,7 @@
 """Stage 8 — reciprocal contribution at the supplier.
 
 Takes the destination's contribution, keeps a held-out part of it for evaluation
-at the supplier, fine-tunes M3 on the supplier's data, the origin's shared data
+at the supplier (M3 and M8 are both evaluated on it), fine-tunes M3 on the supplier's data, the origin's shared data
 and the rest of the contribution into **M8**, and delivers M8 to the origin
 through the `model_release` gate, sealed.
 """
@@ -21,12 +21,13 @@ def stage_8_reciprocal_contribution():
                        name="destination-contribution")
     validated = step_task("validate_dataset", site=SITE, dataset=intake, suite="training")
     split = step_task("split_holdout", site=SITE, dataset=validated)
+    step_task("evaluate_registered", task_id="evaluate_m3_on_holdout", site=SITE, model="M3",
+              test_sets={"destination_contribution_holdout": "destination-contribution-holdout"}) << split
     registered = training_flow(site=SITE, stage="M8", profile="collaborative", base_model="M3",
                                datasets=["train", "origin-shared", "destination-contribution-train"],
                                test_sets={"supplier_test": "test",
                                           "destination_contribution_holdout": "destination-contribution-holdout"},
-                               parity_set="test")
-    split >> registered
+                               parity_set="test", after=[split])
     step_task("release_model", site=SITE, model=registered, recipient="origin", purpose="collaboration",
               kind="m8", outlets=[inbox_asset("origin", "m8")])
 

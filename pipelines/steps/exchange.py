@@ -123,7 +123,7 @@ def _approvals(approvals: Any) -> list[dict[str, Any]]:
 def _gate(ctx: StepContext, gate: str, document: dict[str, Any]) -> None:
     from pipelines.policy import evaluate
 
-    decision = evaluate(gate, document, site=ctx.site)
+    decision = evaluate(gate, document, site=ctx.site, home=ctx.paths.home)
     if not decision.allow:
         raise StepError(f"{gate} gate denied: " + "; ".join(decision.reasons))
     print(f"{gate} gate allowed")

@@ -309,3 +309,15 @@ def register_model(ctx: StepContext, *, trained: dict, intended_use: str = "rese
     shutil.rmtree(staging.parent, ignore_errors=True)
     print(f"registered {ref.name} version {ref.version} at {ctx.site}: {meta['metrics']}")
     return {"name": ref.name, "version": ref.version, "stage": meta["stage"], "metrics": meta["metrics"]}
+
+
+@step("evaluate_registered")
+def evaluate_registered(ctx: StepContext, *, model: str, test_sets: dict[str, str]) -> dict[str, Any]:
+    """Evaluate a model this site already holds on more of its test data; metrics become version tags."""
+    ref = registry.resolve_model(ctx.paths, model)
+    metrics = _test_metrics(ctx, ref.model_dir, test_sets)
+    mlflow_client = registry.client(ctx.paths)
+    for key, value in metrics.items():
+        mlflow_client.set_model_version_tag(ref.name, ref.version, f"factory.metric.{key}", str(value))
+    print(f"{ref.uri} at {ctx.site}: {metrics}")
+    return {"model": ref.uri, "metrics": metrics}

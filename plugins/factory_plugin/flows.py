@@ -60,12 +60,14 @@ def retraining_schedule(dag_id: str, asset: Asset):
 def training_flow(*, site: str, stage: str, profile: str, datasets: list[str], test_sets: dict[str, str],
                   parity_set: str, base_model: str | None = None, base_variant: str | None = None,
                   variant: Any = None, subset: Any = None, subset_datasets: list[str] | None = None,
-                  min_accuracy: dict[str, float] | None = None,
+                  min_accuracy: dict[str, float] | None = None, after: list | None = None,
                   outlets: list | None = None):
-    """train → evaluate → export to ONNX (parity) → register, at one site."""
+    """train → evaluate → export to ONNX (parity) → register, at one site, after the tasks in `after`."""
     trained = step_task("train_model", site=site, resources="train", stage=stage, profile=profile,
                         datasets=datasets, base_model=base_model, base_variant=base_variant, variant=variant,
                         subset=subset, subset_datasets=subset_datasets)
+    for upstream in after or []:
+        upstream >> trained
     evaluated = step_task("evaluate_model", site=site, trained=trained, test_sets=test_sets,
                           min_accuracy=min_accuracy or {})
     exported = step_task("export_model", site=site, trained=evaluated, parity_set=parity_set)
