@@ -1,9 +1,10 @@
 """Stage 8 — reciprocal contribution at the supplier.
 
-Takes the destination's contribution, keeps a held-out part of it for evaluation
-at the supplier (M3 and M8 are both evaluated on it), fine-tunes M3 on the supplier's data, the origin's shared data
-and the rest of the contribution into **M8**, and delivers M8 to the origin
-through the `model_release` gate, sealed.
+Takes the destination's contribution and keeps a held-out part of it for evaluation
+at the supplier (M3 and M8 are both evaluated on it). Fine-tunes M3 on the supplier's
+data, all the origin data the supplier holds (shared and export-authorized) and the
+rest of the contribution into **M8**, and delivers M8 to the origin through the
+`model_release` gate, sealed.
 """
 
 from airflow.sdk import dag
@@ -24,7 +25,8 @@ def stage_8_reciprocal_contribution():
     step_task("evaluate_registered", task_id="evaluate_m3_on_holdout", site=SITE, model="M3",
               test_sets={"destination_contribution_holdout": "destination-contribution-holdout"}) << split
     registered = training_flow(site=SITE, stage="M8", profile="collaborative", base_model="M3",
-                               datasets=["train", "origin-shared", "destination-contribution-train"],
+                               datasets=["train", "origin-shared", "origin-export",
+                                         "destination-contribution-train"],
                                test_sets={"supplier_test": "test",
                                           "destination_contribution_holdout": "destination-contribution-holdout"},
                                parity_set="test", after=[split])

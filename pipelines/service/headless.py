@@ -19,9 +19,8 @@ ADMIN = "admin"
 
 @functools.lru_cache(maxsize=1)
 def _api_client():
-    from fastapi.testclient import TestClient
-
     from airflow.api_fastapi.app import create_app
+    from fastapi.testclient import TestClient
 
     return TestClient(create_app(), base_url="http://localhost")
 

@@ -30,8 +30,8 @@ def test_bad_params_are_refused_with_the_schema_message(stage5, conf, message):
     from airflow.sdk.exceptions import ParamValidationError
 
     params = ParamsDict(stage5.params)
-    params.update(conf)
-    with pytest.raises(ParamValidationError) as error:
+    with pytest.raises(ParamValidationError) as error:  # what a trigger with this conf gets back
+        params.update(conf)
         params.validate()
     assert message.lower() in str(error.value).lower()
 

@@ -135,3 +135,17 @@ def test_rerunning_finished_stages_duplicates_nothing(collaboration: Path):
     run_stages([1, 4], approve=True, home=collaboration)
     after = {site: len(list_models(SitePaths.of(site, collaboration))) for site in SITES}
     assert after == before
+
+
+def test_each_export_variant_is_its_own_model_version_and_package(collaboration: Path):
+    from pipelines.orchestration import load_dags, run_dag
+
+    destination = SitePaths.of("destination", collaboration)
+    packages_before = set(destination.inbox.glob("m5-*.sfp"))
+    run_dag(load_dags()["stage_5_export_preparation"], approve=True, home=collaboration,
+            conf={"variant": "night", "subset": {"labels": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]},
+                  "thresholds": {"supplier_test": 0.92}})
+    night = resolve_model(SitePaths.of("supplier", collaboration), "M5", variant="night")
+    assert night.name == "digits-cnn-m5-night"
+    assert night.name != resolve_model(SitePaths.of("supplier", collaboration), "M5").name
+    assert len(set(destination.inbox.glob("m5-*.sfp")) - packages_before) == 1
