@@ -9,18 +9,14 @@ names: "normal", "flag" (prediction returned, flagged) or "withhold" (no predict
 from __future__ import annotations
 
 import functools
-import json
-import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipelines.config import PROJECT_ROOT, read_yaml
+from pipelines.config import read_yaml
 
 GATE = "odd"
-RULE = "data.factory.odd.decision"
 MODES = ("normal", "flag", "withhold")
 
 
@@ -57,54 +53,26 @@ def gate_input(
     return {"site": site, "model": model, "context": context, "stats": stats, "latency_ms": latency_ms}
 
 
-def _policies_dir() -> Path:
-    return PROJECT_ROOT / "policies"
-
-
 class OddGate:
-    """Evaluates the ODD gate with one embedded regorus engine kept loaded (it runs on every request).
+    """The ODD gate, evaluated on every request by the shared embedded engine (`pipelines.policy`,
+    gate "odd"); any engine error denies in "withhold" mode (fail closed). Breaches are audited by
+    the service as security events, not here, so a request costs one evaluation and no log write."""
 
-    It loads the same files as `pipelines.policy` (`policies/odd/*.rego`, and every
-    `policies/data/*.json` at `data.data`); any engine error denies in "withhold" mode (fail closed).
-    """
+    def __init__(self) -> None:
+        from pipelines.policy.bundle import load_bundle
 
-    def __init__(self, policies_dir: Path | None = None) -> None:
-        root = policies_dir or _policies_dir()
-        data: dict[str, Any] = {}
-        for path in sorted((root / "data").glob("*.json")):
-            data.update(json.loads(path.read_text()))
-        self._data = {"data": data}
-        self._policies = [(str(p), p.read_text()) for p in sorted((root / GATE).glob("*.rego"))
-                          if not p.name.endswith("_test.rego")]
-        self._local = threading.local()  # a regorus Engine may only be used by the thread that made it
-        self.site_odd = data.get("odd", {}).get("sites", {})
-        self._engine()  # a policy that does not parse fails here, at start
-
-    def _engine(self):
-        engine = getattr(self._local, "engine", None)
-        if engine is None:
-            import regorus
-
-            engine = regorus.Engine()
-            engine.add_data(self._data)
-            for name, text in self._policies:
-                engine.add_policy(name, text)
-            self._local.engine = engine
-        return engine
+        self.site_odd = load_bundle().data.get("data", {}).get("odd", {}).get("sites", {})
+        self.decide(gate_input("origin", {}, {}, {}, 0.0))  # a policy that does not load fails here, at start
 
     def decide(self, odd_input: dict[str, Any]) -> OddDecision:
-        try:
-            engine = self._engine()
-            engine.set_input(odd_input)
-            doc = engine.eval_rule(RULE)
-            allow, reasons, mode = doc["allow"] is True, [str(r) for r in doc["reasons"]], doc["mode"]
-            if mode not in MODES or (allow and mode != "normal"):
-                raise ValueError(f"malformed ODD decision {doc!r}")
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # fail closed: any engine error (a Rust panic included) is a breach
-            return OddDecision(False, [f"ODD gate error: {exc}".splitlines()[0]], "withhold", odd_input)
-        return OddDecision(allow, reasons, mode, odd_input)
+        from pipelines.policy import evaluate
+
+        decision = evaluate(GATE, odd_input)
+        mode = decision.extra.get("mode", "withhold")
+        if decision.failed or mode not in MODES or (decision.allow and mode != "normal"):
+            return OddDecision(False, list(decision.reasons) or [f"malformed ODD decision (mode {mode!r})"],
+                               "withhold", odd_input)
+        return OddDecision(decision.allow, list(decision.reasons), mode, odd_input)
 
     def approved_sensors(self, site: str) -> list[str]:
         return list(self.site_odd.get(site, {}).get("approved_sensors", []))

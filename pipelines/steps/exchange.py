@@ -175,9 +175,16 @@ def _pending_packages(ctx: StepContext, kind: str) -> list[Path]:
                   key=lambda p: p.stat().st_mtime)
 
 
-def _last_received(ctx: StepContext, kind: str) -> dict[str, Any] | None:
+def _next_package(ctx: StepContext, kind: str) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest unopened package of `kind`; or, when all were opened, what the last one gave
+    (a re-run of a finished intake returns it instead of failing)."""
+    pending = _pending_packages(ctx, kind)
+    if pending:
+        return pending[-1], None
     records = [r for r in _records(ctx, "received").values() if r["kind"] == kind]
-    return records[-1] if records else None
+    if records:
+        return None, records[-1]
+    raise StepError(f"no {kind} package in the {ctx.site} inbox ({ctx.paths.inbox})")
 
 
 @contextlib.contextmanager
@@ -198,12 +205,9 @@ def receive_dataset(ctx: StepContext, *, kind: str, name: str) -> dict[str, Any]
     """Open the newest package of `kind` from the inbox and register it as dataset `name`."""
     from pipelines.data.catalog import register_dataset
 
-    pending = _pending_packages(ctx, kind)
-    if not pending:
-        if last := _last_received(ctx, kind):
-            return last
-        raise StepError(f"no {kind} package in the {ctx.site} inbox ({ctx.paths.inbox})")
-    package = pending[-1]
+    package, last = _next_package(ctx, kind)
+    if package is None:
+        return last
     with _opened(ctx, package) as (header, out):
         meta = header["metadata"]
         target = ctx.paths.data_dir / "received" / f"{name}.parquet"
@@ -304,12 +308,9 @@ def receive_model(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) -> 
     from pipelines.trust import audit
     from pipelines.trust.signing import verify_model_dir
 
-    pending = _pending_packages(ctx, kind)
-    if not pending:
-        if last := _last_received(ctx, kind):
-            return last
-        raise StepError(f"no {kind} package in the {ctx.site} inbox ({ctx.paths.inbox})")
-    package = pending[-1]
+    package, last = _next_package(ctx, kind)
+    if package is None:
+        return last
     with _opened(ctx, package) as (header, out):
         model_dir = Path(header["path"])
         verify_model_dir(model_dir, paths=ctx.paths, signer_site=header["sender"])

@@ -1,9 +1,10 @@
-"""Small file helpers shared by the trust modules: atomic writes and inter-process locks."""
+"""Small file helpers shared by the trust modules: atomic writes, digests and inter-process locks."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -31,6 +32,20 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 def write_json(path: Path, data: Any, mode: int = 0o644) -> None:
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(directory: Path, exclude: set[str]) -> dict[str, str]:
+    """sha256 of every file below `directory` (relative path -> hex), leaving out the names in `exclude`."""
+    return {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name not in exclude}
 
 
 def read_json(path: Path) -> Any:

@@ -6,7 +6,6 @@ added to its JSON output, and the result is validated against the library's bund
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -21,7 +20,7 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 from packageurl import PackageURL
 
-from pipelines.trust._io import write_atomic
+from pipelines.trust._io import file_digests, sha256_file, write_atomic
 
 BOM_FILE = "bom.cdx.json"
 MODEL_FILE = "model.onnx"
@@ -42,17 +41,8 @@ def _hash(digest: str) -> HashType | None:
     return HashType(alg=known, content=value) if known else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _model_files(model_dir: Path) -> dict[str, str]:
-    return {str(p.relative_to(model_dir)): _sha256(p) for p in sorted(model_dir.rglob("*"))
-            if p.is_file() and p.name not in _TRUST_FILES}
+    return file_digests(model_dir, _TRUST_FILES)
 
 
 def _environment() -> list[Component]:
@@ -85,7 +75,7 @@ def write_ml_bom(
     model_ref = f"model:{model_name}@{version}"
     model = Component(
         name=model_name, version=str(version), type=ComponentType.MACHINE_LEARNING_MODEL, bom_ref=model_ref,
-        hashes=[HashType(alg=HashAlgorithm.SHA_256, content=_sha256(model_file))],
+        hashes=[HashType(alg=HashAlgorithm.SHA_256, content=sha256_file(model_file))],
         components=[Component(name=name, type=ComponentType.FILE, bom_ref=f"file:{name}",
                               hashes=[HashType(alg=HashAlgorithm.SHA_256, content=digest)])
                     for name, digest in _model_files(model_dir).items()],

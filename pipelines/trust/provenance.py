@@ -8,7 +8,6 @@ into `internalParameters` (`approvals`, `run`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,7 +25,7 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from pipelines import __version__
 from pipelines.trust import keys
-from pipelines.trust._io import read_json, write_json
+from pipelines.trust._io import file_digests, read_json, write_json
 from pipelines.workspace import SitePaths
 
 PROVENANCE_FILE = "provenance.dsse.json"
@@ -40,17 +39,8 @@ class ProvenanceError(RuntimeError):
     """An attestation is missing, badly signed or does not match the model files."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _subjects(model_dir: Path) -> dict[str, str]:
-    return {str(p.relative_to(model_dir)): _sha256(p) for p in sorted(model_dir.rglob("*"))
-            if p.is_file() and p.name not in _NOT_SUBJECTS}
+    return file_digests(model_dir, _NOT_SUBJECTS)
 
 
 def _digest(value: str | dict[str, str]) -> dict[str, str]:
