@@ -76,10 +76,13 @@ def init_site_repo(paths: SitePaths) -> bool:
                 conf["core"].update(wanted["core"])
                 conf["remote"]["site"] = wanted["remote"]["site"]
             created = True
+        # Only DVC's own files: anything else lying in the folder (say, data written by a run that
+        # died before `dvc add`) must reach git as a .dvc file, never as content.
+        dvc_files = [f for f in (".dvc/config", ".dvc/.gitignore", ".dvcignore") if (paths.repo / f).exists()]
+        git(paths, "add", "--", *dvc_files)
         if git(paths, "rev-parse", "--verify", "-q", "HEAD", check=False) == "" or git(
-            paths, "status", "--porcelain"
+            paths, "diff", "--cached", "--name-only"
         ):
-            git(paths, "add", "-A")
             git(paths, "commit", "-q", "--allow-empty", "-m", f"Initialise {paths.site} site repository")
             created = True
         return created

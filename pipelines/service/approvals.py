@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,14 @@ def pending_gates(
         return waiting
 
 
+def _recorded_by(client: httpx.Client, path: str, headers: dict[str, str]) -> str | None:
+    response = client.get(path, headers=headers)
+    if response.status_code != 200:
+        return None
+    responder = response.json().get("responded_by_user") or {}
+    return responder.get("id") if isinstance(responder, dict) else None
+
+
 def answer_gate(
     client_or_url: httpx.Client | str,
     user: str,
@@ -149,7 +158,15 @@ def answer_gate(
     body = {"chosen_options": [APPROVE if approve else REJECT], "params_input": {"comment": comment or ""}}
     what = f"gate {task_id} of {dag_id} run {run_id}"
     with _http(client_or_url) as client:
-        response = client.patch(path, json=body, headers=_headers(client, user, password))
+        headers = _headers(client, user, password)
+        response = client.patch(path, json=body, headers=headers)
+        for attempt in range(3):  # a busy SQLite metadata database answers 500; the answer was not stored
+            if response.status_code != 500:
+                break
+            time.sleep(2 * (attempt + 1))
+            response = client.patch(path, json=body, headers=headers)
+            if response.status_code == 409 and _recorded_by(client, path, headers) == user:
+                return client.get(path, headers=headers).json()  # the earlier try did store it
     if response.status_code == 403:
         raise ApprovalError(f"{user} may not answer {what}: not an assigned approver", 403)
     if response.status_code == 409:
