@@ -16,8 +16,10 @@ from pipelines.workspace import SitePaths
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
+    """Every file's digest, less caches that change without a change of content (git's index, locks)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "mlflow" not in p.parts and ".repo.lock" not in p.name}
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and "mlflow" not in p.parts and p.name not in (".repo.lock", "index")}
 
 
 @pytest.fixture(scope="module")
