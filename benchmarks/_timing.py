@@ -17,6 +17,19 @@ KIND_OF_STEP = {
 }
 
 
+def warm_imports() -> None:
+    """Import what the steps use before timing, so neither side pays the first import of torch,
+    MLflow or Great Expectations."""
+    import great_expectations  # noqa: F401
+    import mlflow  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import torch  # noqa: F401
+
+    from pipelines.steps import get_step
+
+    get_step("train_model")
+
+
 def fresh_home(prefix: str) -> Path:
     """A new FACTORY_HOME with the three sites built (not timed)."""
     from pipelines.init import init_workspace

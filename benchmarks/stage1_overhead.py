@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import fresh_home  # noqa: E402
+from _timing import fresh_home, warm_imports  # noqa: E402
 
 
 def direct(home: Path) -> float:
@@ -45,6 +45,7 @@ def main() -> None:
     import os
 
     os.environ["FACTORY_HOME"] = str(airflow_home)
+    warm_imports()
     t_airflow = through_airflow(airflow_home)
     t_direct = direct(direct_home)
     print(f"stage 1 direct step calls : {t_direct:8.2f} s")
