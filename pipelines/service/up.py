@@ -445,7 +445,8 @@ def up_command(port, host, detach, mlflow, do_init, trigger, dags_folder, timeou
             state["first_run"] = {"dag_id": FIRST_DAG, "run_id": run_id,
                                   "triggered_after_s": round(time.monotonic() - started, 1)}
             _write_state(home, state)
-            click.echo("it stops at its first approval gate; see `factory approvals --as supplier_officer`")
+            click.echo("the collaboration runs on by itself until its first approval gate, the origin's data "
+                       "release in stage 2: see `factory approvals --as origin_officer`")
     if detach:
         return
     _supervise(home, state)
