@@ -152,4 +152,4 @@ def run_command(stages_text: str, approve: bool) -> None:
         sys.exit(1)
     from pipelines.report import print_summary
 
-    print_summary(factory_home(), stages)
+    print_summary(factory_home())

@@ -21,7 +21,7 @@ from pipelines.workspace import SitePaths, WorkspaceError, factory_home
 
 METRIC_KEYS = ("supplier_test", "origin_test", "destination_test", "destination_contribution_holdout")
 # stage number -> (model, site that produced it)
-STAGE_MODELS = ((1, "M1", "supplier"), (3, "M3", "supplier"), (4, "M4", "origin"), (5, "M5", "supplier"),
+STAGE_ROWS = ((1, "M1", "supplier"), (3, "M3", "supplier"), (4, "M4", "origin"), (5, "M5", "supplier"),
                 (6, "M6", "supplier"), (7, "M7", "destination"), (8, "M8", "supplier"))
 
 
@@ -42,7 +42,7 @@ def build_report(home: Path | None = None) -> dict[str, Any]:
     home = home or factory_home()
     SitePaths.of("supplier", home).require()
     stages = []
-    for number, model, site in STAGE_MODELS:
+    for number, model, site in STAGE_ROWS:
         metrics: dict[str, float] = {}
         for holder in SITES:
             metrics.update(_metrics_at(SitePaths.of(holder, home), model))
@@ -100,9 +100,8 @@ def render_table(report: dict[str, Any]) -> Table:
     return table
 
 
-def print_summary(home: Path, stages: list[int]) -> None:
-    report = build_report(home)
-    Console().print(render_table(report))
+def print_summary(home: Path) -> None:
+    Console().print(render_table(build_report(home)))
 
 
 @click.command("report")

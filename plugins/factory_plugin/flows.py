@@ -74,10 +74,6 @@ def training_flow(*, site: str, stage: str, profile: str, datasets: list[str], t
     return step_task("register_model", site=site, trained=exported, outlets=outlets or [model_asset(site, stage)])
 
 
-def _requested_by_template() -> str:
-    return "{{ dag_run.triggering_user_name or 'svc-' ~ params.get('site', '') }}"
-
-
 def approval_step(*, group: str, gate_name: str, owner_site: str, required_role: str, subject: str, body: str,
                   after: list | None = None):
     """An approval gate (HITL) followed by the task that re-checks the recorded answer.

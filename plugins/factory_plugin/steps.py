@@ -32,9 +32,14 @@ def step_context(site: str, context: dict[str, Any]):
 
 @task
 def run_local_step(step_name: str, site: str, step_params: dict[str, Any], **context: Any) -> dict[str, Any]:
-    from pipelines.steps import run_step
+    from airflow.sdk.exceptions import AirflowFailException
 
-    return run_step(step_name, step_context(site, context), **step_params)
+    from pipelines.steps import StepError, run_step
+
+    try:
+        return run_step(step_name, step_context(site, context), **step_params)
+    except StepError as error:  # a quality bar or a gate said no: retrying cannot change that
+        raise AirflowFailException(f"{step_name} at {site}: {error}") from error
 
 
 def _templated(value: Any, upstream: list[XComArg]) -> Any:

@@ -218,10 +218,7 @@ def test_allowed_approvers_follow_the_approval_policy(embedded):
 
 
 def test_decision_is_written_to_the_site_audit_log(embedded, tmp_path, monkeypatch):
-    try:
-        from pipelines.trust import audit, keys
-    except ImportError as error:
-        pytest.skip(f"pipelines.trust is not available yet: {error}")
+    from pipelines.trust import audit, keys
     from pipelines.workspace import SitePaths
 
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path))
