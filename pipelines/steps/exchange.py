@@ -194,8 +194,7 @@ def _opened(ctx: StepContext, package: Path):
 
     scratch = Path(tempfile.mkdtemp(prefix="open-", dir=ctx.paths.state_dir))
     try:
-        header = open_package(ctx.paths, package, scratch / "out")
-        yield header, scratch / "out"
+        yield open_package(ctx.paths, package, scratch / "out")  # content at header["path"]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -208,7 +207,7 @@ def receive_dataset(ctx: StepContext, *, kind: str, name: str) -> dict[str, Any]
     package, last = _next_package(ctx, kind)
     if package is None:
         return last
-    with _opened(ctx, package) as (header, out):
+    with _opened(ctx, package) as header:
         meta = header["metadata"]
         target = ctx.paths.data_dir / "received" / f"{name}.parquet"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -311,7 +310,7 @@ def receive_model(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) -> 
     package, last = _next_package(ctx, kind)
     if package is None:
         return last
-    with _opened(ctx, package) as (header, out):
+    with _opened(ctx, package) as header:
         model_dir = Path(header["path"])
         verify_model_dir(model_dir, paths=ctx.paths, signer_site=header["sender"])
         meta = json.loads((model_dir / "metadata.json").read_text())

@@ -4,37 +4,25 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from click.testing import CliRunner
 
 from pipelines.policy.cli import policy
-
-ALLOWED = {
-    "user": {"id": "origin_officer", "site": "origin", "roles": ["compliance_officer"]},
-    "gate": {"name": "stage_2_data_release", "owner_site": "origin", "required_role": "compliance_officer"},
-    "requested_by": "origin_engineer",
-}
-
-
-@pytest.fixture(autouse=True)
-def embedded(monkeypatch):
-    monkeypatch.delenv("FACTORY_OPA_URL", raising=False)
 
 
 def run(*args, input=None):
     return CliRunner().invoke(policy, list(args), input=input)
 
 
-def test_eval_allowed_exits_0(tmp_path):
+def test_eval_allowed_exits_0(allowed_approval, tmp_path):
     path = tmp_path / "in.json"
-    path.write_text(json.dumps(ALLOWED))
+    path.write_text(json.dumps(allowed_approval))
     result = run("eval", "--gate", "approval", "--input", str(path))
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"allow": True, "reasons": []}
 
 
-def test_eval_denied_exits_1_with_reasons_from_stdin():
-    result = run("eval", "--gate", "approval", "--input", "-", input=json.dumps(dict(ALLOWED, requested_by="origin_officer")))
+def test_eval_denied_exits_1_with_reasons_from_stdin(allowed_approval):
+    result = run("eval", "--gate", "approval", "--input", "-", input=json.dumps(dict(allowed_approval, requested_by="origin_officer")))
     assert result.exit_code == 1
     decision = json.loads(result.output)
     assert decision["allow"] is False

@@ -40,11 +40,6 @@ EXPORT = {
 
 
 @pytest.fixture
-def embedded(monkeypatch):
-    monkeypatch.delenv("FACTORY_OPA_URL", raising=False)
-
-
-@pytest.fixture
 def opa_env(monkeypatch, fake_opa):
     monkeypatch.setenv("FACTORY_OPA_URL", fake_opa.url)
     monkeypatch.setenv("FACTORY_OPA_TIMEOUT", "0.5")

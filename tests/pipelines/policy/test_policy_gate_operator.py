@@ -10,31 +10,20 @@ import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from factory_plugin.policy_gate import PolicyGateOperator
 
-ALLOWED = {
-    "user": {"id": "origin_officer", "site": "origin", "roles": ["compliance_officer"]},
-    "gate": {"name": "stage_2_data_release", "owner_site": "origin", "required_role": "compliance_officer"},
-    "requested_by": "origin_engineer",
-}
 
-
-@pytest.fixture(autouse=True)
-def embedded(monkeypatch):
-    monkeypatch.delenv("FACTORY_OPA_URL", raising=False)
-
-
-def test_allowed_gate_returns_the_decision_record():
-    op = PolicyGateOperator(task_id="gate", gate="approval", input_builder=ALLOWED)
+def test_allowed_gate_returns_the_decision_record(allowed_approval):
+    op = PolicyGateOperator(task_id="gate", gate="approval", input_builder=allowed_approval)
     record = op.execute({})
     assert record["allow"] is True and record["reasons"] == [] and record["gate"] == "approval"
     assert record["input_digest"].startswith("sha256:") and record["engine"] == "regorus"
 
 
-def test_input_builder_callable_reads_the_context():
+def test_input_builder_callable_reads_the_context(allowed_approval):
     seen = {}
 
     def build(context):
         seen.update(context)
-        return dict(ALLOWED, requested_by=context["requester"])
+        return dict(allowed_approval, requested_by=context["requester"])
 
     op = PolicyGateOperator(task_id="gate", gate="approval", input_builder=build)
     with pytest.raises(AirflowFailException, match="may not answer their own request"):
@@ -48,22 +37,22 @@ def test_denial_fails_without_retry_naming_the_reasons():
         op.execute({})
 
 
-def test_undecided_gate_raises_a_retryable_error(monkeypatch):
+def test_undecided_gate_raises_a_retryable_error(allowed_approval, monkeypatch):
     monkeypatch.setenv("FACTORY_OPA_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
-    op = PolicyGateOperator(task_id="gate", gate="approval", input_builder=ALLOWED)
+    op = PolicyGateOperator(task_id="gate", gate="approval", input_builder=allowed_approval)
     with pytest.raises(AirflowException, match="unreachable") as caught:
         op.execute({})
     assert not isinstance(caught.value, AirflowFailException)
 
 
-def test_decision_is_audited_at_the_site(tmp_path, monkeypatch):
+def test_decision_is_audited_at_the_site(allowed_approval, tmp_path, monkeypatch):
     from pipelines.trust import audit, keys
     from pipelines.workspace import SitePaths
 
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path))
     paths = SitePaths.of("origin", tmp_path)
     keys.ensure_site_keys(paths)
-    PolicyGateOperator(task_id="gate", gate="approval", input_builder=ALLOWED, site="origin").execute({})
+    PolicyGateOperator(task_id="gate", gate="approval", input_builder=allowed_approval, site="origin").execute({})
     [entry] = [e for e in audit.entries(paths) if e["action"] == "policy.decision"]
     assert entry["object"] == "approval" and entry["outcome"] == "allow"
 
