@@ -43,6 +43,7 @@ allow if {
 	is_string(resource.id)
 	resource.id != ""
 	is_string(resource.owner)
+	resource.owner != ""
 	is_array(resource.releasable_to)
 	every s in resource.releasable_to {
 		is_string(s)

@@ -61,6 +61,7 @@ allow if {
 		is_string(a.user)
 		a.user != ""
 		is_string(a.site)
+		a.site != ""
 		is_array(a.roles)
 		a.decision == "approve"
 		a.user != requester

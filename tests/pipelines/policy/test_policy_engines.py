@@ -13,7 +13,7 @@ import pytest
 import pipelines.policy as policy
 from pipelines.policy import evaluate
 from pipelines.policy.bundle import load_bundle
-from pipelines.policy.engines import new_regorus
+from pipelines.policy.engines import first_line, new_regorus
 from pipelines.policy.testing import captured_inputs
 
 INPUTS = captured_inputs()
@@ -68,6 +68,68 @@ def test_denials_always_explain_and_agree_with_deny_rules(gate, document):
     assert decision["allow"] == (len(deny) == 0), (decision, deny)
     if not decision["allow"]:
         assert decision["reasons"] and decision["reasons"] == sorted(deny)
+
+
+# Values of every JSON type, put in place of each field of an allowed input: the fast
+# `allow` paths check types with comparisons across types, which these cases pin down.
+REPLACEMENTS = [None, True, False, 0, -1, 0.95, 1e9, "", "x", "zzz", [], ["x"], [1, 2], {}, {"a": 1}]
+DELETED = object()
+
+
+def _variants(document, path=()):
+    """(path, document with the value at path replaced or deleted) for every field of document."""
+    items = document.items() if isinstance(document, dict) else enumerate(document) if isinstance(document, list) else ()
+    for key, value in items:
+        for replacement in (*REPLACEMENTS, DELETED):
+            if replacement is DELETED and not isinstance(document, dict):
+                continue
+            changed = json.loads(json.dumps(document))
+            if replacement is DELETED:
+                del changed[key]
+            else:
+                changed[key] = replacement
+            yield (*path, key), changed
+        for sub_path, sub in _variants(value, (*path, key)):
+            changed = json.loads(json.dumps(document))
+            changed[key] = sub
+            yield sub_path, changed
+
+
+@pytest.mark.parametrize("gate", ["data_access", "data_release", "model_release", "approval"])
+def test_fast_path_agrees_with_deny_rules_on_malformed_fields(gate):
+    """Every field of an allowed input replaced by a value of each type, or deleted: the fast
+    `allow` path allows exactly when the `deny` rules find nothing."""
+    engine = new_regorus(load_bundle())
+    allowed = []
+    for g, document in INPUTS:
+        engine.set_input_json(json.dumps(document))
+        if g == gate and engine.eval_rule(f"data.factory.{gate}.decision")["allow"]:
+            allowed.append(document)
+    assert allowed, f"no allowed {gate} input among the Rego tests"
+    checked, disagreements = 0, []
+    for document in allowed[:3]:
+        for path, variant in _variants(document):
+            engine.set_input_json(json.dumps(variant))
+            try:
+                decision = engine.eval_rule(f"data.factory.{gate}.decision")
+                deny = engine.eval_rule(f"data.factory.{gate}.deny") or set()
+            except RuntimeError as error:  # regorus raises where OPA leaves a builtin's result undefined
+                disagreements.append((".".join(map(str, path)), variant_value(variant, path), first_line(error)))
+                continue
+            if decision["allow"] != (len(deny) == 0):
+                disagreements.append((".".join(map(str, path)), variant_value(variant, path), sorted(deny)))
+            checked += 1
+    assert checked > 100
+    assert not disagreements, "\n".join(map(str, disagreements))
+
+
+def variant_value(document, path):
+    for key in path:
+        try:
+            document = document[key]
+        except (KeyError, IndexError, TypeError):
+            return "<deleted>"
+    return document
 
 
 def test_engine_parity_on_every_rego_test_input(monkeypatch, fake_opa):
