@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -157,6 +158,37 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
+def _sync_file_range() -> Callable[[int, int, int], None] | None:
+    """Linux's sync_file_range(2), which the standard library does not wrap; None elsewhere."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+_START_WRITEBACK = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class _StreamWriter:
+    """Writes a file sequentially from `offset` and asks the kernel to start writing each piece to
+    disk at once (sync_file_range, where the platform has it), so the disk works while the stream
+    goes on and the closing fsync finds little left to do. Without it the whole output piles up as
+    dirty pages and is flushed only at the end, which on this kind of machine more than doubles
+    the time of a large package."""
+
+    def __init__(self, fd: int, offset: int = 0):
+        self.fd, self.offset = fd, offset
+
+    def __call__(self, view: memoryview) -> None:
+        _write_all(self.fd, view)
+        if _START_WRITEBACK is not None and len(view):
+            _START_WRITEBACK(self.fd, self.offset, len(view), _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
+        self.offset += len(view)
+
+
 def _pipeline(
     src_fd: int,
     block: int,
@@ -170,11 +202,13 @@ def _pipeline(
     """Stream `src_fd` in `block`-sized pieces through `crypt` (chunk index, final flag, input view,
     output view) into `sink`, hashing the plaintext (the input when sealing, the output when opening).
 
-    Reading, hashing and writing run on one worker thread each (all three release the GIL), so they
+    Reading (with a sequential read-ahead hint), hashing and writing run on one worker thread each (all three release the GIL), so they
     overlap with the AEAD work in the calling thread; buffers come from a fixed pool of `_BUFFERS`
     input and output buffers, so memory stays bounded. `count` is the number of chunks when known;
     otherwise the final chunk is the one after which the file ends. Returns (chunks, input bytes).
     """
+    if hasattr(os, "posix_fadvise"):  # a read-ahead window fit for one long sequential read (as cp asks)
+        os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     ins = [bytearray(block) for _ in range(_BUFFERS)]
     outs = [bytearray(out_size(block)) for _ in range(_BUFFERS)]
     readers, hashers, writers = (ThreadPoolExecutor(1, thread_name_prefix=f"pkg-{n}") for n in ("read", "hash", "write"))
@@ -231,7 +265,8 @@ class _Encryptor:
     """Consumes plaintext blocks, emits sealed chunks to `fd`, hashes the plaintext."""
 
     def __init__(self, fd: int, key: bytes, prefix: bytes, package_id: bytes, chunk_size: int):
-        self.fd, self.aead, self.prefix, self.pid, self.chunk_size = fd, AESGCM(key), prefix, package_id, chunk_size
+        self.aead, self.prefix, self.pid, self.chunk_size = AESGCM(key), prefix, package_id, chunk_size
+        self.sink = _StreamWriter(fd, os.lseek(fd, 0, os.SEEK_CUR))
         self.out = bytearray(chunk_size + 16)
         self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self.index = self.size = 0
@@ -242,7 +277,7 @@ class _Encryptor:
         nonce, aad = _nonce_aad(self.prefix, self.pid, self.index, final)
         view = memoryview(self.out)[: len(data) + 16]
         self.aead.encrypt_into(nonce, data, aad, view)
-        _write_all(self.fd, view)
+        self.sink(view)
         self.index += 1
         self.size += len(data)
 
@@ -262,8 +297,8 @@ class _Encryptor:
             nonce, aad = _nonce_aad(self.prefix, self.pid, index, final)
             self.aead.encrypt_into(nonce, data, aad, out)
 
-        self.index, self.size = _pipeline(src_fd, self.chunk_size, lambda n: n + 16, crypt,
-                                          lambda view: _write_all(self.fd, view), self.hasher, hash_output=False)
+        self.index, self.size = _pipeline(src_fd, self.chunk_size, lambda n: n + 16, crypt, self.sink, self.hasher,
+                                          hash_output=False)
 
 
 # ---------------------------------------------------------------- seal
@@ -511,7 +546,7 @@ def open_package(recipient: SitePaths, package: Path, out_dir: Path, *, actor: s
         if header["layout"] == "file":
             out_fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                _decrypt(recipient, handle, header, offset, lambda view: _write_all(out_fd, view))
+                _decrypt(recipient, handle, header, offset, _StreamWriter(out_fd))
                 os.fsync(out_fd)
             finally:
                 os.close(out_fd)
