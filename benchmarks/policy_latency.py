@@ -60,24 +60,33 @@ CASES = [("data_access", DATA_ACCESS, True), ("model_release", MODEL_RELEASE, Tr
          ("model_release", MODEL_RELEASE_DENIED, False)]
 
 
-def measure(fn, n: int, rounds: int = 10) -> dict[str, float]:
-    """p50/p99 over all calls, decisions per second, and the best round's p50 (the cost on a quiet machine)."""
-    for _ in range(min(200, n)):
-        fn()
-    times, medians = [], []
-    started = time.perf_counter()
-    for _ in range(rounds):
-        chunk = []
-        for _ in range(max(1, n // rounds)):
-            t0 = time.perf_counter()
+def measure(functions: dict, n: int, rounds: int = 10) -> dict:
+    """Time each function n times, in `rounds` rounds interleaved with the others (so a slow spell
+    of a shared machine is spread over all of them). Returns, per function, p50/p99 over all calls,
+    decisions per second and the best round's p50 (the cost on a quiet machine)."""
+    for fn in functions.values():
+        for _ in range(min(200, n)):
             fn()
-            chunk.append(time.perf_counter() - t0)
-        medians.append(statistics.median(chunk))
-        times += chunk
-    total = time.perf_counter() - started
-    times.sort()
-    return {"p50": statistics.median(times) * 1e6, "p99": times[int(len(times) * 0.99) - 1] * 1e6,
-            "per_s": len(times) / total, "best": min(medians) * 1e6}
+    times = {key: [] for key in functions}
+    medians = {key: [] for key in functions}
+    spent = dict.fromkeys(functions, 0.0)
+    for _ in range(rounds):
+        for key, fn in functions.items():
+            chunk = []
+            started = time.perf_counter()
+            for _ in range(max(1, n // rounds)):
+                t0 = time.perf_counter()
+                fn()
+                chunk.append(time.perf_counter() - t0)
+            spent[key] += time.perf_counter() - started
+            medians[key].append(statistics.median(chunk))
+            times[key] += chunk
+    result = {}
+    for key, values in times.items():
+        values.sort()
+        result[key] = {"p50": statistics.median(values) * 1e6, "p99": values[int(len(values) * 0.99) - 1] * 1e6,
+                       "per_s": len(values) / spent[key], "best": min(medians[key]) * 1e6}
+    return result
 
 
 @contextmanager
@@ -111,22 +120,24 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.pop("FACTORY_OPA_URL", None)
     engine = engine_for(load_bundle()).engine()
-    rows = []
-    for gate, document, allowed in CASES:
+    embedded = {}
+    for index, (gate, document, allowed) in enumerate(CASES):
         assert evaluate(gate, document).allow is allowed, (gate, evaluate(gate, document).reasons)
-        text = json.dumps(document)
-        rule = f"data.factory.{gate}.decision"
-        bare = measure(lambda text=text, rule=rule: (engine.set_input_json(text), engine.eval_rule(rule)), args.n)
-        full = measure(lambda gate=gate, document=document: evaluate(gate, document), args.n)
-        rows.append((gate, allowed, bare, full))
+        text, rule = json.dumps(document), f"data.factory.{gate}.decision"
+        embedded[("bare", index)] = lambda text=text, rule=rule: (engine.set_input_json(text), engine.eval_rule(rule))
+        embedded[("full", index)] = lambda gate=gate, document=document: evaluate(gate, document)
+    results = measure(embedded, args.n)
     with server_url() as (url, kind):
         os.environ["FACTORY_OPA_URL"] = url
+        served = {}
         for index, (gate, document, allowed) in enumerate(CASES):
             decision = evaluate(gate, document)
             assert decision.engine == "opa" and decision.allow is allowed, decision
-            rows[index] += (measure(lambda gate=gate, document=document: evaluate(gate, document),
-                                    max(200, args.n // 5)),)
+            served[("http", index)] = lambda gate=gate, document=document: evaluate(gate, document)
+        results |= measure(served, max(200, args.n // 5))
         os.environ.pop("FACTORY_OPA_URL")
+    rows = [(gate, allowed, results[("bare", i)], results[("full", i)], results[("http", i)])
+            for i, (gate, _, allowed) in enumerate(CASES)]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"policy gate latency, {args.n} decisions each; {os.cpu_count()} CPUs, load average {load:.2f}")
     print(f"HTTP path: {kind}. Times in us: p50 / p99 over all calls, [best round's p50]")
