@@ -7,8 +7,9 @@ the part of it spent in fsync, and its peak RSS. Every tool's output is fsync'd 
 it themselves, so `cp` and `age` are timed both plain and followed by `sync FILE` (the durable
 equivalent). Needs `age` (Debian package `age`) for that column. Not run as a test.
 
-Each operation runs in several rounds, each time paired with a `cp` run right before or after it
-(alternating), and the ratios compare the two runs of a pair: on a shared virtual machine, large
+Each operation runs in several rounds, each time paired with a `cp` of its own input (the plain
+file for seal and age encrypt, the package or age file for open and age decrypt) right before or
+after it (alternating), and the ratios compare the two runs of a pair: on a shared virtual machine, large
 writes go through phases several times slower than others, lasting tens of seconds, which
 separate single runs would charge to whichever tool ran then.
 """
@@ -54,9 +55,21 @@ print(json.dumps({"seconds": elapsed, "fsync": fsync_time,
 """
 
 
-def _timed(command: list[str], sync_target: Path | None = None) -> tuple[float, float]:
-    """Run `command`; return (seconds, seconds including `sync FILE` of its output)."""
-    os.sync()  # start from a clean page cache state: no earlier writeback competing
+def _cold(path: Path) -> None:
+    """Write back everything and drop `path` from the page cache: every run reads its input from disk.
+    (Left alone, whether an input is still cached depends on how long ago it was written: this kind
+    of virtual machine pages out cold page cache, as `kdamond` does here.)"""
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _timed(command: list[str], source: Path, sync_target: Path | None = None) -> tuple[float, float]:
+    """Run `command` on a cold `source`; return (seconds, seconds including `sync FILE` of its output)."""
+    _cold(source)
     start = time.perf_counter()
     subprocess.run(command, check=True)
     plain = time.perf_counter() - start
@@ -66,7 +79,7 @@ def _timed(command: list[str], sync_target: Path | None = None) -> tuple[float, 
 
 
 def _child(op: str, home: Path, src: Path, dst: Path) -> dict:
-    os.sync()
+    _cold(src)
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", CHILD, op, str(home), str(src), str(dst)], cwd=ROOT,
                             check=True, capture_output=True, text=True)
@@ -116,6 +129,8 @@ def main() -> None:
     times: dict[str, list[float]] = defaultdict(list)
     rss: dict[str, list[float]] = defaultdict(list)
     ratios: dict[str, list[float]] = defaultdict(list)
+    op_times: dict[str, list[float]] = defaultdict(list)
+    cp_times: dict[str, list[float]] = defaultdict(list)  # the cp run paired with each of those
     age = shutil.which("age")
     try:
         home = work / "home"
@@ -129,8 +144,8 @@ def main() -> None:
             recipient = subprocess.run(["age-keygen", "-y", str(work / "age.key")], check=True,
                                        capture_output=True, text=True).stdout.strip()
 
-        def run_cp() -> float:
-            plain, synced = _timed(["cp", str(src), str(work / "copy.bin")], work / "copy.bin")
+        def run_cp(source: Path) -> float:
+            plain, synced = _timed(["cp", str(source), str(work / "copy.bin")], source, work / "copy.bin")
             times["cp (plain)"].append(plain)
             times["cp + fsync"].append(synced)
             (work / "copy.bin").unlink()
@@ -152,30 +167,32 @@ def main() -> None:
             rss[op].append(report["peak_rss_mib"])
             return report["seconds"]
 
-        def run_age(op: str, command: list[str], target: Path) -> float:
-            plain, synced = _timed(command, target)
+        def run_age(op: str, command: list[str], source: Path, target: Path) -> float:
+            plain, synced = _timed(command, source, target)
             times[f"{op} (plain)"].append(plain)
             times[f"{op} + fsync"].append(synced)
             return synced
 
-        measured = [("seal", run_seal), ("open", run_open)]
+        measured = [("seal", run_seal, src), ("open", run_open, work / "input.pkg")]
         if age:
             measured += [
                 ("age encrypt", lambda: run_age("age encrypt", [age, "-r", recipient, "-o", str(work / "input.age"),
-                                                                str(src)], work / "input.age")),
+                                                                str(src)], src, work / "input.age"), src),
                 ("age decrypt", lambda: run_age("age decrypt", [age, "-d", "-i", str(work / "age.key"), "-o",
                                                                 str(work / "age.out"), str(work / "input.age")],
-                                                work / "age.out")),
+                                                work / "input.age", work / "age.out"), work / "input.age"),
             ]
         for round_index in range(args.rounds):
-            # each operation is paired with a cp run right before or after it (alternating by round),
-            # and compared with that one: the pair shares the machine's state of the moment
-            for name, operation in measured:
+            # each operation is paired with a cp of the same input right before or after it (alternating
+            # by round), and compared with that one: the pair shares the machine's state of the moment
+            for name, operation, source in measured:
                 if round_index % 2 == 0:
-                    baseline, seconds = run_cp(), operation()
+                    baseline, seconds = run_cp(source), operation()
                 else:
-                    seconds, baseline = operation(), run_cp()
+                    seconds, baseline = operation(), run_cp(source)
                 ratios[name].append(seconds / baseline)
+                op_times[name].append(seconds)
+                cp_times[name].append(baseline)
             (work / "input.pkg").unlink()
             (work / "age.out").unlink(missing_ok=True)
             (work / "input.age").unlink(missing_ok=True)
@@ -186,7 +203,7 @@ def main() -> None:
     med = {name: _median(values) for name, values in times.items()}
     gib = size / (1 << 30)
     print(f"file: {gib:.2f} GiB under {args.dir}; {args.rounds} rounds, medians (min..max); "
-          "outputs fsync'd unless marked plain\n")
+          "inputs read from disk (cold cache), outputs fsync'd unless marked plain\n")
     print(f"{'operation':<26}{'seconds':>9}{'range':>14}{'MiB/s':>8}")
     order = ["cp (plain)", "cp + fsync", "age encrypt (plain)", "age encrypt + fsync", "age decrypt (plain)",
              "age decrypt + fsync", "raw AES-256-GCM (memory)", "seal (incl. fsync)", "  seal: of which fsync",
@@ -197,18 +214,14 @@ def main() -> None:
               f"{size / MiB / med[name]:>8.0f}")
     print()
     ratio = {name: _median(values) for name, values in ratios.items()}
-    print("each against the cp + fsync run beside it (median of the rounds' ratios):")
+    print("each against the cp + fsync of its input run beside it (median of the rounds' ratios):")
     for name, values in ratios.items():
         print(f"  {name:<13}{ratio[name]:>6.2f}x   rounds: {', '.join(f'{v:.2f}' for v in values)}")
     if age:
         print(f"  seal / age encrypt = {ratio['seal'] / ratio['age encrypt']:.2f}x   "
               f"open / age decrypt = {ratio['open'] / ratio['age decrypt']:.2f}x")
-    best = {name: min(values) for name, values in times.items()}
-    print(f"  best runs (the quiet machine): seal / (cp + fsync) = {best['seal (incl. fsync)'] / best['cp + fsync']:.2f}x"
-          f", open / (cp + fsync) = {best['open (incl. fsync)'] / best['cp + fsync']:.2f}x")
-    print(f"  before fsync, vs cp plain (medians): seal "
-          f"{(med['seal (incl. fsync)'] - med['  seal: of which fsync']) / med['cp (plain)']:.2f}x, open "
-          f"{(med['open (incl. fsync)'] - med['  open: of which fsync']) / med['cp (plain)']:.2f}x")
+    print("  best runs (the quiet machine), each against the best cp of its input: " + ", ".join(
+        f"{name} {min(op_times[name]) / min(cp_times[name]):.2f}x" for name in ratios))
     peak = max(max(rss["seal"]), max(rss["open"]))
     print(f"peak RSS: seal {max(rss['seal']):.0f} MiB, open {max(rss['open']):.0f} MiB")
     met = ratio["seal"] <= 1.25 and ratio["open"] <= 1.25 and peak < 150

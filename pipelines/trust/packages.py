@@ -60,6 +60,7 @@ DEFAULT_KEM = "mlkem768-x25519"
 KEMS = {"mlkem768-x25519": hpke.KEM.MLKEM768_X25519, "x25519": hpke.KEM.X25519}
 _SLACK = 64  # header room for the size/digest/chunk counts filled in after streaming
 _BUFFERS = 4  # input and output buffers of the streaming pipeline (memory: 2 x 4 x chunk size)
+READ_AHEAD = 64 << 20  # how far ahead of the reader the kernel is asked to fetch (page cache, not memory of ours)
 
 
 class PackageRejected(Exception):
@@ -189,6 +190,24 @@ class _StreamWriter:
         self.offset += len(view)
 
 
+class _ReadAhead:
+    """Keeps the kernel fetching the READ_AHEAD bytes after the reader's position (POSIX_FADV_WILLNEED),
+    asked for in steps of a quarter of that, where the platform has posix_fadvise."""
+
+    def __init__(self, fd: int):
+        self.fd, self.position = fd, os.lseek(fd, 0, os.SEEK_CUR)
+        self.asked = self.position
+        self.enabled = hasattr(os, "posix_fadvise")
+        if self.enabled:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def ahead(self) -> None:
+        if self.enabled and self.asked < self.position + READ_AHEAD // 4 * 3:
+            end = self.position + READ_AHEAD
+            os.posix_fadvise(self.fd, self.asked, end - self.asked, os.POSIX_FADV_WILLNEED)
+            self.asked = end
+
+
 def _pipeline(
     src_fd: int,
     block: int,
@@ -202,13 +221,14 @@ def _pipeline(
     """Stream `src_fd` in `block`-sized pieces through `crypt` (chunk index, final flag, input view,
     output view) into `sink`, hashing the plaintext (the input when sealing, the output when opening).
 
-    Reading (with a sequential read-ahead hint), hashing and writing run on one worker thread each (all three release the GIL), so they
-    overlap with the AEAD work in the calling thread; buffers come from a fixed pool of `_BUFFERS`
+    Reading, hashing and writing run on one worker thread each (all three release the GIL), so they
+    overlap with the AEAD work in the calling thread; the reader asks the kernel to fetch the next
+    READ_AHEAD bytes in the background (a plain sequential read keeps too little in flight on a
+    virtual disk: 2-3x slower from a cold cache); buffers come from a fixed pool of `_BUFFERS`
     input and output buffers, so memory stays bounded. `count` is the number of chunks when known;
     otherwise the final chunk is the one after which the file ends. Returns (chunks, input bytes).
     """
-    if hasattr(os, "posix_fadvise"):  # a read-ahead window fit for one long sequential read (as cp asks)
-        os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    fetch = _ReadAhead(src_fd)
     ins = [bytearray(block) for _ in range(_BUFFERS)]
     outs = [bytearray(out_size(block)) for _ in range(_BUFFERS)]
     readers, hashers, writers = (ThreadPoolExecutor(1, thread_name_prefix=f"pkg-{n}") for n in ("read", "hash", "write"))
@@ -220,7 +240,10 @@ def _pipeline(
         slot = index % _BUFFERS
         if in_busy[slot] is not None:
             in_busy[slot].result()
-        return _read_into(src_fd, memoryview(ins[slot]))
+        fetch.ahead()
+        got = _read_into(src_fd, memoryview(ins[slot]))
+        fetch.position += got
+        return got
 
     def submit_read(index: int) -> None:
         if index not in reads and (count is None or index < count):
