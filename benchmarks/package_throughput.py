@@ -82,12 +82,9 @@ def _timed(command: list[str], source: Path, sync_target: Path | None = None) ->
 
 def _child(op: str, home: Path, src: Path, dst: Path) -> dict:
     _cold(src)
-    start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", CHILD, op, str(home), str(src), str(dst)], cwd=ROOT,
                             check=True, capture_output=True, text=True)
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    report["wall"] = time.perf_counter() - start
-    return report
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _raw_aes(size: int) -> float:
@@ -111,10 +108,6 @@ def _make_input(path: Path, size: int) -> None:
         os.fsync(handle.fileno())
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gib", type=float, default=2.0)
@@ -130,7 +123,6 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pkg-bench-", dir=args.dir))
     times: dict[str, list[float]] = defaultdict(list)
     rss: dict[str, list[float]] = defaultdict(list)
-    ratios: dict[str, list[float]] = defaultdict(list)
     op_times: dict[str, list[float]] = defaultdict(list)
     cp_times: dict[str, list[float]] = defaultdict(list)  # the cp run paired with each of those
     age = shutil.which("age")
@@ -192,7 +184,6 @@ def main() -> None:
                     baseline, seconds = run_cp(source), operation()
                 else:
                     seconds, baseline = operation(), run_cp(source)
-                ratios[name].append(seconds / baseline)
                 op_times[name].append(seconds)
                 cp_times[name].append(baseline)
             (work / "input.pkg").unlink()
@@ -202,7 +193,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    med = {name: _median(values) for name, values in times.items()}
+    med = {name: statistics.median(values) for name, values in times.items()}
     gib = size / (1 << 30)
     print(f"file: {gib:.2f} GiB under {args.dir}; {args.rounds} rounds, medians (min..max); "
           "inputs read from disk (cold cache), outputs fsync'd unless marked plain\n")
@@ -216,7 +207,8 @@ def main() -> None:
               f"{size / MiB / med[name]:>8.0f}")
     print()
     seal_s, open_s = med["seal (incl. fsync)"], med["open (incl. fsync)"]
-    ratio = {name: _median(values) for name, values in ratios.items()}
+    ratios = {name: [op / cp for op, cp in zip(op_times[name], cp_times[name], strict=True)] for name in op_times}
+    ratio = {name: statistics.median(values) for name, values in ratios.items()}
     print("each against the cp + fsync of its input run beside it (median of the rounds' ratios):")
     for name, values in ratios.items():
         print(f"  {name:<13}{ratio[name]:>6.2f}x   rounds: {', '.join(f'{v:.2f}' for v in values)}")
@@ -232,6 +224,7 @@ def main() -> None:
         met = met and seal_s < med["age encrypt + fsync"] and open_s < med["age decrypt + fsync"]
     print(f"targets (paired ratios <= 1.25x cp + fsync, medians faster than age, RSS < 150 MiB): "
           f"{'met' if met else 'NOT met'}")
+
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
+import functools
 import json
 import os
 import shutil
@@ -159,8 +159,12 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-def _sync_file_range() -> Callable[[int, int, int], None] | None:
-    """Linux's sync_file_range(2), which the standard library does not wrap; None elsewhere."""
+@functools.cache
+def _start_writeback() -> Callable[[int, int, int, int], int] | None:
+    """Linux's sync_file_range(2), which the standard library does not wrap; None elsewhere.
+    Loaded on the first package write, not at import."""
+    import ctypes
+
     try:
         function = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (AttributeError, OSError):
@@ -169,7 +173,6 @@ def _sync_file_range() -> Callable[[int, int, int], None] | None:
     return function
 
 
-_START_WRITEBACK = _sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -181,12 +184,12 @@ class _StreamWriter:
     the time of a large package."""
 
     def __init__(self, fd: int, offset: int = 0):
-        self.fd, self.offset = fd, offset
+        self.fd, self.offset, self.start_writeback = fd, offset, _start_writeback()
 
     def __call__(self, view: memoryview) -> None:
         _write_all(self.fd, view)
-        if _START_WRITEBACK is not None and len(view):
-            _START_WRITEBACK(self.fd, self.offset, len(view), _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
+        if self.start_writeback is not None and len(view):
+            self.start_writeback(self.fd, self.offset, len(view), _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
         self.offset += len(view)
 
 
