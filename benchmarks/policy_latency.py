@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.policy import engine_for, evaluate  # noqa: E402
+from pipelines.policy import canonical_json, engine_for, evaluate  # noqa: E402
 from pipelines.policy.bundle import load_bundle  # noqa: E402
 from pipelines.policy.testing import serve_data_api  # noqa: E402
 
@@ -123,7 +123,7 @@ def main() -> None:
     embedded = {}
     for index, (gate, document, allowed) in enumerate(CASES):
         assert evaluate(gate, document).allow is allowed, (gate, evaluate(gate, document).reasons)
-        text, rule = json.dumps(document), f"data.factory.{gate}.decision"
+        text, rule = canonical_json(document).decode(), f"data.factory.{gate}.decision"
         embedded[("bare", index)] = lambda text=text, rule=rule: (engine.set_input_json(text), engine.eval_rule(rule))
         embedded[("full", index)] = lambda gate=gate, document=document: evaluate(gate, document)
     results = measure(embedded, args.n)

@@ -10,14 +10,13 @@ the decision is appended to that site's audit log.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import os
-import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -26,19 +25,23 @@ from pipelines.policy.engines import EngineFailure, OpaServerEngine, RegorusEngi
 
 __all__ = ["Decision", "evaluate", "allowed_approvers", "gates", "engine_for"]
 
-_GATE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     allow: bool
     reasons: tuple[str, ...]
     gate: str
-    input_digest: str
+    input_json: bytes  # the canonical JSON of the gate input (what the engine decided on)
     bundle_digest: str
     engine: str
     failed: bool = False  # True when no policy decided (engine, server, input or audit failure): a retry may help
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # other keys of the document
+    extra: Mapping[str, Any] = _NO_EXTRA  # other keys of the document (the ODD gate's mode)
+
+    @property
+    def input_digest(self) -> str:
+        """sha256 of the canonical input, computed when asked (audit log, records), not in every gate call."""
+        return "sha256:" + hashlib.sha256(self.input_json).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         """The decision document `{"allow": ..., "reasons": [...]}` (CLI output, XCom), plus any extra keys."""
@@ -50,10 +53,10 @@ class Decision:
                 "bundle_digest": self.bundle_digest, "engine": self.engine, "failed": self.failed}
 
 
-def canonical_json(value: Any) -> str:
-    """Sorted, compact JSON. orjson costs a tenth of the stdlib here, which matters at ~100 us a gate;
+def canonical_json(value: Any) -> bytes:
+    """Sorted, compact JSON. orjson costs a tenth of the stdlib here, which matters at ~50 us a gate;
     it writes NaN and infinities as null, which every gate treats as a missing value (deny)."""
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
 @functools.lru_cache(maxsize=8)
@@ -74,6 +77,32 @@ def engine_for(bundle: Bundle) -> RegorusEngine | OpaServerEngine:
     return _embedded(str(bundle.root))
 
 
+_selected: dict[tuple[bytes | None, ...], tuple[Bundle, RegorusEngine | OpaServerEngine]] = {}
+_SETTINGS = (b"FACTORY_POLICIES", b"FACTORY_OPA_URL", b"FACTORY_OPA_TIMEOUT", b"FACTORY_OPA_TOKEN")
+
+
+def _selection() -> tuple[Bundle, RegorusEngine | OpaServerEngine]:
+    """The bundle and engine of the current environment, built once per setting.
+
+    Each gate call reads the settings again, so a change of FACTORY_OPA_URL takes effect at
+    the next call. It reads them from the dict behind os.environ (bytes, on POSIX): there a
+    missing key costs a dict lookup, where os.environ.get raises and catches a KeyError,
+    which with its encode and decode steps costs several microseconds a key inside a gate
+    call of about 50."""
+    raw = getattr(os.environ, "_data", None)
+    if raw is None or os.name != "posix":  # not CPython's POSIX os.environ: read it the usual way
+        key: tuple = tuple(os.environ.get(name.decode()) for name in _SETTINGS)
+    else:
+        key = (raw.get(b"FACTORY_POLICIES"), raw.get(b"FACTORY_OPA_URL"))
+        if key[1]:
+            key += (raw.get(b"FACTORY_OPA_TIMEOUT"), raw.get(b"FACTORY_OPA_TOKEN"))
+    selection = _selected.get(key)
+    if selection is None:
+        bundle = load_bundle()
+        selection = _selected[key] = (bundle, engine_for(bundle))
+    return selection
+
+
 def gates() -> tuple[str, ...]:
     """The gates the policy folder defines (data_access, data_release, model_release, approval, ...)."""
     return load_bundle().gates
@@ -91,30 +120,27 @@ def evaluate(
 
     `actor` is who asks (recorded in the audit log); it defaults to the site's service identity.
     """
-    input_problem = None
     try:
-        input_json = canonical_json(input)
-    except (TypeError, ValueError) as error:
-        input_json, input_problem = repr(input), f"the gate input is not JSON: {error}"
-    input_digest = "sha256:" + hashlib.sha256(input_json.encode()).hexdigest()
-    engine_name, bundle_digest, extra, failed = "none", "none", {}, False
+        input_json, input_problem = canonical_json(input), None
+    except TypeError as error:  # orjson.JSONEncodeError
+        input_json, input_problem = repr(input).encode(errors="backslashreplace"), f"the gate input is not JSON: {error}"
+    engine_name, bundle_digest, extra, failed = "none", "none", _NO_EXTRA, False
     try:
-        bundle = load_bundle()
-        bundle_digest = bundle.digest
-        engine = engine_for(bundle)
-        engine_name = engine.name
-        if not isinstance(gate, str) or not _GATE_NAME.match(gate) or gate not in bundle.gates:
+        bundle, engine = _selection()
+        bundle_digest, engine_name = bundle.digest, engine.name
+        if gate not in bundle.gates:
             raise EngineFailure(f"unknown gate {gate!r}; gates are {', '.join(bundle.gates)}")
         if input_problem:
             raise EngineFailure(input_problem)
-        result = engine.decide(gate, input_json, input)
-        allow, reasons = result.pop("allow"), tuple(result.pop("reasons"))
-        extra = result
+        result = engine.decide(gate, input_json.decode(), input)
+        allow, reasons = result["allow"], tuple(result["reasons"])
+        if len(result) > 2:
+            extra = {key: value for key, value in result.items() if key not in ("allow", "reasons")}
         if not allow and not reasons:
             reasons = ("denied without a reason by the policy",)
     except (EngineFailure, BundleError) as error:
         allow, reasons, failed = False, (str(error),), True
-    decision = Decision(allow, reasons, str(gate), input_digest, bundle_digest, engine_name, failed, extra)
+    decision = Decision(allow, reasons, str(gate), input_json, bundle_digest, engine_name, failed, extra)
     if site is not None:
         decision = _record(decision, site, home, actor)
     return decision
@@ -146,7 +172,7 @@ def _record(decision: Decision, site: str, home: Path | None, actor: str | None)
         )
     except Exception as error:  # fail closed: an unrecorded decision does not allow anything
         reason = f"the decision could not be written to the audit log of {site}: {type(error).__name__}: {error}"
-        return dataclasses.replace(decision, allow=False, reasons=(*decision.reasons, reason), failed=True)
+        return decision._replace(allow=False, reasons=(*decision.reasons, reason), failed=True)
     return decision
 
 

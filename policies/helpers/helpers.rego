@@ -6,9 +6,9 @@
 #   Policy data is read from policies/data/*.json at data.data (the path of their
 #   folder, as `opa run --server policies/` loads them).
 #
-#   Each gate decides on a fast path (one `allow` rule with inline checks, so the
-#   interpreter does little work) and explains a denial on a slow path (`deny`
-#   rules built from these helpers). Tests check that the two agree.
+#   Each gate decides on a fast path (the first body of its `decision`, with inline
+#   checks, so the interpreter does little work) and explains a denial on a slow path
+#   (`deny` rules built from these helpers). Tests check that the two agree.
 package factory.helpers
 
 import rego.v1

@@ -61,7 +61,7 @@ def test_export_input_is_allowed_embedded(embedded):
 
 @pytest.mark.parametrize(("gate", "document"), INPUTS, ids=IDS)
 def test_denials_always_explain_and_agree_with_deny_rules(gate, document):
-    """The fast `allow` path and the `deny` reasons never disagree."""
+    """The fast path of `decision` and the `deny` reasons never disagree."""
     engine = new_regorus(load_bundle())
     engine.set_input_json(json.dumps(document))
     decision = engine.eval_rule(f"data.factory.{gate}.decision")
@@ -72,7 +72,7 @@ def test_denials_always_explain_and_agree_with_deny_rules(gate, document):
 
 
 # Values of every JSON type, put in place of each field of an allowed input: the fast
-# `allow` paths check types with comparisons across types, which these cases pin down.
+# paths of the gates check types with comparisons across types, which these cases pin down.
 REPLACEMENTS = [None, True, False, 0, -1, 0.95, 1e9, "", "x", "zzz", [], ["x"], [1, 2], {}, {"a": 1}]
 DELETED = object()
 
@@ -99,7 +99,7 @@ def _variants(document, path=()):
 @pytest.mark.parametrize("gate", ["data_access", "data_release", "model_release", "approval"])
 def test_fast_path_agrees_with_deny_rules_on_malformed_fields(gate):
     """Every field of an allowed input replaced by a value of each type, or deleted: the fast
-    `allow` path allows exactly when the `deny` rules find nothing."""
+    path allows exactly when the `deny` rules find nothing."""
     engine = new_regorus(load_bundle())
     allowed = []
     for g, document in INPUTS:
