@@ -12,7 +12,6 @@ otherwise the regorus-backed OPA Data API server of `pipelines.policy.testing`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
