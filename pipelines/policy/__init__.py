@@ -29,6 +29,8 @@ _NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
 
 class Decision(NamedTuple):
+    """What a gate decided, and on what (input, policy bundle, engine)."""
+
     allow: bool
     reasons: tuple[str, ...]
     gate: str
@@ -77,7 +79,7 @@ def engine_for(bundle: Bundle) -> RegorusEngine | OpaServerEngine:
     return _embedded(str(bundle.root))
 
 
-_selected: dict[tuple[bytes | None, ...], tuple[Bundle, RegorusEngine | OpaServerEngine]] = {}
+_selected: dict[tuple, tuple[Bundle, RegorusEngine | OpaServerEngine]] = {}
 _SETTINGS = (b"FACTORY_POLICIES", b"FACTORY_OPA_URL", b"FACTORY_OPA_TIMEOUT", b"FACTORY_OPA_TOKEN")
 
 
@@ -88,10 +90,10 @@ def _selection() -> tuple[Bundle, RegorusEngine | OpaServerEngine]:
     the next call. It reads them from the dict behind os.environ (bytes, on POSIX): there a
     missing key costs a dict lookup, where os.environ.get raises and catches a KeyError,
     which with its encode and decode steps costs several microseconds a key inside a gate
-    call of about 50."""
+    call of about 50 us."""
     raw = getattr(os.environ, "_data", None)
     if raw is None or os.name != "posix":  # not CPython's POSIX os.environ: read it the usual way
-        key: tuple = tuple(os.environ.get(name.decode()) for name in _SETTINGS)
+        key = tuple(os.environ.get(name.decode()) for name in _SETTINGS)
     else:
         key = (raw.get(b"FACTORY_POLICIES"), raw.get(b"FACTORY_OPA_URL"))
         if key[1]:
