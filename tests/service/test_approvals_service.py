@@ -58,7 +58,7 @@ def test_gate_refuses_wrong_answers_and_releases_after_officer_approval(service_
     assert _refused(service, "origin_officer", run) == 409
 
     # the requester is an officer: Airflow lets them answer, the policy check after the gate does not
-    _answer(service, "origin_officer", runs["own_request"], comment="my own")
+    assert _answer(service, "origin_officer", runs["own_request"], comment="my own")["chosen_options"] == ["Approve"]
 
     # force-marking the gate successful skips the human: no sealed response exists
     run = runs["force_mark"]
@@ -94,7 +94,15 @@ def test_gate_refuses_wrong_answers_and_releases_after_officer_approval(service_
     assert "compliance_officer" in record["roles"] and record["responded_at"]
 
     audit.verify(origin)
-    first = lambda name: _answers(origin, runs[name])[0]  # noqa: E731
+
+    def first(name):
+        answers = _answers(origin, runs[name])
+        if not answers:  # say what the run did instead of an IndexError
+            states = {task: (ti.get("state"), ti.get("try_number"))
+                      for task in (GATE, RELEASE) for ti in [service.ti(DAG, runs[name], task)]}
+            pytest.fail(f"no approval.answered entry for run {name}; task states (state, try): {states}")
+        return answers[0]
+
     assert (first("approve")["actor"], first("approve")["outcome"]) == ("origin_officer", "approve")
     assert first("approve")["details"]["allowed"] is True
     own = first("own_request")
