@@ -95,9 +95,7 @@ def _selection() -> tuple[Bundle, RegorusEngine | OpaServerEngine]:
     if raw is None or os.name != "posix":  # not CPython's POSIX os.environ: read it the usual way
         key = tuple(os.environ.get(name.decode()) for name in _SETTINGS)
     else:
-        key = (raw.get(b"FACTORY_POLICIES"), raw.get(b"FACTORY_OPA_URL"))
-        if key[1]:
-            key += (raw.get(b"FACTORY_OPA_TIMEOUT"), raw.get(b"FACTORY_OPA_TOKEN"))
+        key = tuple(map(raw.get, _SETTINGS))
     selection = _selected.get(key)
     if selection is None:
         bundle = load_bundle()

@@ -27,7 +27,7 @@ import rego.v1
 #   The decision document of the gate. Its first body is every check of a release on
 #   one path, so the interpreter does little work when the release is allowed (a rule
 #   or data reference costs about as much as ten comparisons in regorus, so the body
-#   reads policy data once and refers to one other rule). `deny` states the same checks
+#   reads policy data once and refers to no other rule). `deny` states the same checks
 #   one by one with their reasons.
 #   Types are checked with comparisons, which regorus runs several times faster than
 #   builtin calls such as is_string: Rego orders values of different types (null <
@@ -111,7 +111,7 @@ decision := {"allow": true, "reasons": []} if {
 		some licence in policy.export_licences[recipient]
 		purpose in licence.purposes
 		object.get(input, "end_use", null) in array.concat(licence.end_uses, [null])
-		sprintf("%04d-%02d-%02d", time.date(time.now_ns())) <= licence.expires
+		sprintf("%04d-%02d-%02d", time.date(time.now_ns())) <= licence.expires # helpers.today, inline
 
 		# an export officer of the sender, and an officer of each data owner, distinct users
 		owners := {s.owner | some s in model.lineage; s.owner != sender}
