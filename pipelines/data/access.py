@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.config import load_config
-from pipelines.steps import StepError
+from pipelines.context import StepError
 from pipelines.workspace import SitePaths
 
 ACTIONS = ("read", "train", "share", "export")

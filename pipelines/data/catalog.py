@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from pipelines.config import LEVELS, load_config
-from pipelines.steps import StepError
+from pipelines.context import StepError
 from pipelines.workspace import SitePaths
 
 KINDS = ("raw", "sanitized", "received", "derived")

@@ -22,7 +22,7 @@ import pandas as pd
 
 from pipelines.config import read_yaml
 from pipelines.data import schema
-from pipelines.steps import StepError
+from pipelines.context import StepError
 
 CONFIG_FILE = "sanitization.yaml"
 GEO_COLUMNS = ("latitude", "longitude")

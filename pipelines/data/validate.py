@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.steps import StepError
+from pipelines.context import StepError
 
 SUITES_DIR = Path(__file__).resolve().parent / "expectations"
 DATA_SOURCE = "frames"

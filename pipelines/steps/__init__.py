@@ -10,34 +10,17 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.workspace import SitePaths
+from pipelines.context import StepContext, StepError
+
+__all__ = ["StepContext", "StepError", "get_step", "run_step", "step"]
 
 StepFunction = Callable[..., dict[str, Any]]
 STEPS: dict[str, StepFunction] = {}
 
 # Modules that register steps; imported on first lookup.
 STEP_MODULES = ("pipelines.steps.training", "pipelines.steps.exchange", "pipelines.serving.drift")
-
-
-class StepError(RuntimeError):
-    """A step refused or failed a quality bar; the message names the bar."""
-
-
-@dataclass(frozen=True)
-class StepContext:
-    site: str
-    paths: SitePaths
-    run_id: str = "manual"
-    dag_id: str = "manual"
-    actor: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def for_site(cls, site: str, **kwargs: Any) -> StepContext:
-        return cls(site=site, paths=SitePaths.of(site), **kwargs)
 
 
 def step(name: str) -> Callable[[StepFunction], StepFunction]:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pipelines.trust import keys
-from pipelines.trust._io import read_json, write_json
+from pipelines.fileio import read_json, write_json
 from pipelines.workspace import SitePaths
 
 SIEM_FIELDS = ("time", "site", "actor", "action", "object", "outcome")

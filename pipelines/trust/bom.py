@@ -20,7 +20,7 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 from packageurl import PackageURL
 
-from pipelines.trust._io import file_digests, sha256_file, write_atomic
+from pipelines.fileio import file_digests, sha256_file, write_atomic
 
 BOM_FILE = "bom.cdx.json"
 MODEL_FILE = "model.onnx"

@@ -205,7 +205,7 @@ def audit_show(site: str, as_json: bool) -> None:
 def audit_export(site: str, out: Path | None) -> None:
     """SIEM export: one JSON event per line (time, site, actor, action, object, outcome, ...)."""
     from pipelines.trust import audit as a
-    from pipelines.trust._io import write_atomic
+    from pipelines.fileio import write_atomic
 
     paths = SitePaths.of(site)
     a.verify(paths)

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x25519
 
 from pipelines.config import SITES
-from pipelines.trust._io import file_lock, read_json, write_atomic, write_json
+from pipelines.fileio import file_lock, read_json, write_atomic, write_json
 from pipelines.workspace import SitePaths
 
 KEY_UPDATE_TYPE = "application/vnd.factory.key-update.v1+json"

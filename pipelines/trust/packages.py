@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pipelines.trust import audit, keys
-from pipelines.trust._io import file_lock, read_json, write_json
+from pipelines.fileio import file_lock, read_json, write_json
 from pipelines.workspace import SitePaths
 
 MAGIC = b"FACTPKG1"

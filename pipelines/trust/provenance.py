@@ -25,7 +25,7 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from pipelines import __version__
 from pipelines.trust import keys
-from pipelines.trust._io import file_digests, read_json, write_json
+from pipelines.fileio import file_digests, read_json, write_json
 from pipelines.workspace import SitePaths
 
 PROVENANCE_FILE = "provenance.dsse.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 from model_signing import hashing, signing, verifying
 
 from pipelines.trust import keys
-from pipelines.trust._io import write_atomic
+from pipelines.fileio import write_atomic
 from pipelines.workspace import SitePaths
 
 SIGNATURE_FILE = "model.sig"

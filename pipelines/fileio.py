@@ -1,4 +1,4 @@
-"""Small file helpers shared by the trust modules: atomic writes, digests and inter-process locks."""
+"""File helpers for every layer: atomic writes, JSON state, inter-process locks and file digests."""
 
 from __future__ import annotations
 
