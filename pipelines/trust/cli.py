@@ -134,9 +134,9 @@ def keys_list(site: str, as_json: bool) -> None:
 @_guarded
 def keys_rotate(site: str, out_dir: Path | None) -> None:
     """New keys for SITE, plus one key-update document per trusted site (deliver each to it)."""
-    from pipelines.trust import keys as k
+    from pipelines.trust import rotation
 
-    for path in k.rotate_keys(SitePaths.of(site), out_dir):
+    for path in rotation.rotate_keys(SitePaths.of(site), out_dir):
         click.echo(str(path))
 
 
@@ -146,9 +146,9 @@ def keys_rotate(site: str, out_dir: Path | None) -> None:
 @_guarded
 def keys_accept(site: str, src: Path) -> None:
     """Take another site's key-update document into SITE's trust store."""
-    from pipelines.trust import keys as k
+    from pipelines.trust import rotation
 
-    record = k.accept_key_update(SitePaths.of(site), src)
+    record = rotation.accept_key_update(SitePaths.of(site), src)
     click.echo(f"accepted {record['site']} generation {record['generation']} (signing {record['signing_key_id']})")
 
 
@@ -158,9 +158,9 @@ def keys_accept(site: str, src: Path) -> None:
 @click.option("--reason", default="")
 @_guarded
 def keys_revoke(site: str, key_id: str, reason: str) -> None:
-    from pipelines.trust import keys as k
+    from pipelines.trust import rotation
 
-    entry = k.revoke_key(SitePaths.of(site), key_id, reason)
+    entry = rotation.revoke_key(SitePaths.of(site), key_id, reason)
     click.echo(f"revoked {entry['key_id']} of {entry['site']} at {site}")
 
 

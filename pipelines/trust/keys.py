@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import secrets
 from datetime import UTC, datetime
@@ -106,7 +105,7 @@ def _load_private(path: Path, secret: bytes) -> Any:
     return _CACHE[stamp]
 
 
-def _ensure_generation(paths: SitePaths, generation: int, secret: bytes) -> dict[str, Any]:
+def ensure_generation(paths: SitePaths, generation: int, secret: bytes) -> dict[str, Any]:
     """Create whichever key files of a generation are missing (never replaces one) and describe it."""
     folder = _gen_dir(paths, generation)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -138,7 +137,7 @@ def _ensure_generation(paths: SitePaths, generation: int, secret: bytes) -> dict
     }
 
 
-def _keyring_path(paths: SitePaths) -> Path:
+def keyring_path(paths: SitePaths) -> Path:
     return paths.keys_dir / "keyring.json"
 
 
@@ -148,18 +147,18 @@ def ensure_site_keys(paths: SitePaths) -> None:
     os.chmod(paths.keys_dir, 0o700)
     secret = site_secret(paths)
     with file_lock(paths.keys_dir / ".lock"):
-        if _keyring_path(paths).exists():
-            ring = read_json(_keyring_path(paths))
+        if keyring_path(paths).exists():
+            ring = read_json(keyring_path(paths))
             for kind in _KINDS:  # fails loudly if the secret changed or a file vanished
                 _load_private(_gen_dir(paths, ring["current"]) / f"{kind}.pem", secret)
             return
-        record = _ensure_generation(paths, 1, secret)
-        write_json(_keyring_path(paths), {"site": paths.site, "current": 1, "generations": [record]})
+        record = ensure_generation(paths, 1, secret)
+        write_json(keyring_path(paths), {"site": paths.site, "current": 1, "generations": [record]})
 
 
 def keyring(paths: SitePaths) -> dict[str, Any]:
     try:
-        return read_json(_keyring_path(paths))
+        return read_json(keyring_path(paths))
     except FileNotFoundError:
         raise KeysMissing(
             f"site {paths.site!r} has no keys under {paths.keys_dir}; run `factory init` (ensure_site_keys) first"
@@ -209,18 +208,18 @@ def _public(record: dict[str, Any]) -> ec.EllipticCurvePublicKey:
 # ---------------------------------------------------------------- trust store
 
 
-def _trust_path(paths: SitePaths, site: str) -> Path:
+def trust_path(paths: SitePaths, site: str) -> Path:
     return paths.trust_dir / f"{site}.json"
 
 
-def _revoked_path(paths: SitePaths) -> Path:
+def revoked_path(paths: SitePaths) -> Path:
     return paths.trust_dir / "revoked.json"
 
 
 def revoked(paths: SitePaths) -> dict[str, dict[str, Any]]:
     """Revoked key ids at this site -> revocation entry."""
     try:
-        return {entry["key_id"]: entry for entry in read_json(_revoked_path(paths))["revoked"]}
+        return {entry["key_id"]: entry for entry in read_json(revoked_path(paths))["revoked"]}
     except FileNotFoundError:
         return {}
 
@@ -230,7 +229,7 @@ def records(paths: SitePaths, site: str) -> list[dict[str, Any]]:
     if site == paths.site:
         return keyring(paths)["generations"]
     try:
-        return read_json(_trust_path(paths, site))["keys"]
+        return read_json(trust_path(paths, site))["keys"]
     except FileNotFoundError:
         return []
 
@@ -276,132 +275,15 @@ def exchange_trust(home: Path) -> None:
     revocation list. Idempotent: a site already trusted is left alone, so accepted rotations and
     revocations are never undone."""
     have = {site: SitePaths.of(site, home) for site in SITES}
-    have = {site: p for site, p in have.items() if _keyring_path(p).exists()}
+    have = {site: p for site, p in have.items() if keyring_path(p).exists()}
     for site, paths in have.items():
         paths.trust_dir.mkdir(parents=True, exist_ok=True)
         with file_lock(paths.trust_dir / ".lock"):
-            if not _revoked_path(paths).exists():
-                write_json(_revoked_path(paths), {"revoked": []})
+            if not revoked_path(paths).exists():
+                write_json(revoked_path(paths), {"revoked": []})
             for other, other_paths in have.items():
-                if other != site and not _trust_path(paths, other).exists():
-                    write_json(_trust_path(paths, other), {"site": other, "keys": keyring(other_paths)["generations"]})
-
-
-# ---------------------------------------------------------------- rotation, acceptance, revocation
-
-
-def _dsse_signer(paths: SitePaths):
-    from securesystemslib.signer import CryptoSigner, SSlibKey
-
-    private = signing_key(paths)
-    return CryptoSigner(private, SSlibKey.from_crypto(private.public_key(), keyid=signing_key_id(paths)))
-
-
-def rotate_keys(paths: SitePaths, out_dir: Path | None = None) -> list[Path]:
-    """Make a new key generation current and write one key-update document per trusted site,
-    signed with the old signing key. Returns the documents (deliver each to its site)."""
-    from securesystemslib.dsse import Envelope
-
-    from pipelines.trust import audit
-
-    out_dir = out_dir or paths.state_dir / "outbox"
-    secret = site_secret(paths)
-    with file_lock(paths.keys_dir / ".lock"):
-        ring = keyring(paths)
-        old = current_record(paths)
-        signer = _dsse_signer(paths)
-        generation = max(r["generation"] for r in ring["generations"]) + 1
-        new = _ensure_generation(paths, generation, secret)
-        rotated_at = iso(now())
-        for record in ring["generations"]:
-            if record["superseded_at"] is None:
-                record["superseded_at"] = rotated_at
-        ring["generations"].append(new)
-        ring["current"] = generation
-        written = []
-        for other in SITES:
-            if other == paths.site or not _trust_path(paths, other).exists():
-                continue
-            payload = {
-                "type": "key-update", "site": paths.site, "recipient": other, "created": rotated_at,
-                "previous_signing_key_id": old["signing_key_id"], "record": new,
-            }
-            envelope = Envelope(json.dumps(payload, sort_keys=True).encode(), KEY_UPDATE_TYPE, {})
-            envelope.sign(signer)
-            target = out_dir / f"key-update-{paths.site}-gen{generation}-for-{other}.json"
-            write_json(target, envelope.to_dict())
-            written.append(target)
-        write_json(_keyring_path(paths), ring)
-    audit.append(
-        paths, action="keys.rotated", actor=f"svc-{paths.site}", object=new["signing_key_id"], outcome="success",
-        details={"generation": generation, "previous": old["signing_key_id"], "kem_key_id": new["kem_key_id"]},
-    )
-    return written
-
-
-def accept_key_update(paths: SitePaths, document: Path) -> dict[str, Any]:
-    """Take a key-update document from a trusted site: checks it is for this site, signed by the
-    sender's current (non-revoked) key and newer than what is known. Returns the new key record."""
-    from securesystemslib.dsse import Envelope
-    from securesystemslib.exceptions import VerificationError
-    from securesystemslib.signer import SSlibKey
-
-    from pipelines.trust import audit
-
-    try:
-        envelope = Envelope.from_dict(read_json(document))
-        payload = json.loads(envelope.payload)
-        site, record = payload["site"], payload["record"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise TrustError(f"{document} is not a key-update document: {error}") from None
-    if envelope.payload_type != KEY_UPDATE_TYPE or payload.get("type") != "key-update":
-        raise TrustError(f"{document} is not a key-update document")
-    if payload.get("recipient") != paths.site:
-        raise TrustError(f"key update was issued for {payload.get('recipient')!r}, not {paths.site!r}")
-    previous = payload["previous_signing_key_id"]
-    current = trusted_record(paths, site)
-    if previous != current["signing_key_id"]:
-        raise TrustError(f"key update is signed by {previous}, not the current key {current['signing_key_id']} of {site!r}")
-    public = check_signing_key(paths, site, previous)
-    try:
-        envelope.verify([SSlibKey.from_crypto(public, keyid=previous)], 1)
-    except VerificationError:
-        raise TrustError(f"key update signature does not verify with {site!r} key {previous}") from None
-    if record.get("site") != site or record["generation"] <= current["generation"]:
-        raise TrustError(f"key update for {site!r} is not newer than generation {current['generation']}")
-    with file_lock(paths.trust_dir / ".lock"):
-        store = read_json(_trust_path(paths, site))
-        for known in store["keys"]:
-            if known["superseded_at"] is None:
-                known["superseded_at"] = payload["created"]
-        store["keys"].append(dict(record, superseded_at=None))
-        write_json(_trust_path(paths, site), store)
-    audit.append(
-        paths, action="keys.accepted", actor=f"svc-{paths.site}", object=record["signing_key_id"], outcome="success",
-        details={"site": site, "generation": record["generation"], "previous": previous},
-    )
-    return record
-
-
-def revoke_key(paths: SitePaths, key_id: str, reason: str = "") -> dict[str, Any]:
-    """Revoke a key id (own or trusted) at this site: anything signed with it is rejected from now on."""
-    from pipelines.trust import audit
-
-    owner = None
-    for site in SITES:
-        if any(key_id in (r["signing_key_id"], r["kem_key_id"]) for r in records(paths, site)):
-            owner = site
-    if owner is None:
-        raise TrustError(f"no key with id {key_id} at {paths.site!r}; see `factory keys list --site {paths.site}`")
-    entry = {"key_id": key_id, "site": owner, "revoked_at": iso(now()), "reason": reason}
-    paths.trust_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(paths.trust_dir / ".lock"):
-        current = list(revoked(paths).values())
-        if key_id not in {e["key_id"] for e in current}:
-            write_json(_revoked_path(paths), {"revoked": current + [entry]})
-    audit.append(paths, action="keys.revoked", actor=f"svc-{paths.site}", object=key_id, outcome="success",
-                 details={"site": owner, "reason": reason})
-    return entry
+                if other != site and not trust_path(paths, other).exists():
+                    write_json(trust_path(paths, other), {"site": other, "keys": keyring(other_paths)["generations"]})
 
 
 def list_keys(paths: SitePaths) -> list[dict[str, Any]]:

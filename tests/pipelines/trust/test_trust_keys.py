@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization as ser
 
 from pipelines.cli import main
 from pipelines.config import SITES
-from pipelines.trust import keys
+from pipelines.trust import keys, rotation
 from pipelines.workspace import SitePaths
 
 
@@ -72,7 +72,7 @@ def test_exchange_gives_each_site_the_others_public_keys(home):
 
 def test_exchange_does_not_undo_a_revocation(home, origin, supplier):
     key_id = keys.signing_key_id(supplier)
-    keys.revoke_key(origin, key_id, "test")
+    rotation.revoke_key(origin, key_id, "test")
     keys.exchange_trust(home)
     with pytest.raises(keys.TrustError, match="is revoked"):
         keys.public_signing_key(origin, "supplier")
@@ -80,21 +80,21 @@ def test_exchange_does_not_undo_a_revocation(home, origin, supplier):
 
 def test_rotation_and_accept(tmp_path, supplier, origin, destination):
     old = keys.signing_key_id(origin)
-    updates = keys.rotate_keys(origin, tmp_path / "updates")
+    updates = rotation.rotate_keys(origin, tmp_path / "updates")
     assert sorted(p.name for p in updates) == ["key-update-origin-gen2-for-destination.json",
                                                "key-update-origin-gen2-for-supplier.json"]
     new = keys.signing_key_id(origin)
     assert new != old
-    record = keys.accept_key_update(supplier, tmp_path / "updates" / "key-update-origin-gen2-for-supplier.json")
+    record = rotation.accept_key_update(supplier, tmp_path / "updates" / "key-update-origin-gen2-for-supplier.json")
     assert record["signing_key_id"] == new == keys.trusted_record(supplier, "origin")["signing_key_id"]
     with pytest.raises(keys.TrustError, match="not the current key"):  # replayed update
-        keys.accept_key_update(supplier, tmp_path / "updates" / "key-update-origin-gen2-for-supplier.json")
+        rotation.accept_key_update(supplier, tmp_path / "updates" / "key-update-origin-gen2-for-supplier.json")
     with pytest.raises(keys.TrustError, match="issued for 'destination', not 'supplier'"):
-        keys.accept_key_update(supplier, tmp_path / "updates" / "key-update-origin-gen2-for-destination.json")
+        rotation.accept_key_update(supplier, tmp_path / "updates" / "key-update-origin-gen2-for-destination.json")
 
 
 def test_accept_rejects_tampered_key_update(tmp_path, supplier, origin):
-    update = keys.rotate_keys(origin, tmp_path)[0]
+    update = rotation.rotate_keys(origin, tmp_path)[0]
     envelope = json.loads(update.read_text())
     payload = json.loads(__import__("base64").b64decode(envelope["payload"]))
     payload["record"]["signing_public"] = keys.current_record(supplier)["signing_public"]
@@ -102,7 +102,7 @@ def test_accept_rejects_tampered_key_update(tmp_path, supplier, origin):
     update.write_text(json.dumps(envelope))
     target = "destination" if "for-destination" in update.name else "supplier"
     with pytest.raises(keys.TrustError, match="signature does not verify"):
-        keys.accept_key_update(SitePaths.of(target, origin.home), update)
+        rotation.accept_key_update(SitePaths.of(target, origin.home), update)
 
 
 def test_cli_list_rotate_accept_revoke(home, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipelines.cli import main
-from pipelines.trust import audit, keys, packages, signing
+from pipelines.trust import audit, keys, packages, rotation, signing
 from pipelines.trust.packages import PackageRejected
 
 CHUNK = 4096
@@ -139,7 +139,7 @@ def test_open_rejects_unknown_sender(tmp_path, destination, origin, snapshot):
 
 
 def test_open_rejects_revoked_sender_key(tmp_path, sealed, supplier, origin, snapshot):
-    keys.revoke_key(origin, keys.signing_key_id(supplier), "compromised")
+    rotation.revoke_key(origin, keys.signing_key_id(supplier), "compromised")
     reason = _rejected(origin, sealed[1], tmp_path / "out", snapshot)
     assert reason == f"signing key {keys.signing_key_id(supplier)} of 'supplier' is revoked at 'origin'"
 
@@ -252,10 +252,10 @@ def test_packages_sealed_before_a_rotation_still_open(tmp_path, supplier, origin
     src.write_bytes(b"before rotation")
     _seal(supplier, "origin", src, tmp_path / "to-origin.pkg")      # sealed to origin's old KEM key
     _seal(origin, "supplier", src, tmp_path / "from-origin.pkg")    # signed with origin's old key
-    updates = keys.rotate_keys(origin, tmp_path / "updates")
+    updates = rotation.rotate_keys(origin, tmp_path / "updates")
     for update in updates:
         if update.name.endswith("-for-supplier.json"):
-            keys.accept_key_update(supplier, update)
+            rotation.accept_key_update(supplier, update)
     assert packages.open_package(origin, tmp_path / "to-origin.pkg", tmp_path / "a")["sender"] == "supplier"
     assert packages.open_package(supplier, tmp_path / "from-origin.pkg", tmp_path / "b")["sender"] == "origin"
     header = _seal(supplier, "origin", src, tmp_path / "after.pkg")
