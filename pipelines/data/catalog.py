@@ -23,6 +23,7 @@ import pandas as pd
 
 from pipelines.config import LEVELS, load_config
 from pipelines.context import StepError
+from pipelines.fileio import file_digest, write_json
 from pipelines.workspace import SitePaths
 
 KINDS = ("raw", "sanitized", "received", "derived")
@@ -122,14 +123,6 @@ def _record_path(paths: SitePaths, name: str, md5: str) -> Path:
     return catalog_dir(paths) / name / f"{md5}.json"
 
 
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def combine_flags(flag_sets: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Flags of data derived from several sources: the most restrictive of each."""
     flag_sets = list(flag_sets)
@@ -184,11 +177,10 @@ def _actor(paths: SitePaths, actor: str | None) -> str:
 
 def _write_record(paths: SitePaths, version: DatasetVersion, message: str) -> None:
     from pipelines.data import repo
-    from pipelines.data.sanitize import atomic_write
 
     target = _record_path(paths, version.name, version.md5)
     record = version.to_dict(paths.repo.resolve())
-    atomic_write(target, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    write_json(target, record)
     repo.commit_files(paths, [target], message)
 
 
@@ -226,7 +218,7 @@ def register_dataset(
         raise CatalogError(f"cannot register {file}: no such file")
     owner = owner or paths.site
     with repo.site_lock(paths):
-        md5 = file_md5(file)
+        md5 = file_digest(file, "md5")
         existing = _record_path(paths, name, md5)
         if existing.exists():
             return _read(paths, existing)
@@ -369,7 +361,7 @@ def content_path(paths: SitePaths, version: DatasetVersion) -> Path:
         if candidate.is_file():
             return candidate
     working = version.path
-    if working.is_file() and file_md5(working) == version.md5:
+    if working.is_file() and file_digest(working, "md5") == version.md5:
         return working
     raise CatalogError(f"the content of {version.id} (md5 {version.md5}) is missing from the cache and remote")
 

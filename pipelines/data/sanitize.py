@@ -9,11 +9,8 @@ Parquet and catalog edges. The report is what the `data_release` gate reads
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +18,9 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import read_yaml
-from pipelines.data import schema
 from pipelines.context import StepError
+from pipelines.data import schema
+from pipelines.fileio import sha256_bytes, write_atomic
 
 CONFIG_FILE = "sanitization.yaml"
 GEO_COLUMNS = ("latitude", "longitude")
@@ -81,10 +79,6 @@ def parquet_bytes(df: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
     df.to_parquet(buffer, index=False)
     return buffer.getvalue()
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _ids(df: pd.DataFrame, mask) -> list[str]:
@@ -223,7 +217,7 @@ def _sanitize(df: pd.DataFrame, site: str, purpose: str, input_digest: str | Non
     if df[schema.ID_COLUMN].duplicated().any():
         dupes = df.loc[df[schema.ID_COLUMN].duplicated(), schema.ID_COLUMN].head(5).tolist()
         raise SanitizationError(f"cannot sanitize: record_id is not unique (e.g. {dupes})")
-    input_digest = input_digest or sha256(parquet_bytes(df))
+    input_digest = input_digest or sha256_bytes(parquet_bytes(df))
     rows_in = len(df)
     out = df.reset_index(drop=True)
     report_rules: list[dict] = []
@@ -280,7 +274,7 @@ def _sanitize(df: pd.DataFrame, site: str, purpose: str, input_digest: str | Non
         "passed": not problems,
         "problems": problems,
         "input_digest": input_digest,
-        "output_digest": sha256(data),
+        "output_digest": sha256_bytes(data),
     }
     return out, report, data
 
@@ -315,18 +309,6 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def report_paths(directory: Path, dataset_id: str) -> tuple[Path, Path]:
     base = Path(directory) / dataset_id
     return base.with_name(base.name + ".json"), base.with_name(base.name + ".md")
@@ -335,8 +317,8 @@ def report_paths(directory: Path, dataset_id: str) -> tuple[Path, Path]:
 def write_report(report: dict[str, Any], directory: Path, dataset_id: str) -> tuple[Path, Path]:
     """Write `<directory>/<dataset_id>.json` and `.md` (a site/ folder per dataset id); return both."""
     json_path, md_path = report_paths(directory, dataset_id)
-    atomic_write(json_path, json.dumps(report, indent=2, sort_keys=True, default=str).encode())
-    atomic_write(md_path, render_markdown(report).encode())
+    write_atomic(json_path, json.dumps(report, indent=2, sort_keys=True, default=str).encode())
+    write_atomic(md_path, render_markdown(report).encode())
     return json_path, md_path
 
 
@@ -360,8 +342,8 @@ def read_parquet(path: Path) -> tuple[pd.DataFrame, bytes]:
 def sanitize_file(in_path: Path, out_path: Path, site: str, purpose: str) -> dict[str, Any]:
     """Sanitize one Parquet file into another and write `<out>.sanitization.{json,md}` beside it."""
     df, data = read_parquet(in_path)
-    _, report, out_data = _sanitize(df, site, purpose, sha256(data))
-    atomic_write(Path(out_path), out_data)
+    _, report, out_data = _sanitize(df, site, purpose, sha256_bytes(data))
+    write_atomic(Path(out_path), out_data)
     write_report(report, Path(out_path).parent, f"{Path(out_path).stem}.sanitization")
     return report
 
@@ -378,7 +360,7 @@ def sanitize_dataset(paths, ref: str, purpose: str, *, name: str | None = None, 
     df, source = catalog.load_dataset(paths, ref)
     _, report, out_data = _sanitize(df, paths.site, purpose, None)
     out_path = paths.data_dir / "sanitized" / f"{source.name}-{purpose}.parquet"
-    atomic_write(out_path, out_data)
+    write_atomic(out_path, out_data)
     version = catalog.register_dataset(
         paths,
         name or f"{source.name}-sanitized",

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from pipelines.context import StepError
+from pipelines.fileio import write_json
 
 SUITES_DIR = Path(__file__).resolve().parent / "expectations"
 DATA_SOURCE = "frames"
@@ -291,12 +292,11 @@ def _build_docs(state: _GX, site_paths, gx_result, batch, suite: str, dataset_id
 
 
 def _record(result: ValidationResult, site_paths) -> None:
-    from pipelines.data.sanitize import atomic_write
 
     payload = result.to_dict()
     if result.dataset_id:
         target = Path(site_paths.state_dir) / "validation" / f"{result.dataset_id}.json"
-        atomic_write(target, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+        write_json(target, payload)
         result.result_file = target
     mlflow = sys.modules.get("mlflow")  # no MLflow import, no active run
     if mlflow is not None and mlflow.active_run() is not None:
