@@ -18,6 +18,7 @@ import click
 import httpx
 
 from pipelines.service.airflow_env import passwords_file
+from pipelines.service.processes import read_state
 from pipelines.workspace import factory_home
 
 APPROVE, REJECT = "Approve", "Reject"
@@ -33,8 +34,6 @@ class ApprovalError(RuntimeError):
 
 def default_url(home: Path | None = None) -> str:
     """The API of the running `factory up` (its state file), else FACTORY_AIRFLOW_URL, else :8080."""
-    from pipelines.service.up import read_state
-
     state = read_state(home)
     if state and state.get("url"):
         return state["url"]

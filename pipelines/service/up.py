@@ -25,6 +25,7 @@ from typing import Any
 import click
 
 from pipelines.config import SITES, load_config
+from pipelines.service.processes import alive, marked, ours, read_state, start_ticks, state_file, write_state
 from pipelines.workspace import SitePaths, WorkspaceError, factory_home
 
 FIRST_DAG = "stage_1_initial_training"
@@ -32,66 +33,9 @@ FIRST_DAG_USER = "supplier_engineer"
 AIRFLOW_PROCESSES = ("api-server", "scheduler", "dag-processor", "triggerer")
 
 
-def state_file(home: Path | None = None) -> Path:
-    return (home or factory_home()) / "service.json"
-
-
 def _bin(name: str) -> str:
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie of ours is not running
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _start_ticks(pid: int) -> int | None:
-    """When the process started (clock ticks since boot): tells a live process from a reused pid."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _ours(process: dict[str, Any]) -> bool:
-    """Is this recorded process still the one we started, and running?"""
-    return _alive(process["pid"]) and _start_ticks(process["pid"]) == process.get("started")
-
-
-def _marked(pid: int, marker: str) -> bool:
-    # Processes that set their title (setproctitle) may overwrite their environment; this finds the rest.
-    try:
-        return f"FACTORY_SERVICE_ID={marker}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-
-
-def read_state(home: Path | None = None) -> dict[str, Any] | None:
-    """The running service's record, or None when nothing it started is alive."""
-    path = state_file(home)
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if any(_ours(process) for process in state.get("processes", [])):
-        return state
-    return None
-
-
-def _write_state(home: Path, state: dict[str, Any]) -> None:
-    path = state_file(home)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -114,7 +58,7 @@ def _spawn(name: str, command: list[str], env: dict[str, str], logs: Path) -> di
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=env["FACTORY_HOME"])
-    return {"name": name, "pid": process.pid, "pgid": process.pid, "started": _start_ticks(process.pid),
+    return {"name": name, "pid": process.pid, "pgid": process.pid, "started": start_ticks(process.pid),
             "log": str(log_path), "command": command}
 
 
@@ -131,7 +75,7 @@ def _group_members(pgids: set[int]) -> list[int]:
 def _marked_pids(marker: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid() and _marked(int(entry.name), marker):
+        if entry.name.isdigit() and int(entry.name) != os.getpid() and marked(int(entry.name), marker):
             pids.append(int(entry.name))
     return pids
 
@@ -140,15 +84,15 @@ def stop_service(home: Path, state: dict[str, Any], *, quiet: bool = False, time
     """Stop every process the service started: their groups, then any stray marked process, then Postgres."""
     marker = state.get("service_id", "")
     say = (lambda *_: None) if quiet else click.echo
-    groups = [process for process in state.get("processes", []) if _ours(process)]
+    groups = [process for process in state.get("processes", []) if ours(process)]
     for process in groups:
         say(f"stopping {process['name']} (pid {process['pid']})")
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process["pgid"], signal.SIGTERM)
 
     def remaining() -> list[int]:
-        members = [pid for pid in _group_members({p["pgid"] for p in groups}) if _alive(pid)]
-        return members + [pid for pid in _marked_pids(marker) if _alive(pid) and pid not in members]
+        members = [pid for pid in _group_members({p["pgid"] for p in groups}) if alive(pid)]
+        return members + [pid for pid in _marked_pids(marker) if alive(pid) and pid not in members]
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and remaining():
@@ -197,7 +141,7 @@ def _wait_http(url: str, timeout: float, label: str, processes: list[dict[str, A
         except httpx.HTTPError:
             pass
         for process in processes or []:
-            if not _ours(process):
+            if not ours(process):
                 raise click.ClickException(f"{process['name']} exited during start; see {process['log']}")
         if elapsed > timeout:
             raise click.ClickException(f"{label} did not answer at {url} within {timeout:.0f} s")
@@ -312,7 +256,7 @@ def start_service(
             except PostgresError as error:
                 raise click.ClickException(str(error)) from None
             state["postgres"] = {"port": pg_port}
-            _write_state(home, state)
+            write_state(home, state)
             base_env.update(pg_env)
             os.environ.update(pg_env)  # `factory init` below creates the MLflow stores in Postgres too
         if init:
@@ -358,11 +302,11 @@ def start_service(
                 mlflow_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
                 state["processes"].append(_spawn(f"mlflow-{site}", command, mlflow_env, logs))
                 state["mlflow"][site] = f"http://localhost:{mlflow_port}"
-        _write_state(home, state)
+        write_state(home, state)
         _wait_http(f"{state['url']}/api/v2/monitor/health", timeout, "Airflow API and UI",
                    [p for p in state["processes"] if p["name"] in AIRFLOW_PROCESSES])
         state["seconds_to_ui"] = round(time.monotonic() - started, 1)
-        _write_state(home, state)
+        write_state(home, state)
         return state
     except BaseException:
         stop_service(home, state, quiet=True)
@@ -393,7 +337,7 @@ def _supervise(home: Path, state: dict[str, Any]) -> None:
                 click.echo("the factory was stopped")
                 return
             for process in state["processes"]:
-                if _ours(process) or process["name"] in warned:
+                if ours(process) or process["name"] in warned:
                     continue
                 warned.add(process["name"])
                 if process["name"] in AIRFLOW_PROCESSES:
@@ -444,7 +388,7 @@ def up_command(port, host, detach, mlflow, do_init, trigger, dags_folder, timeou
         if run_id:
             state["first_run"] = {"dag_id": FIRST_DAG, "run_id": run_id,
                                   "triggered_after_s": round(time.monotonic() - started, 1)}
-            _write_state(home, state)
+            write_state(home, state)
             click.echo("the collaboration runs on by itself until its first approval gate, the origin's data "
                        "release in stage 2: see `factory approvals --as origin_officer`")
     if detach:

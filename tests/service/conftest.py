@@ -93,11 +93,12 @@ class Service:
 
     def pids(self) -> list[int]:
         """Processes of this service still alive (by the marker `factory up` put in their environment)."""
-        from pipelines.service.up import _alive, _group_members, _marked_pids, _ours
+        from pipelines.service.processes import alive, ours
+        from pipelines.service.up import _group_members, _marked_pids
 
         processes = self.state["processes"]
-        found = [p["pid"] for p in processes if _ours(p)] + _group_members({p["pgid"] for p in processes})
-        return sorted({pid for pid in found + _marked_pids(self.state["service_id"]) if _alive(pid)})
+        found = [p["pid"] for p in processes if ours(p)] + _group_members({p["pgid"] for p in processes})
+        return sorted({pid for pid in found + _marked_pids(self.state["service_id"]) if alive(pid)})
 
 
 def _kill_leftovers(home: Path) -> None:
