@@ -23,7 +23,7 @@ DRIFT = drift_asset(SITE)
 
 @task(outlets=[DRIFT])
 def emit_drift_event(result: dict):
-    from pipelines.serving.drift import drift_asset_events
+    from pipelines.steps.monitoring import drift_asset_events
 
     yield from drift_asset_events(result, DRIFT)
 

@@ -11,8 +11,6 @@ Everything is seeded: the same call writes byte-identical files.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import pandas as pd
 from scipy import ndimage
 
 from pipelines.data.schema import FEATURE_COLUMNS, ID_COLUMN, LABEL_COLUMN, PARTITIONS
+from pipelines.fileio import atomic_path, write_json
 from pipelines.workspace import SitePaths
 
 SEED = 20261202
@@ -169,12 +168,6 @@ def build_frames(site: str, scale: int | None = None) -> tuple[dict[str, pd.Data
     return frames, defects
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def build_site_data(paths: SitePaths, scale: int | None = None) -> dict[str, Path]:
     """Write the site's partitions as Parquet under `paths.data_dir`; return partition -> file."""
     frames, defects = build_frames(paths.site, scale)
@@ -182,9 +175,9 @@ def build_site_data(paths: SitePaths, scale: int | None = None) -> dict[str, Pat
     written: dict[str, Path] = {}
     for partition, frame in frames.items():
         target = paths.data_dir / f"{partition}.parquet"
-        _write_atomic(target, lambda tmp, f=frame: f.to_parquet(tmp, index=False, engine="pyarrow"))
+        with atomic_path(target) as tmp:
+            frame.to_parquet(tmp, index=False, engine="pyarrow")
         written[partition] = target
     if defects is not None:
-        target = paths.data_dir / "injected_defects.json"
-        _write_atomic(target, lambda tmp: tmp.write_text(json.dumps(defects, indent=2, sort_keys=True) + "\n"))
+        write_json(paths.data_dir / "injected_defects.json", defects)
     return written

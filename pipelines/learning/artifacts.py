@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from pipelines import __version__
 from pipelines.config import PROJECT_ROOT
 
 MODEL_FILES = ("model.onnx", "weights.safetensors", "model_card.json", "metadata.json")
-
-
-def write_json(path: Path, data: Any) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def model_digest(model_dir: Path) -> str:

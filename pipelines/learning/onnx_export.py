@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipelines.fileio import atomic_path
 from pipelines.learning.model import DigitsCNN
 from pipelines.learning.train import logits_torch
 
@@ -18,19 +18,18 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 def export_onnx(model: DigitsCNN, path: Path) -> Path:
     """Write the model as ONNX (batch dimension dynamic). The TorchScript exporter is used: it is
     several times faster than the dynamo exporter for this model and gives the same graph."""
-    tmp = path.with_name(f".{path.name}.tmp")
     model.eval()
-    torch.onnx.export(
-        model,
-        (torch.zeros(1, 64),),
-        str(tmp),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 64),),
+            str(tmp),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
     return path
 
 

@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 
 from pipelines.config import PROJECT_ROOT, load_config
+from pipelines.fileio import write_json
 from pipelines.workspace import airflow_home, factory_home
 
 
@@ -27,11 +28,7 @@ def ensure_passwords(home: Path | None = None) -> dict[str, str]:
     users = [user.id for user in load_config().users]
     wanted = {user: existing.get(user) or secrets.token_urlsafe(12) for user in users}
     if wanted != existing:
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(wanted, handle, indent=2)
-        os.replace(tmp, path)
+        write_json(path, wanted, mode=0o600)
     os.chmod(path, 0o600)
     return wanted
 

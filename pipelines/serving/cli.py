@@ -21,7 +21,7 @@ def shifted_traffic(paths: SitePaths, shift: str, batches: int, batch_size: int,
     from scipy import ndimage
 
     from pipelines.data import builder
-    from pipelines.serving.drift import _read_rows
+    from pipelines.serving.drift import read_rows
 
     if shift not in SHIFTS:
         raise click.BadParameter(f"unknown shift {shift!r}; choose from {', '.join(SHIFTS)}")
@@ -34,7 +34,7 @@ def shifted_traffic(paths: SitePaths, shift: str, batches: int, batch_size: int,
         test = paths.data_dir / "test.parquet"
         if not test.is_file():
             raise WorkspaceError(f"{test} is missing: build the site's data first (`factory init`)")
-        base = _read_rows(test)
+        base = read_rows(test)
         rows = base[rng.choice(len(base), n, replace=n > len(base))]
         if shift == "noise":
             rows = rows + rng.normal(0.0, 0.2, rows.shape)

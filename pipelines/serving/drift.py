@@ -12,8 +12,6 @@ quadratic in the number of rows, so both sides are subsampled to `mmd_max_sample
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -23,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from pipelines.data.schema import FEATURE_COLUMNS
+from pipelines.fileio import write_json
 from pipelines.serving.odd import serving_conf
 from pipelines.serving.store import InputStore
-from pipelines.steps import StepContext, StepError, step
 from pipelines.workspace import SitePaths
 
 
@@ -134,7 +132,7 @@ def _features(frame) -> np.ndarray:
     return frame[list(FEATURE_COLUMNS)].to_numpy(np.float32)
 
 
-def _read_rows(path: Path) -> np.ndarray:
+def read_rows(path: Path) -> np.ndarray:
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False).astype(np.float32)
     import pandas as pd
@@ -157,7 +155,7 @@ def reference_rows(paths: SitePaths, model_ref: Any) -> tuple[np.ndarray, list[s
         found = next((c for c in candidates if c.is_file()), None)
         try:
             if found is not None:
-                parts.append(_read_rows(found))
+                parts.append(read_rows(found))
             else:
                 from pipelines.data.catalog import load_dataset
 
@@ -170,7 +168,7 @@ def reference_rows(paths: SitePaths, model_ref: Any) -> tuple[np.ndarray, list[s
         for partition in serving_conf().get("drift", {}).get("reference_fallback", []):
             path = paths.data_dir / f"{partition}.parquet"
             if path.is_file():
-                parts.append(_read_rows(path))
+                parts.append(read_rows(path))
                 sources.append(f"{paths.site}/{partition} (fallback)")
     if not parts:
         raise DriftError(
@@ -178,13 +176,6 @@ def reference_rows(paths: SitePaths, model_ref: Any) -> tuple[np.ndarray, list[s
             + ("; ".join(problems) or "metadata.reference_data is empty and no fallback partition exists")
         )
     return np.vstack(parts), sources
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _log_mlflow(paths: SitePaths, result: dict[str, Any]) -> str:
@@ -251,7 +242,7 @@ def check_drift(paths: SitePaths, model_ref: Any, *, window: int | None = None,
                      outcome="drift" if result["drift"] else result["status"] if result["status"] != "checked"
                      else "no_drift",
                      details={k: result[k] for k in ("window", "reference", "detectors", "mlflow_run_id")})
-        _write_json_atomic(paths.state_dir / "drift" / "latest.json", result)
+        write_json(paths.state_dir / "drift" / "latest.json", result)
     return result
 
 
@@ -282,31 +273,3 @@ def drift_event_extra(result: dict[str, Any]) -> dict[str, Any] | None:
         "detectors": {name: {k: d[k] for k in ("drift", "p_value", "score", "threshold")}
                       for name, d in result["detectors"].items()},
     }
-
-
-@step("check_drift")
-def check_drift_step(ctx: StepContext, *, model: str | None = None, window: int | str | None = None) -> dict[str, Any]:
-    """Drift check of the model the site serves (step of the drift-monitor DAGs); returns the evidence.
-
-    `model` empty and `window` 0 (as rendered from the DAG's params) mean the defaults."""
-    try:
-        window = int(window or 0) or None
-    except ValueError:
-        raise StepError(f"window must be a whole number of inputs, got {window!r}") from None
-    try:
-        model_ref = default_model(ctx.paths, model or None)
-        return check_drift(ctx.paths, model_ref, window=window)
-    except DriftError as exc:
-        raise StepError(str(exc)) from exc
-
-
-def drift_asset_events(result: dict[str, Any], asset: Any):
-    """Body of the drift-monitor DAG's emit task: yields the asset event's Metadata when there is
-    drift and skips the task otherwise (a skipped task emits no asset event)."""
-    from airflow.sdk import Metadata
-    from airflow.sdk.exceptions import AirflowSkipException
-
-    extra = drift_event_extra(result)
-    if extra is None:
-        raise AirflowSkipException(f"no drift at {result.get('site')} ({result.get('status', 'checked')})")
-    yield Metadata(asset, extra)

@@ -20,7 +20,7 @@ StepFunction = Callable[..., dict[str, Any]]
 STEPS: dict[str, StepFunction] = {}
 
 # Modules that register steps; imported on first lookup.
-STEP_MODULES = ("pipelines.steps.training", "pipelines.steps.exchange", "pipelines.serving.drift")
+STEP_MODULES = ("pipelines.steps.training", "pipelines.steps.exchange", "pipelines.steps.monitoring")
 
 
 def step(name: str) -> Callable[[StepFunction], StepFunction]:

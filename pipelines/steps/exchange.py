@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 import uuid
@@ -21,8 +20,8 @@ from typing import Any
 
 from pipelines.config import load_config
 from pipelines.data.schema import LABEL_COLUMN
+from pipelines.fileio import atomic_path, read_json, update_json
 from pipelines.learning import registry
-from pipelines.learning.artifacts import write_json
 from pipelines.steps import StepContext, StepError, step
 from pipelines.workspace import SitePaths
 
@@ -36,14 +35,12 @@ def dataset_ref(value: str | dict) -> str:
 
 def _records(ctx: StepContext, name: str) -> dict[str, Any]:
     path = ctx.paths.state_dir / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path) if path.exists() else {}
 
 
 def _remember(ctx: StepContext, name: str, key: str, value: dict[str, Any]) -> None:
-    records = _records(ctx, name)
-    records[key] = value
-    ctx.paths.state_dir.mkdir(parents=True, exist_ok=True)
-    write_json(ctx.paths.state_dir / f"{name}.json", records)
+    with update_json(ctx.paths.state_dir / f"{name}.json", {}) as records:
+        records[key] = value
 
 
 def _requester(ctx: StepContext) -> str:
@@ -91,9 +88,8 @@ def split_holdout(ctx: StepContext, *, dataset: str | dict, fraction: float = 1 
     out = {}
     for part, rows in (("train", train), ("holdout", holdout)):
         target = source.path.with_name(f"{source.name}-{part}.parquet")
-        tmp = target.with_name(f".{target.name}.tmp")
-        rows.sort_index().to_parquet(tmp, index=False)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            rows.sort_index().to_parquet(tmp, index=False)
         version = register_dataset(ctx.paths, f"{source.name}-{part}", target, parents=[source.id],
                                    kind="derived", flags=source.flags)
         out[part] = version.id
@@ -210,9 +206,8 @@ def receive_dataset(ctx: StepContext, *, kind: str, name: str) -> dict[str, Any]
     with _opened(ctx, package) as header:
         meta = header["metadata"]
         target = ctx.paths.data_dir / "received" / f"{name}.parquet"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(header["path"], target.with_name(f".{target.name}.tmp"))
-        os.replace(target.with_name(f".{target.name}.tmp"), target)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(header["path"], tmp)
     version = register_dataset(ctx.paths, name, target, parents=[meta["dataset"]], kind="received",
                                flags=meta["flags"], owner=meta["owner"], upstream=meta["lineage"])
     record = {"package": str(package), "package_id": header["package_id"], "kind": kind,

@@ -17,8 +17,9 @@ import numpy as np
 
 from pipelines.config import load_config
 from pipelines.data.schema import FEATURE_COLUMNS, LABEL_COLUMN
+from pipelines.fileio import write_json
 from pipelines.learning import registry
-from pipelines.learning.artifacts import code_commit, code_version, load_model, model_digest, write_json
+from pipelines.learning.artifacts import code_commit, code_version, load_model, model_digest
 from pipelines.steps import StepContext, StepError, step
 
 MODEL_ONNX = "model.onnx"

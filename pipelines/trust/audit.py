@@ -27,8 +27,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pipelines.trust import keys
 from pipelines.fileio import read_json, write_json
+from pipelines.trust import keys
 from pipelines.workspace import SitePaths
 
 SIEM_FIELDS = ("time", "site", "actor", "action", "object", "outcome")

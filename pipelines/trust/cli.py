@@ -204,8 +204,8 @@ def audit_show(site: str, as_json: bool) -> None:
 @_guarded
 def audit_export(site: str, out: Path | None) -> None:
     """SIEM export: one JSON event per line (time, site, actor, action, object, outcome, ...)."""
-    from pipelines.trust import audit as a
     from pipelines.fileio import write_atomic
+    from pipelines.trust import audit as a
 
     paths = SitePaths.of(site)
     a.verify(paths)

@@ -24,8 +24,8 @@ from securesystemslib.exceptions import VerificationError
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from pipelines import __version__
-from pipelines.trust import keys
 from pipelines.fileio import file_digests, read_json, write_json
+from pipelines.trust import keys
 from pipelines.workspace import SitePaths
 
 PROVENANCE_FILE = "provenance.dsse.json"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from model_signing import hashing, signing, verifying
 
-from pipelines.trust import keys
 from pipelines.fileio import write_atomic
+from pipelines.trust import keys
 from pipelines.workspace import SitePaths
 
 SIGNATURE_FILE = "model.sig"

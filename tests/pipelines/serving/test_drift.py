@@ -78,8 +78,8 @@ def test_drift_detected_on_shifted_traffic_and_retraining_event_emitted(client, 
 def test_no_asset_event_without_drift(origin, store):
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from pipelines.serving.drift import check_drift_step
     from pipelines.steps import StepContext
+    from pipelines.steps.monitoring import check_drift_step
 
     paths, ref = origin
     result = check_drift_step(StepContext(site="origin", paths=paths), model=ref.uri, window="0")
