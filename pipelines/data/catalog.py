@@ -351,8 +351,6 @@ def get(paths: SitePaths, ref: str) -> DatasetVersion:
     return hits[0]
 
 
-resolve = get
-
 
 def content_path(paths: SitePaths, version: DatasetVersion) -> Path:
     """Where the version's bytes are: the DVC cache, the site remote, or the working file."""

@@ -189,12 +189,8 @@ def _ensure_workspace(home: Path) -> None:
             missing.append(site)
     if not missing:
         return
-    try:
-        from pipelines.init import init_workspace
-    except ImportError:
-        click.echo(f"note: sites {', '.join(missing)} are not initialised and `factory init` is not available; "
-                   "stage DAGs will fail until it runs")
-        return
+    from pipelines.init import init_workspace
+
     click.echo(f"initialising the workspace under {home} (factory init) ...")
     init_workspace(home)
 

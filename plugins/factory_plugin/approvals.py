@@ -29,10 +29,6 @@ _SEALED_FIELDS = ("gate", "owner_site", "dag_id", "run_id", "task_id", "chosen_o
                   "responded_by", "responded_at")
 
 
-class ApprovalRefused(Exception):
-    """Raised (as AirflowFailException inside a task) when an approval does not hold."""
-
-
 # --- who may answer -------------------------------------------------------------------------------
 
 def _allowed_approvers(gate_name: str, owner_site: str, required_role: str, requested_by: str | None):
@@ -179,10 +175,8 @@ def approval_gate(
 # --- the step after the gate ----------------------------------------------------------------------
 
 def _fail(message: str):
-    try:
-        from airflow.sdk.exceptions import AirflowFailException
-    except ImportError:  # pragma: no cover - Airflow is always installed with the plugin
-        raise ApprovalRefused(message) from None
+    from airflow.sdk.exceptions import AirflowFailException
+
     raise AirflowFailException(message)
 
 
