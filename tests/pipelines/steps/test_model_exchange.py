@@ -1,0 +1,132 @@
+"""release_model and receive_model with a small real model, without Airflow.
+
+One module-scoped workspace: the supplier trains a short M1 (real data, real MLflow, real DVC),
+then each test releases or receives it through the real gate, sealed package and registry.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.learning import registry
+from pipelines.steps import StepContext, StepError, run_step
+from pipelines.trust import audit
+from pipelines.workspace import SitePaths
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    from pipelines.init import init_workspace
+
+    home = tmp_path_factory.mktemp("factory")
+    init_workspace(home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def m1(home: Path) -> dict:
+    """A registered supplier M1, trained with the short `local` profile."""
+    ctx = _ctx(home, "supplier")
+    trained = run_step("train_model", ctx, stage="M1", profile="local", datasets=["train"])
+    evaluated = run_step("evaluate_model", ctx, trained=trained, test_sets={"supplier_test": "test"})
+    exported = run_step("export_model", ctx, trained=evaluated, parity_set="test")
+    return run_step("register_model", ctx, trained=exported)
+
+
+def _ctx(home: Path, site: str) -> StepContext:
+    return StepContext(site=site, paths=SitePaths.of(site, home), run_id="test-run", dag_id="test")
+
+
+def _inbox(home: Path, site: str) -> list[Path]:
+    return sorted(SitePaths.of(site, home).inbox.glob("*.sfp"))
+
+
+def _actions(paths: SitePaths, action: str) -> list[dict]:
+    return [entry for entry in audit.entries(paths) if entry["action"] == action]
+
+
+def test_release_model_seals_signed_model_for_recipient_once(home, m1):
+    supplier = _ctx(home, "supplier")
+    before = set(_inbox(home, "origin"))
+    record = run_step("release_model", supplier, model=m1, recipient="origin", purpose="collaboration", kind="m1")
+    package = Path(record["package"])
+    assert set(_inbox(home, "origin")) - before == {package}
+    assert record["model"] == f"{m1['name']}/{m1['version']}" and record["recipient"] == "origin"
+    released = [e for e in _actions(supplier.paths, "model.released") if e["details"]["package_id"] == record["package_id"]]
+    assert len(released) == 1 and released[0]["details"]["recipient"] == "origin"
+    # A re-run of the finished step returns the same package instead of sealing a second one.
+    again = run_step("release_model", supplier, model=m1, recipient="origin", purpose="collaboration", kind="m1")
+    assert again == record and set(_inbox(home, "origin")) - before == {package}
+
+
+def test_release_model_below_run_threshold_seals_nothing(home, m1):
+    supplier = _ctx(home, "supplier")
+    before = set(_inbox(home, "destination"))
+    with pytest.raises(StepError, match="below this run's threshold"):
+        run_step("release_model", supplier, model=m1, recipient="destination", purpose="collaboration",
+                 kind="m1-strict", thresholds={"supplier_test": 1.01})
+    assert set(_inbox(home, "destination")) == before
+
+
+def test_release_model_denied_by_gate_seals_nothing(home, m1):
+    """An export without licence evidence, approvals or watermark is denied by model_release."""
+    supplier = _ctx(home, "supplier")
+    before = set(_inbox(home, "destination"))
+    with pytest.raises(StepError, match="model_release gate denied"):
+        run_step("release_model", supplier, model=m1, recipient="destination", purpose="export", kind="m5")
+    assert set(_inbox(home, "destination")) == before
+    denials = [e for e in _actions(supplier.paths, "policy.decision") if e["outcome"] == "deny"]
+    assert denials, "the denial is in the supplier's audit log"
+
+
+def test_receive_model_verifies_registers_and_evaluates_where_the_data_lives(home, m1):
+    supplier, origin = _ctx(home, "supplier"), _ctx(home, "origin")
+    sent = run_step("release_model", supplier, model=m1, recipient="origin", purpose="collaboration", kind="m1")
+    record = run_step("receive_model", origin, kind="m1", test_sets={"origin_test": "test"})
+    assert record["package_id"] == sent["package_id"] and record["from"] == "supplier"
+    assert 0.0 <= record["metrics"]["origin_test"] <= 1.0
+    ref = registry.resolve_model(origin.paths, f"{record['name']}/{record['version']}")
+    assert ref.metadata["stage"] == "M1" and (ref.model_dir / "model.sig").is_file()
+    # Receiving again returns what the last intake gave; nothing is registered twice.
+    assert run_step("receive_model", origin, kind="m1", test_sets={"origin_test": "test"}) == record
+
+
+def test_receive_model_refuses_tampered_package_and_registers_nothing(home, m1, tmp_path):
+    supplier, destination = _ctx(home, "supplier"), _ctx(home, "destination")
+    sent = run_step("release_model", supplier, model=m1, recipient="destination", purpose="collaboration",
+                    kind="m1-tamper")
+    package = Path(sent["package"])
+    data = bytearray(package.read_bytes())
+    data[-100] ^= 0x01
+    package.write_bytes(bytes(data))
+    models_before = sorted(p for p in destination.paths.models_dir.rglob("*")) if destination.paths.models_dir.exists() else []
+    with pytest.raises(Exception, match="(?i)tamper|modified|authentic|verify|corrupt"):
+        run_step("receive_model", destination, kind="m1-tamper", test_sets={"destination_test": "test"})
+    models_after = sorted(p for p in destination.paths.models_dir.rglob("*")) if destination.paths.models_dir.exists() else []
+    assert models_after == models_before
+    assert not list(destination.paths.state_dir.glob("open-*")), "no scratch left behind"
+    assert not (destination.paths.state_dir / "received.json").exists() or \
+        sent["package_id"] not in json.loads((destination.paths.state_dir / "received.json").read_text())
+
+
+def test_release_dir_with_approvals_is_a_copy_with_its_own_provenance(home, m1):
+    from pipelines.steps.exchange import _release_dir
+    from pipelines.trust.provenance import PROVENANCE_FILE
+
+    supplier = _ctx(home, "supplier")
+    ref = registry.resolve_model(supplier.paths, f"{m1['name']}/{m1['version']}")
+    registered = (ref.model_dir / PROVENANCE_FILE).read_bytes()
+    approvals = [{"user": "origin_officer", "site": "origin", "roles": ["compliance_officer"], "decision": "approve"}]
+    with _release_dir(supplier, ref, approvals) as release:
+        assert release != ref.model_dir
+        envelope = json.loads((release / PROVENANCE_FILE).read_text())
+        assert "origin_officer" in base64.b64decode(envelope["payload"]).decode()
+        scratch = release.parent
+    assert not scratch.exists(), "the release copy is removed after sealing"
+    assert (ref.model_dir / PROVENANCE_FILE).read_bytes() == registered, "the registered model is untouched"
+    with _release_dir(supplier, ref, []) as release:
+        assert release == ref.model_dir
