@@ -24,14 +24,13 @@ stop: install
 
 test: install
 	$(BIN)/factory policy test
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 test-fast: install
 	$(BIN)/pytest -m "not service and not browser and not slow"
 
 lint: install
 	$(BIN)/ruff check pipelines plugins dags tests benchmarks
-	$(BIN)/hadolint docker/step/Dockerfile docker/airflow/Dockerfile
 
 chart-policies: install
 	$(BIN)/python -c "from pipelines.runtime.bundle import stage_chart_policies; stage_chart_policies()"
