@@ -10,6 +10,7 @@ the decision is appended to that site's audit log.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -21,9 +22,12 @@ from typing import Any, NamedTuple
 import orjson
 
 from pipelines.policy.bundle import Bundle, BundleError, load_bundle
-from pipelines.policy.engines import EngineFailure, OpaServerEngine, RegorusEngine
+from pipelines.policy.engines import Engine, EngineFailure, OpaServerEngine, RegorusEngine
 
-__all__ = ["Decision", "evaluate", "allowed_approvers", "gates", "engine_for"]
+__all__ = [
+    "Decision", "evaluate", "gates", "engine_for", "policy_data", "release_thresholds", "assigned_approvers",
+    "allowed_approvers",
+]
 
 _NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
@@ -56,14 +60,14 @@ class Decision(NamedTuple):
 
 
 def canonical_json(value: Any) -> bytes:
-    """Sorted, compact JSON. orjson costs a tenth of the stdlib here, which matters at ~50 us a gate;
-    it writes NaN and infinities as null, which every gate treats as a missing value (deny)."""
+    """Sorted, compact JSON (orjson; it writes NaN and infinities as null, which every gate treats
+    as a missing value: deny)."""
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
 @functools.lru_cache(maxsize=8)
-def _embedded(root: str) -> RegorusEngine:
-    return RegorusEngine(load_bundle(Path(root)))
+def _embedded(bundle: Bundle) -> RegorusEngine:
+    return RegorusEngine(bundle)
 
 
 @functools.lru_cache(maxsize=8)
@@ -71,41 +75,36 @@ def _server(url: str, timeout: str, token: str) -> OpaServerEngine:
     return OpaServerEngine(url, timeout=float(timeout), token=token or None)
 
 
-def engine_for(bundle: Bundle) -> RegorusEngine | OpaServerEngine:
-    """The engine the environment selects: the OPA server of FACTORY_OPA_URL, else embedded regorus."""
+def engine_for(bundle: Bundle) -> Engine:
+    """The engine the environment selects: the OPA server of FACTORY_OPA_URL, else embedded regorus.
+
+    Settings are read at each call, so a change takes effect at the next gate call; the engine
+    for each setting is built once."""
     url = os.environ.get("FACTORY_OPA_URL", "").strip()
     if url:
         return _server(url, os.environ.get("FACTORY_OPA_TIMEOUT", "2"), os.environ.get("FACTORY_OPA_TOKEN", ""))
-    return _embedded(str(bundle.root))
-
-
-_selected: dict[tuple, tuple[Bundle, RegorusEngine | OpaServerEngine]] = {}
-_SETTINGS = (b"FACTORY_POLICIES", b"FACTORY_OPA_URL", b"FACTORY_OPA_TIMEOUT", b"FACTORY_OPA_TOKEN")
-
-
-def _selection() -> tuple[Bundle, RegorusEngine | OpaServerEngine]:
-    """The bundle and engine of the current environment, built once per setting.
-
-    Each gate call reads the settings again, so a change of FACTORY_OPA_URL takes effect at
-    the next call. It reads them from the dict behind os.environ (bytes, on POSIX): there a
-    missing key costs a dict lookup, where os.environ.get raises and catches a KeyError,
-    which with its encode and decode steps costs several microseconds a key inside a gate
-    call of about 50 us."""
-    raw = getattr(os.environ, "_data", None)
-    if raw is None or os.name != "posix":  # not CPython's POSIX os.environ: read it the usual way
-        key = tuple(os.environ.get(name.decode()) for name in _SETTINGS)
-    else:
-        key = tuple(map(raw.get, _SETTINGS))
-    selection = _selected.get(key)
-    if selection is None:
-        bundle = load_bundle()
-        selection = _selected[key] = (bundle, engine_for(bundle))
-    return selection
+    return _embedded(bundle)
 
 
 def gates() -> tuple[str, ...]:
     """The gates the policy folder defines (data_access, data_release, model_release, approval, ...)."""
     return load_bundle().gates
+
+
+def policy_data() -> dict[str, Any]:
+    """A copy of the policy data the gates read: `policies/factory/data.json`, `data.factory` in Rego."""
+    return copy.deepcopy(load_bundle().data.get("factory", {}))
+
+
+def release_thresholds(purpose: str) -> dict[str, float]:
+    """The metric thresholds a model released for `purpose` ("collaboration" or "export") must meet,
+    `{metric: minimum}`: the policy data the `model_release` gate enforces, so a step can hold a model
+    to the same bar before it asks the gate. BundleError when the policy data has no entry for `purpose`."""
+    thresholds = policy_data().get("release_thresholds", {})
+    if purpose not in thresholds:
+        raise BundleError(f"policy data release_thresholds has no entry for purpose {purpose!r} "
+                          f"(entries: {', '.join(sorted(thresholds)) or 'none'})")
+    return thresholds[purpose]
 
 
 def evaluate(
@@ -126,7 +125,8 @@ def evaluate(
         input_json, input_problem = repr(input).encode(errors="backslashreplace"), f"the gate input is not JSON: {error}"
     engine_name, bundle_digest, extra, failed = "none", "none", _NO_EXTRA, False
     try:
-        bundle, engine = _selection()
+        bundle = load_bundle()
+        engine = engine_for(bundle)
         bundle_digest, engine_name = bundle.digest, engine.name
         if gate not in bundle.gates:
             raise EngineFailure(f"unknown gate {gate!r}; gates are {', '.join(bundle.gates)}")
@@ -134,8 +134,7 @@ def evaluate(
             raise EngineFailure(input_problem)
         result = engine.decide(gate, input_json.decode(), input)
         allow, reasons = result["allow"], tuple(result["reasons"])
-        if len(result) > 2:
-            extra = {key: value for key, value in result.items() if key not in ("allow", "reasons")}
+        extra = {key: value for key, value in result.items() if key not in ("allow", "reasons")}
         if not allow and not reasons:
             reasons = ("denied without a reason by the policy",)
     except (EngineFailure, BundleError) as error:
@@ -176,10 +175,23 @@ def _record(decision: Decision, site: str, home: Path | None, actor: str | None)
     return decision
 
 
+def assigned_approvers(owner_site: str, required_role: str, requested_by: str | None = None) -> list:
+    """The users of conf/users.yaml assigned to answer a gate (HITL assigned_users): those of
+    `owner_site` who hold `required_role`, other than the requester.
+
+    Read from conf alone, so a DAG file may call it while it is parsed; no policy runs here. Whether
+    the user who answers may do so is decided at run time by the `approval` gate."""
+    from pipelines.config import load_config
+
+    return [user for user in load_config().users
+            if user.site == owner_site and required_role in user.roles and user.id != requested_by]
+
+
 def allowed_approvers(
     gate_name: str, owner_site: str, required_role: str, requested_by: str | None = None
 ) -> list:
-    """The users of conf/users.yaml whom the `approval` policy lets answer this gate (HITL assigned_users)."""
+    """The users of conf/users.yaml whom the `approval` policy lets answer this gate. Evaluates the
+    policy once per user; DAG files should call `assigned_approvers` instead (no policy at parse time)."""
     from pipelines.config import load_config
 
     allowed = []

@@ -1,10 +1,11 @@
 """The policy bundle: the Rego modules and JSON data of `policies/`, read once per process.
 
 Data files are placed the way `opa run --server policies/` places them: a JSON file
-lands at the path of its folder relative to `policies/` (so `policies/data/*.json`
-is `data.data`, `policies/odd/*.json` would be `data.odd`), files in one folder
-are merged, and a key defined twice is an error. Test modules (`*_test.rego`) are
-kept apart: gates never load them.
+lands at the path of its folder relative to `policies/`, so the policy data,
+`policies/factory/data.json`, is `data.factory` (beside the gate packages
+`factory.<gate>`; its keys must not be gate names). Files in one folder are merged,
+and a key defined twice is an error. Test modules (`*_test.rego`) are kept apart:
+gates never load them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The operational design domain (ODD) check of each inference request.
 
 The rules are Rego (`policies/odd/odd.rego`, package `factory.odd`), the site's declared ODD is
-policy data (`policies/data/odd.json`). The service builds the gate input from the request context,
-the batch's statistics and the measured inference latency, and answers in the mode the decision
-names: "normal", "flag" (prediction returned, flagged) or "withhold" (no prediction).
+policy data (`odd_sites` in `policies/factory/data.json`). The service builds the gate input from
+the request context, the batch's statistics and the measured inference latency, and answers in the
+mode the decision names: "normal", "flag" (prediction returned, flagged) or "withhold" (no prediction).
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ class OddGate:
     the service as security events, not here, so a request costs one evaluation and no log write."""
 
     def __init__(self) -> None:
-        from pipelines.policy.bundle import load_bundle
+        from pipelines.policy import policy_data
 
-        self.site_odd = load_bundle().data.get("data", {}).get("odd", {}).get("sites", {})
+        self.site_odd = policy_data().get("odd_sites", {})
         self.decide(gate_input("origin", {}, {}, {}, 0.0))  # a policy that does not load fails here, at start
 
     def decide(self, odd_input: dict[str, Any]) -> OddDecision:

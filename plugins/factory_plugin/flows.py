@@ -146,12 +146,7 @@ def model_intake_flow(*, site: str, kind: str, stage: str, test_sets: dict[str, 
 
 def export_threshold_schema() -> dict:
     """JSON-schema properties for a run's stricter thresholds: each at least the policy's threshold."""
-    import json
+    from pipelines.policy import release_thresholds
 
-    from pipelines.config import PROJECT_ROOT
-
-    path = PROJECT_ROOT / "policies" / "data" / "release_thresholds.json"
-    floors = json.loads(path.read_text()) if path.exists() else {}
-    floors = floors.get("release_thresholds", floors).get("export", {})
-    return {metric: {"type": "number", "minimum": floor, "maximum": 1.0} for metric, floor in floors.items()
-            if isinstance(floor, (int, float))}
+    return {metric: {"type": "number", "minimum": floor, "maximum": 1.0}
+            for metric, floor in release_thresholds("export").items() if isinstance(floor, (int, float))}

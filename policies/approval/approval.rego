@@ -6,47 +6,22 @@
 #   requested_by}. requested_by is required; it is null while the requester is not
 #   known yet (when the approvers of a gate are listed before the request).
 #   Allowed when the user belongs to the gate's owner site, holds the required role,
-#   that role is an officer role of the site (data.data.officers.site_roles), and the
+#   that role is an officer role of the site (data.factory.officers.site_roles), and the
 #   user is not the requester.
 package factory.approval
 
 import rego.v1
 
 # METADATA
-# description: |
-#   The decision document of the gate. Its first body is every check on one path, so the
-#   interpreter does little work when the user may answer; `deny` states the same
-#   checks one by one with their reasons. Types are checked by comparisons across types,
-#   cheaper in regorus than builtins such as is_string (see model_release): `"" <= x; x < []`
-#   holds exactly for a string, `[] <= x; x < {}` for an array.
+# description: The decision document of the gate, decided by `deny` alone.
 # entrypoint: true
-decision := {"allow": true, "reasons": []} if {
-	user := input.user
-	gate := input.gate
-
-	"" < user.id
-	user.id < []
-	"" <= user.site
-	user.site < []
-	[] <= user.roles
-	user.roles < {}
-	"" < gate.name
-	gate.name < []
-	"" <= gate.owner_site
-	gate.owner_site < []
-	"" <= gate.required_role
-	gate.required_role < []
-	type_name(object.get(input, "requested_by", 0)) in {"string", "null"}
-
-	user.site == gate.owner_site
-	gate.required_role in user.roles
-	gate.required_role in data.data.officers.site_roles[gate.owner_site]
-	user.id != input.requested_by
-} else := {"allow": false, "reasons": reasons}
+decision := {"allow": allow, "reasons": sort(deny)}
 
 # METADATA
-# description: Whether the request is allowed.
-allow := decision.allow
+# description: Allowed exactly when no `deny` rule holds.
+default allow := false
+
+allow if count(deny) == 0
 
 fields := [
 	[["user", "id"], "string"],
@@ -86,7 +61,7 @@ deny contains msg if {
 
 deny contains msg if {
 	well_formed
-	not gate.required_role in object.get(data.data.officers.site_roles, gate.owner_site, [])
+	not gate.required_role in object.get(data.factory.officers.site_roles, gate.owner_site, [])
 	msg := sprintf("%s is not an approving role at %s (policy data officers.site_roles); gate %s is misconfigured", [
 		gate.required_role, gate.owner_site, gate.name,
 	])
@@ -97,9 +72,3 @@ deny contains msg if {
 	user.id == input.requested_by
 	msg := sprintf("user %s requested %s and may not answer their own request", [user.id, gate.name])
 }
-
-# METADATA
-# description: The reasons of a denial, never empty.
-reasons := sort(deny) if {
-	count(deny) > 0
-} else := ["denied by default: no rule allowed this request"]

@@ -5,7 +5,7 @@
 #   Input: {subject: {id, site, roles, clearance}, action, purpose,
 #   resource: {id, owner, classification, releasable_to, purposes}}.
 #   Allowed when the subject's clearance covers the classification, one of its roles
-#   permits the action (data.data.role_actions), the purpose is one the dataset may
+#   permits the action (data.factory.role_actions), the purpose is one the dataset may
 #   serve, and the subject's site owns the dataset or is one it is releasable to.
 #   Deny by default; every denial names the field, dataset or subject.
 package factory.data_access
@@ -13,68 +13,15 @@ package factory.data_access
 import rego.v1
 
 # METADATA
-# description: |
-#   The decision document of the gate. Its first body is every check on one path, so the
-#   interpreter does little work when the request is allowed; `deny` states the same
-#   checks one by one with their reasons. Types are checked by comparisons across types,
-#   cheaper in regorus than builtins such as is_string (see model_release): `"" <= x; x < []`
-#   holds exactly for a string, `[] <= x; x < {}` for an array.
+# description: The decision document of the gate, decided by `deny` alone.
 # entrypoint: true
-decision := {"allow": true, "reasons": []} if {
-	subject := input.subject
-	resource := input.resource
-	policy := data.data
-	levels := policy.classification_levels
-
-	# well formed
-	"" < subject.id
-	subject.id < []
-	"" <= subject.site
-	subject.site < []
-	[] <= subject.roles
-	subject.roles < {}
-	every r in subject.roles {
-		"" <= r
-		r < []
-	}
-	"" <= input.action
-	input.action < []
-	"" <= input.purpose
-	input.purpose < []
-	"" < resource.id
-	resource.id < []
-	"" < resource.owner
-	resource.owner < []
-	[] <= resource.releasable_to
-	resource.releasable_to < {}
-	every s in resource.releasable_to {
-		"" <= s
-		s < []
-	}
-	[] <= resource.purposes
-	resource.purposes < {}
-	every p in resource.purposes {
-		"" <= p
-		p < []
-	}
-
-	# clearance covers the classification (both must be known levels)
-	levels[resource.classification] <= levels[subject.clearance]
-
-	# a role permits the action
-	some role in subject.roles
-	input.action in policy.role_actions[role]
-
-	# the dataset may serve the purpose
-	input.purpose in resource.purposes
-
-	# the subject's site owns the dataset or may receive it
-	subject.site in array.concat(resource.releasable_to, [resource.owner])
-} else := {"allow": false, "reasons": reasons}
+decision := {"allow": allow, "reasons": sort(deny)}
 
 # METADATA
-# description: Whether the request is allowed.
-allow := decision.allow
+# description: Allowed exactly when no `deny` rule holds.
+default allow := false
+
+allow if count(deny) == 0
 
 fields := [
 	[["subject", "id"], "string"],
@@ -119,7 +66,7 @@ deny contains msg if {
 role_permits if {
 	well_formed
 	some role in input.subject.roles
-	input.action in data.data.role_actions[role]
+	input.action in data.factory.role_actions[role]
 }
 
 deny contains msg if {
@@ -138,9 +85,3 @@ deny contains msg if {
 		input.resource.id, input.resource.owner, input.subject.site, input.subject.id,
 	])
 }
-
-# METADATA
-# description: The reasons of a denial, never empty.
-reasons := sort(deny) if {
-	count(deny) > 0
-} else := ["denied by default: no rule allowed this request"]

@@ -136,7 +136,17 @@ test_denies_empty_input if {
 }
 
 test_denies_without_role_actions_data if {
-	d := data_access.decision with input as base with data.data.role_actions as {}
+	d := data_access.decision with input as base with data.factory.role_actions as {}
 	not d.allow
 	has_reason(d, "permits action \"train\"")
+}
+
+# An empty site matched an empty entry of releasable_to once; a site must be a non-empty string.
+test_denies_empty_subject_site_even_when_releasable_to_holds_it if {
+	d := data_access.decision with input as object.union(
+		with_subject({"site": ""}),
+		{"resource": {"releasable_to": [""]}},
+	)
+	not d.allow
+	d.reasons == ["field subject.site must be a non-empty string, got \"\""]
 }

@@ -8,7 +8,7 @@
 #   Allowed when sanitization passed with no sensitive column left, validation
 #   succeeded, the dataset is not local-only, its classification is at most the
 #   ceiling agreed for releases from the owner to the recipient
-#   (data.data.release_ceilings), the recipient is listed in dataset.releasable_to
+#   (data.factory.release_ceilings), the recipient is listed in dataset.releasable_to
 #   when that optional field is given, and a compliance_officer of the owner site
 #   other than the requester approved, with no rejection and no self-approval.
 package factory.data_release
@@ -16,68 +16,15 @@ package factory.data_release
 import rego.v1
 
 # METADATA
-# description: |
-#   The decision document of the gate. Its first body is every check on one path, so the
-#   interpreter does little work when the release is allowed; `deny` states the same
-#   checks one by one with their reasons. Types are checked by comparisons across types,
-#   cheaper in regorus than builtins such as is_string (see model_release): `"" <= x; x < []`
-#   holds exactly for a string, `[] <= x; x < {}` for an array.
+# description: The decision document of the gate, decided by `deny` alone.
 # entrypoint: true
-decision := {"allow": true, "reasons": []} if {
-	ds := input.dataset
-	policy := data.data
-	levels := policy.classification_levels
-	requester := input.requested_by
-
-	"" < ds.id
-	ds.id < []
-	"" <= ds.owner
-	ds.owner < []
-	"" <= input.recipient
-	input.recipient < []
-	"" < requester
-	requester < []
-
-	# sanitized, validated, not local-only
-	ds.sanitization.passed == true
-	[] <= ds.sanitization.remaining_sensitive_columns
-	ds.sanitization.remaining_sensitive_columns < {}
-	count(ds.sanitization.remaining_sensitive_columns) == 0
-	ds.validation.success == true
-	ds.local_only == false
-
-	# leaves the owner, within the agreed classification ceiling
-	input.recipient != ds.owner
-	ceiling := policy.release_ceilings[ds.owner][input.recipient]
-	levels[ds.classification] <= levels[ceiling]
-	releasable_to := object.get(ds, "releasable_to", [input.recipient])
-	[] <= releasable_to
-	releasable_to < {}
-	input.recipient in releasable_to
-
-	# approvals: all well formed, none rejects, none by the requester
-	[] <= input.approvals
-	input.approvals < {}
-	every a in input.approvals {
-		"" < a.user
-		a.user < []
-		"" < a.site
-		a.site < []
-		[] <= a.roles
-		a.roles < {}
-		a.decision == "approve"
-		a.user != requester
-	}
-
-	# one of them by an officer of the owner site
-	some a in input.approvals
-	a.site == ds.owner
-	policy.officers.data_owner_role in a.roles
-} else := {"allow": false, "reasons": reasons}
+decision := {"allow": allow, "reasons": sort(deny)}
 
 # METADATA
-# description: Whether the request is allowed.
-allow := decision.allow
+# description: Allowed exactly when no `deny` rule holds.
+default allow := false
+
+allow if count(deny) == 0
 
 fields := [
 	[["dataset", "id"], "string"],
@@ -142,7 +89,7 @@ deny contains msg if {
 deny contains msg if {
 	well_formed
 	input.recipient != ds.owner
-	not data.data.release_ceilings[ds.owner][input.recipient]
+	not data.factory.release_ceilings[ds.owner][input.recipient]
 	msg := sprintf("no release of %s data to %s is agreed in policy data (release_ceilings)", [
 		ds.owner, input.recipient,
 	])
@@ -150,7 +97,7 @@ deny contains msg if {
 
 deny contains msg if {
 	well_formed
-	ceiling := data.data.release_ceilings[ds.owner][input.recipient]
+	ceiling := data.factory.release_ceilings[ds.owner][input.recipient]
 	not data.factory.helpers.at_most(ds.classification, ceiling)
 	msg := sprintf("dataset %s is %s, above the %s ceiling for releases from %s to %s", [
 		ds.id, ds.classification, ceiling, ds.owner, input.recipient,
@@ -175,7 +122,7 @@ deny contains msg if {
 
 deny contains msg if {
 	well_formed
-	role := data.data.officers.data_owner_role
+	role := data.factory.officers.data_owner_role
 	not owner_officer_approved
 	msg := sprintf("no approval by a %s of %s other than the requester %s", [role, ds.owner, input.requested_by])
 }
@@ -183,7 +130,7 @@ deny contains msg if {
 owner_officer_approved if {
 	well_formed
 	some a in input.approvals
-	data.factory.helpers.approved_by(a, ds.owner, data.data.officers.data_owner_role, input.requested_by)
+	data.factory.helpers.approved_by(a, ds.owner, data.factory.officers.data_owner_role, input.requested_by)
 }
 
 deny contains msg if {
@@ -195,9 +142,3 @@ deny contains msg if {
 	well_formed
 	some msg in data.factory.helpers.self_approval_reasons(input.approvals, input.requested_by)
 }
-
-# METADATA
-# description: The reasons of a denial, never empty.
-reasons := sort(deny) if {
-	count(deny) > 0
-} else := ["denied by default: no rule allowed this request"]

@@ -3,19 +3,18 @@
 # description: |
 #   Field checks that turn a missing or malformed input field into a readable reason,
 #   the classification order, approval matching and licence dates. Every gate uses it.
-#   Policy data is read from policies/data/*.json at data.data (the path of their
-#   folder, as `opa run --server policies/` loads them).
+#   Policy data is policies/factory/data.json, at data.factory (the path of its folder,
+#   as `opa run --server policies/` loads it).
 #
-#   Each gate decides on a fast path (the first body of its `decision`, with inline
-#   checks, so the interpreter does little work) and explains a denial on a slow path
-#   (`deny` rules built from these helpers). Tests check that the two agree.
+#   Each gate decides from its `deny` set alone: allowed when no `deny` rule holds, the
+#   reasons of a denial are the `deny` messages.
 package factory.helpers
 
 import rego.v1
 
 # METADATA
 # description: Classification and clearance levels, public < restricted < confidential < secret.
-levels := data.data.classification_levels
+levels := data.factory.classification_levels
 
 # METADATA
 # description: Today's date (UTC) as YYYY-MM-DD, compared with licence expiry dates.

@@ -9,13 +9,13 @@
 #
 #   Every release: a non-empty lineage with no local-only source, every source owned by
 #   the recipient or releasable to it, the requirements of the purpose met
-#   (data.data.release_thresholds per metric, data.data.release_verification:
+#   (data.factory.release_thresholds per metric, data.factory.release_verification:
 #   verified watermark and signature where required), no rejection and no self-approval among the approvals.
 #   Collaboration releases need no officer approval here: the data owner's officer
 #   approved the data release that brought the data to the sender.
 #   Export adds: every source export-authorized; a licence of the recipient that covers
 #   the purpose (and the end use when given) and has not expired
-#   (data.data.export_licences); approvals by distinct users, a compliance_officer of
+#   (data.factory.export_licences); approvals by distinct users, a compliance_officer of
 #   every data owner in the lineage other than the sender (the sender's own when it is
 #   the only owner) and an export_control_officer of the sender, none by the requester.
 package factory.model_release
@@ -23,114 +23,15 @@ package factory.model_release
 import rego.v1
 
 # METADATA
-# description: |
-#   The decision document of the gate. Its first body is every check of a release on
-#   one path, so the interpreter does little work when the release is allowed (a rule
-#   or data reference costs about as much as ten comparisons in regorus, so the body
-#   reads policy data once and refers to no other rule). `deny` states the same checks
-#   one by one with their reasons.
-#   Types are checked with comparisons, which regorus runs several times faster than
-#   builtin calls such as is_string: Rego orders values of different types (null <
-#   booleans < numbers < strings < arrays < objects), so `"" < x; x < []` holds exactly
-#   for a non-empty string, `[] <= x; x < {}` for an array (JSON input has no sets) and
-#   `false <= x; x <= true` for a boolean.
+# description: The decision document of the gate, decided by `deny` alone.
 # entrypoint: true
-decision := {"allow": true, "reasons": []} if {
-	model := input.model
-	sender := model.site
-	recipient := input.recipient
-	requester := input.requested_by
-	policy := data.data
-	thresholds := policy.release_thresholds[input.purpose]
-	verify := policy.release_verification[input.purpose]
-
-	"" < model.id
-	model.id < []
-	"" < sender
-	sender < []
-	"" < recipient
-	recipient < []
-	recipient != sender
-	"" < requester
-	requester < []
-
-	# the lineage: known sources, none local-only, each releasable to the recipient
-	[] < model.lineage
-	model.lineage < {}
-	every s in model.lineage {
-		"" < s.dataset_id
-		s.dataset_id < []
-		"" < s.owner
-		s.owner < []
-		s.local_only == false
-		false <= s.export_authorized
-		s.export_authorized <= true
-		[] <= s.releasable_to
-		s.releasable_to < {}
-		recipient in array.concat(s.releasable_to, [s.owner])
-	}
-
-	# the requirements of the purpose: metrics (numbers) at their thresholds, verifications
-	{} <= model.metrics
-	every name, threshold in thresholds {
-		threshold <= model.metrics[name]
-		model.metrics[name] < ""
-	}
-	# a verification result (boolean) at least what is required: true when required
-	verify.watermark <= model.watermark.verified
-	model.watermark.verified <= true
-	verify.signature <= model.signature.verified
-	model.signature.verified <= true
-
-	# approvals: all well formed, none rejects, none by the requester
-	[] <= input.approvals
-	input.approvals < {}
-	every a in input.approvals {
-		"" < a.user
-		a.user < []
-		a.user != requester
-		"" < a.site
-		a.site < []
-		[] <= a.roles
-		a.roles < {}
-		a.decision == "approve"
-	}
-
-	# the checks particular to an export: the array is ["export"] for an export, [] for a
-	# collaboration (inline rather than a rule: a rule reference costs as much as ten checks)
-	input.purpose in {"collaboration", "export"}
-	every purpose in [input.purpose | input.purpose == "export"] {
-		export_role := policy.officers.export_role
-		owner_role := policy.officers.data_owner_role
-
-		every s in model.lineage {
-			s.export_authorized == true
-		}
-
-		# a licence covers the purpose and the end use, and has not expired
-		some licence in policy.export_licences[recipient]
-		purpose in licence.purposes
-		object.get(input, "end_use", null) in array.concat(licence.end_uses, [null])
-		sprintf("%04d-%02d-%02d", time.date(time.now_ns())) <= licence.expires # helpers.today, inline
-
-		# an export officer of the sender, and an officer of each data owner, distinct users
-		owners := {s.owner | some s in model.lineage; s.owner != sender}
-		needed := owners | {sender | count(owners) == 0}
-		some e in input.approvals
-		e.site == sender
-		export_role in e.roles
-		every owner in needed {
-			some a in input.approvals
-			a.site == owner
-			owner_role in a.roles
-			a.user != e.user
-		}
-	}
-} else := {"allow": false, "reasons": reasons}
+decision := {"allow": allow, "reasons": sort(deny)}
 
 # METADATA
-# description: Whether the release is allowed.
-allow := decision.allow
+# description: Allowed exactly when no `deny` rule holds.
+default allow := false
+
+allow if count(deny) == 0
 
 # METADATA
 # description: The [required, verified] pairs that meet a verification requirement (true = required).
@@ -182,9 +83,9 @@ well_formed if count(field_problems) == 0
 
 model := input.model
 
-thresholds := data.data.release_thresholds[input.purpose]
+thresholds := data.factory.release_thresholds[input.purpose]
 
-verify := data.data.release_verification[input.purpose]
+verify := data.factory.release_verification[input.purpose]
 
 # METADATA
 # description: Why the release is denied; each reason names the field, dataset, metric or user.
@@ -254,6 +155,18 @@ deny contains msg if {
 
 deny contains msg if {
 	well_formed
+	not is_object(thresholds)
+	msg := sprintf("policy data release_thresholds has no entry for purpose %s", [input.purpose])
+}
+
+deny contains msg if {
+	well_formed
+	not is_object(verify)
+	msg := sprintf("policy data release_verification has no entry for purpose %s", [input.purpose])
+}
+
+deny contains msg if {
+	well_formed
 	some msg in data.factory.helpers.rejection_reasons(input.approvals)
 }
 
@@ -273,7 +186,7 @@ deny contains msg if {
 deny contains msg if {
 	well_formed
 	input.purpose == "export"
-	not data.data.export_licences[input.recipient]
+	count(object.get(data.factory.export_licences, input.recipient, [])) == 0
 	msg := sprintf("%s holds no export licence (policy data export_licences)", [input.recipient])
 }
 
@@ -281,12 +194,12 @@ deny contains msg if {
 	well_formed
 	input.purpose == "export"
 	not valid_licence
-	some licence in data.data.export_licences[input.recipient]
+	some licence in data.factory.export_licences[input.recipient]
 	some msg in licence_problems(licence)
 }
 
 valid_licence if {
-	some licence in data.data.export_licences[input.recipient]
+	some licence in data.factory.export_licences[input.recipient]
 	count(licence_problems(licence)) == 0
 }
 
@@ -307,7 +220,7 @@ licence_problems(licence) := {msg |
 deny contains msg if {
 	well_formed
 	input.purpose == "export"
-	role := data.data.officers.export_role
+	role := data.factory.officers.export_role
 	not export_officer_approved
 	msg := sprintf("no approval by an %s of %s other than the requester %s", [role, model.site, input.requested_by])
 }
@@ -315,13 +228,13 @@ deny contains msg if {
 export_officer_approved if {
 	well_formed
 	some a in input.approvals
-	data.factory.helpers.approved_by(a, model.site, data.data.officers.export_role, input.requested_by)
+	data.factory.helpers.approved_by(a, model.site, data.factory.officers.export_role, input.requested_by)
 }
 
 deny contains msg if {
 	well_formed
 	input.purpose == "export"
-	role := data.data.officers.data_owner_role
+	role := data.factory.officers.data_owner_role
 	some owner in approving_owners
 	not owner_officer_approved(owner)
 	msg := sprintf("no approval by a %s of %s (data owner in the lineage) other than the requester %s", [
@@ -332,7 +245,7 @@ deny contains msg if {
 owner_officer_approved(owner) if {
 	well_formed
 	some a in input.approvals
-	data.factory.helpers.approved_by(a, owner, data.data.officers.data_owner_role, input.requested_by)
+	data.factory.helpers.approved_by(a, owner, data.factory.officers.data_owner_role, input.requested_by)
 }
 
 deny contains msg if {
@@ -348,14 +261,8 @@ deny contains msg if {
 distinct_approvers(owner) if {
 	well_formed
 	some e in input.approvals
-	data.factory.helpers.approved_by(e, model.site, data.data.officers.export_role, input.requested_by)
+	data.factory.helpers.approved_by(e, model.site, data.factory.officers.export_role, input.requested_by)
 	some a in input.approvals
-	data.factory.helpers.approved_by(a, owner, data.data.officers.data_owner_role, input.requested_by)
+	data.factory.helpers.approved_by(a, owner, data.factory.officers.data_owner_role, input.requested_by)
 	a.user != e.user
 }
-
-# METADATA
-# description: The reasons of a denial, never empty.
-reasons := sort(deny) if {
-	count(deny) > 0
-} else := ["denied by default: no rule allowed this request"]

@@ -181,18 +181,18 @@ test_denies_metric_given_as_string if {
 }
 
 test_threshold_comes_from_policy_data if {
-	denied_for(export, "below the export threshold 0.95") with data.data.release_thresholds.export as {"supplier_test": 0.95}
+	denied_for(export, "below the export threshold 0.95") with data.factory.release_thresholds.export as {"supplier_test": 0.95}
 }
 
 # Until models are watermarked the shipped data does not require it; the rule is exercised both ways.
 test_denies_unverified_watermark if {
 	denied_for(with_model(export, {"watermark": {"verified": false}}), "the watermark of model digits-cnn-export/3 is not verified (required for export)")
-		with data.data.release_verification.export.watermark as true
+		with data.factory.release_verification.export.watermark as true
 }
 
 test_allows_unverified_watermark_when_policy_data_does_not_require_it if {
 	model_release.decision.allow with input as with_model(export, {"watermark": {"verified": false}})
-		with data.data.release_verification.export.watermark as false
+		with data.factory.release_verification.export.watermark as false
 }
 
 test_denies_unverified_signature if {
@@ -205,21 +205,35 @@ test_denies_recipient_without_licence if {
 	has_reason(d, "origin holds no export licence")
 }
 
+test_denies_recipient_with_an_empty_licence_list if {
+	denied_for(export, "destination holds no export licence") with data.factory.export_licences as {"destination": []}
+}
+
+test_denies_purpose_without_thresholds_in_policy_data if {
+	denied_for(export, "policy data release_thresholds has no entry for purpose export")
+		with data.factory.release_thresholds as {"collaboration": {}}
+}
+
+test_denies_purpose_without_verification_requirements_in_policy_data if {
+	denied_for(export, "policy data release_verification has no entry for purpose export")
+		with data.factory.release_verification as {"collaboration": {"watermark": false, "signature": false}}
+}
+
 test_denies_expired_licence if {
-	denied_for(export, "export licence EL-1 of destination expired on 2020-01-31") with data.data.export_licences as {"destination": [{
+	denied_for(export, "export licence EL-1 of destination expired on 2020-01-31") with data.factory.export_licences as {"destination": [{
 		"id": "EL-1", "purposes": ["export"], "end_uses": ["evaluation"], "expires": "2020-01-31",
 	}]}
 }
 
 test_allows_with_one_valid_licence_among_expired_ones if {
-	model_release.decision.allow with input as export with data.data.export_licences as {"destination": [
+	model_release.decision.allow with input as export with data.factory.export_licences as {"destination": [
 		{"id": "EL-1", "purposes": ["export"], "end_uses": [], "expires": "2020-01-31"},
 		{"id": "EL-2", "purposes": ["export"], "end_uses": [], "expires": "2999-12-31"},
 	]}
 }
 
 test_denies_licence_not_covering_purpose if {
-	denied_for(export, "export licence EL-3 of destination does not cover purpose \"export\"") with data.data.export_licences as {"destination": [{
+	denied_for(export, "export licence EL-3 of destination does not cover purpose \"export\"") with data.factory.export_licences as {"destination": [{
 		"id": "EL-3", "purposes": ["evaluation"], "end_uses": [], "expires": "2999-12-31",
 	}]}
 }

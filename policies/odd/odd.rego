@@ -6,7 +6,7 @@
 #   inference must meet the latency budget, and a location, when given, must lie inside the
 #   site's geofence. Input: {site, model, context: {sensor_id, location: {lat, lon},
 #   latency_budget_ms}, stats: {batch_size, sample_mean: {min, max}, sample_std: {min, max}},
-#   latency_ms}. The ODD of each site is policy data (data.data.odd.sites). A breach answers
+#   latency_ms}. The ODD of each site is policy data (data.factory.odd_sites). A breach answers
 #   in safe mode: "flag" (prediction returned, flagged) when every breach is of a kind listed
 #   in the site's flag_only, otherwise "withhold" (no prediction). Deny by default.
 # entrypoint: true
@@ -15,12 +15,12 @@ package factory.odd
 import rego.v1
 
 # METADATA
-# description: The decision document of the gate.
-decision := {"allow": allow, "reasons": reasons, "mode": mode}
+# description: The decision document of the gate, decided by `breaches` alone.
+decision := {"allow": allow, "reasons": sort(breach_reasons), "mode": mode}
 
 # METADATA
 # description: The declared ODD of the requesting site; undefined for a site without one.
-odd := data.data.odd.sites[input.site]
+odd := data.factory.odd_sites[input.site]
 
 context := object.get(input, "context", {})
 
@@ -29,11 +29,8 @@ envelope_stats := ["sample_mean", "sample_std"]
 default allow := false
 
 # METADATA
-# description: Allowed only when the site declares an ODD and the request breaches none of it.
-allow if {
-	odd
-	count(breaches) == 0
-}
+# description: Allowed exactly when the request breaches nothing (a site without a declared ODD is a breach).
+allow if count(breaches) == 0
 
 # METADATA
 # description: Breaches as [kind, reason] pairs; kinds are site, context, sensor, envelope, latency, geofence.
@@ -126,22 +123,13 @@ round3(x) := round(x * 1000) / 1000
 
 breach_kinds := {kind | some [kind, _] in breaches}
 
-breach_reasons := [msg | some [_, msg] in breaches]
-
-# METADATA
-# description: The reasons of the decision, empty when allowed, never empty when denied.
-reasons := [] if {
-	allow
-} else := sort(breach_reasons) if {
-	count(breaches) > 0
-} else := ["denied by default"]
+breach_reasons := {msg | some [_, msg] in breaches}
 
 # METADATA
 # description: How the service answers, normal when allowed; flag only when every breach kind allows it.
 mode := "normal" if {
 	allow
 } else := "flag" if {
-	count(breach_kinds) > 0
 	flag_only := odd.flag_only
 	every kind in breach_kinds {
 		kind in flag_only

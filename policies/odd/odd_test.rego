@@ -3,13 +3,13 @@ package factory.odd_test
 import data.factory.odd
 import rego.v1
 
-odd_data := {"sites": {"origin": {
+odd_sites := {"origin": {
 	"approved_sensors": ["ORG-SN-0001", "ORG-SN-0002"],
 	"envelope": {"sample_mean": {"min": 0.1, "max": 0.6}, "sample_std": {"min": 0.1, "max": 0.45}},
 	"latency_budget_ms": 50,
 	"geofence": [{"name": "area", "lat_min": 49.0, "lat_max": 52.5, "lon_min": 2.5, "lon_max": 6.5}],
 	"flag_only": ["latency"],
-}}}
+}}
 
 request := {
 	"site": "origin",
@@ -20,7 +20,7 @@ request := {
 }
 
 decide(req) := d if {
-	d := odd.decision with input as req with data.data.odd as odd_data
+	d := odd.decision with input as req with data.factory.odd_sites as odd_sites
 }
 
 test_in_domain_request_is_allowed if {
@@ -123,6 +123,6 @@ test_empty_input_is_denied if {
 }
 
 test_shipped_data_declares_both_running_sites if {
-	data.data.odd.sites.origin.latency_budget_ms > 0
-	data.data.odd.sites.destination.latency_budget_ms > 0
+	data.factory.odd_sites.origin.latency_budget_ms > 0
+	data.factory.odd_sites.destination.latency_budget_ms > 0
 }

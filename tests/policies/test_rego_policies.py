@@ -29,14 +29,14 @@ def test_rego(runner: TestRunner, test):
     assert result.passed, f"{test.id}: {result.detail}"
 
 
-def test_each_policy_file_is_covered_at_least_90_percent():
+def test_every_line_of_each_policy_file_is_covered():
     runner = TestRunner(coverage=True)
     for test in TESTS:
         runner.run(test)
     coverage = runner.coverage()
     for path, _ in load_bundle().modules:
         covered, total = coverage[path]
-        assert total and covered / total >= 0.9, f"{path}: {covered}/{total} lines covered"
+        assert total and covered == total, f"{path}: {covered}/{total} lines covered"
 
 
 def test_both_outcomes_are_tested_for_each_gate():

@@ -18,11 +18,10 @@ def engine():
 
     import regorus
 
+    from pipelines.policy.bundle import load_bundle
+
     e = regorus.Engine()
-    data = {}
-    for path in sorted((PROJECT_ROOT / "policies" / "data").glob("*.json")):
-        data.update(json.loads(path.read_text()))
-    e.add_data({"data": data})
+    e.add_data_json(json.dumps(load_bundle().data))
     for name in ("odd.rego", "odd_test.rego"):
         e.add_policy_from_file(str(ODD / name))
     return e
