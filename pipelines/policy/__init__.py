@@ -26,7 +26,6 @@ from pipelines.policy.engines import Engine, EngineFailure, OpaServerEngine, Reg
 
 __all__ = [
     "Decision", "evaluate", "gates", "engine_for", "policy_data", "release_thresholds", "assigned_approvers",
-    "allowed_approvers",
 ]
 
 _NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
@@ -185,22 +184,3 @@ def assigned_approvers(owner_site: str, required_role: str, requested_by: str | 
 
     return [user for user in load_config().users
             if user.site == owner_site and required_role in user.roles and user.id != requested_by]
-
-
-def allowed_approvers(
-    gate_name: str, owner_site: str, required_role: str, requested_by: str | None = None
-) -> list:
-    """The users of conf/users.yaml whom the `approval` policy lets answer this gate. Evaluates the
-    policy once per user; DAG files should call `assigned_approvers` instead (no policy at parse time)."""
-    from pipelines.config import load_config
-
-    allowed = []
-    for user in load_config().users:
-        document = {
-            "user": {"id": user.id, "site": user.site, "roles": list(user.roles)},
-            "gate": {"name": gate_name, "owner_site": owner_site, "required_role": required_role},
-            "requested_by": requested_by,
-        }
-        if evaluate("approval", document).allow:
-            allowed.append(user)
-    return allowed

@@ -31,10 +31,11 @@ _SEALED_FIELDS = ("gate", "owner_site", "dag_id", "run_id", "task_id", "chosen_o
 
 # --- who may answer -------------------------------------------------------------------------------
 
-def _allowed_approvers(gate_name: str, owner_site: str, required_role: str, requested_by: str | None):
-    from pipelines.policy import allowed_approvers
+def _assigned_approvers(owner_site: str, required_role: str, requested_by: str | None):
+    """From conf only, so parsing a DAG evaluates no policy; `verified_approval` enforces it at run time."""
+    from pipelines.policy import assigned_approvers
 
-    return list(allowed_approvers(gate_name, owner_site, required_role, requested_by))
+    return assigned_approvers(owner_site, required_role, requested_by)
 
 
 def _is_template(value: str | None) -> bool:
@@ -132,7 +133,7 @@ def approval_gate(
     requested_by: str,
     **kwargs,
 ):
-    """A human-in-the-loop approval task assigned to the users the `approval` policy allows.
+    """A human-in-the-loop approval task assigned to the owner site's users with `required_role`.
 
     `subject`, `body` (Markdown: what is asked, lineage summary, policy reasons, links to the
     sanitization report and MLflow run) and `requested_by` may be Jinja templates. A templated
@@ -142,9 +143,7 @@ def approval_gate(
     """
     from airflow.sdk import Param
 
-    approvers = _allowed_approvers(
-        gate_name, owner_site, required_role, None if _is_template(requested_by) else requested_by
-    )
+    approvers = _assigned_approvers(owner_site, required_role, None if _is_template(requested_by) else requested_by)
     if not approvers:
         raise ValueError(
             f"no user may answer gate {gate_name!r} of site {owner_site!r} (role {required_role!r}); "

@@ -177,16 +177,6 @@ def test_threads_each_get_an_engine(embedded, allowed_export):
     )}
 
 
-def test_allowed_approvers_follow_the_approval_policy(embedded):
-    export = [u.id for u in policy.allowed_approvers("stage_5_export", "supplier", "export_control_officer")]
-    assert export == ["supplier_export_officer"]
-    origin = [u.id for u in policy.allowed_approvers("stage_2_data_release", "origin", "compliance_officer")]
-    assert origin == ["origin_officer"]
-    assert policy.allowed_approvers("stage_2_data_release", "origin", "compliance_officer",
-                                    requested_by="origin_officer") == []
-    assert policy.allowed_approvers("x", "origin", "engineer") == []
-
-
 def test_decision_is_written_to_the_site_audit_log(embedded, tmp_path, monkeypatch, allowed_export):
     from pipelines.trust import audit, keys
     from pipelines.workspace import SitePaths
