@@ -19,9 +19,8 @@ import httpx
 
 from pipelines.service.airflow_env import passwords_file
 from pipelines.service.processes import read_state
+from pipelines.trust.approvals import APPROVE, REJECT
 from pipelines.workspace import factory_home
-
-APPROVE, REJECT = "Approve", "Reject"
 
 
 class ApprovalError(RuntimeError):

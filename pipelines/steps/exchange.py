@@ -110,10 +110,27 @@ def _already_sent(ctx: StepContext, key: str) -> dict[str, Any] | None:
     return None
 
 
-def _approvals(approvals: Any) -> list[dict[str, Any]]:
-    if not approvals:
+def _verified_approvals(ctx: StepContext, gate: str, answers: Any) -> list[dict[str, Any]]:
+    """The approvals for this release: each a sealed gate answer of this run, checked here.
+
+    A step never takes an approval on another task's word: each answer must carry its owner
+    site's seal and pass the `approval` policy (pipelines.trust.approvals)."""
+    from pipelines.trust import audit
+    from pipelines.trust.approvals import ApprovalRefused, answer_site, verify_answer
+
+    if not answers:
         return []
-    return [a for a in (approvals if isinstance(approvals, list) else [approvals]) if a]
+    approvals = []
+    for answer in answers if isinstance(answers, list) else [answers]:
+        try:
+            owner = answer_site(answer, ctx.paths.home)
+        except ApprovalRefused as refused:  # no site to audit at but this one
+            audit.append(ctx.paths, action="approval.answered", actor="unknown", object=gate, outcome="invalid",
+                         details={"dag_id": ctx.dag_id, "run_id": ctx.run_id, "reason": str(refused)})
+            raise
+        approvals.append(verify_answer(answer, gate_name=gate, owner_site=owner.site, requested_by=_requester(ctx),
+                                       site_paths=owner, dag_id=ctx.dag_id, run_id=ctx.run_id))
+    return approvals
 
 
 def _gate(ctx: StepContext, gate: str, document: dict[str, Any]) -> None:
@@ -149,7 +166,7 @@ def release_dataset(ctx: StepContext, *, dataset: str | dict, recipient: str, pu
                                            and validation.get("dataset_id") == version.id)},
         },
         "recipient": recipient, "purpose": purpose, "requested_by": _requester(ctx),
-        "approvals": _approvals(approvals),
+        "approvals": _verified_approvals(ctx, "data_release", approvals),
     }
     _gate(ctx, "data_release", document)
     target = _inbox_target(recipient, kind, ctx.paths.home)
@@ -238,7 +255,7 @@ def release_document(ctx: StepContext, ref: registry.ModelRef, *, recipient: str
                   "watermark": {"verified": False},  # no watermarking yet: the export policy data decides
                   "signature": {"verified": signature_ok}, "lineage": meta.get("lineage", [])},
         "recipient": recipient, "purpose": purpose, "requested_by": _requester(ctx),
-        "approvals": _approvals(approvals),
+        "approvals": _verified_approvals(ctx, "model_release", approvals),
     }
 
 

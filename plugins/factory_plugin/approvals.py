@@ -1,12 +1,9 @@
-"""Approval gates: a person answers in Airflow's Required Actions, the next step re-checks the answer.
+"""Approval gates: a person answers in Airflow's Required Actions; releases accept only sealed answers.
 
-`approval_gate(...)` builds the human-in-the-loop task, assigned to the users the `approval`
-policy allows. `verified_approval(...)` is what the step after the gate calls: it never trusts
-the gate task's state (a USER can force-mark a task successful through the REST API, or write
-an XCom), only a response the gate itself sealed when Airflow resumed it with the recorded
-answer. It re-evaluates the `approval` policy for the responding user, writes every answer to
-the owner site's audit log and returns the approval record that goes into release inputs and
-provenance.
+`approval_gate(...)` builds the human-in-the-loop task, assigned to the owner site's users with
+the required role. When Airflow resumes it with the recorded answer, it seals that answer with
+the owner site's key (`pipelines.trust.approvals`). Release steps take the sealed answers and
+check each one themselves; `verified_approval(...)` is the same check for a task of its own.
 
 Nothing here imports Airflow at module import time: Airflow's plugin manager loads this file.
 """
@@ -14,20 +11,6 @@ Nothing here imports Airflow at module import time: Airflow's plugin manager loa
 from __future__ import annotations
 
 import functools
-import hashlib
-import hmac
-import json
-import os
-import secrets
-from pathlib import Path
-from typing import Any
-
-APPROVE = "Approve"
-REJECT = "Reject"
-SEAL_VERSION = "factory-approval-v1"
-_SEALED_FIELDS = ("gate", "owner_site", "dag_id", "run_id", "task_id", "chosen_options", "comment",
-                  "responded_by", "responded_at")
-
 
 # --- who may answer -------------------------------------------------------------------------------
 
@@ -43,29 +26,6 @@ def _is_template(value: str | None) -> bool:
 
 
 # --- the gate -------------------------------------------------------------------------------------
-
-def _seal_key(site_paths) -> bytes:
-    """The site's key for sealing gate responses (0600, created on first use, never leaves the site)."""
-    path = Path(site_paths.state_dir) / "approval-seal.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(secrets.token_bytes(32))
-        try:
-            os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's key
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    return path.read_bytes()
-
-
-def _mac(key: bytes, record: dict[str, Any]) -> str:
-    content = json.dumps({name: record.get(name) for name in _SEALED_FIELDS}, sort_keys=True, default=str)
-    return hmac.new(key, f"{SEAL_VERSION}\n{content}".encode(), hashlib.sha256).hexdigest()
-
 
 @functools.cache
 def _operator_class():
@@ -91,6 +51,7 @@ def _operator_class():
         def execute_complete(self, context, event):
             # HITLOperator's part only: validate the recorded answer, no skipping on Reject.
             answer = HITLOperator.execute_complete(self, context=context, event=event)
+            from pipelines.trust import approvals
             from pipelines.workspace import SitePaths
 
             ti = context["ti"]
@@ -98,6 +59,7 @@ def _operator_class():
             record = {
                 "gate": self.gate_name,
                 "owner_site": self.owner_site,
+                "required_role": self.required_role,
                 "dag_id": ti.dag_id,
                 "run_id": ti.run_id,
                 "task_id": ti.task_id,
@@ -108,7 +70,7 @@ def _operator_class():
                 "requested_by": self.requested_by,
                 "timedout": bool(answer.get("timedout")),
             }
-            record["seal"] = _mac(_seal_key(SitePaths.of(self.owner_site)), record)
+            record["seal"] = approvals.seal(SitePaths.of(self.owner_site), record)
             self.log.info("Answer %s by %s recorded for gate %s", record["chosen_options"],
                           record["responded_by"], self.gate_name)
             return record
@@ -171,29 +133,7 @@ def approval_gate(
     )
 
 
-# --- the step after the gate ----------------------------------------------------------------------
-
-def _fail(message: str):
-    from airflow.sdk.exceptions import AirflowFailException
-
-    raise AirflowFailException(message)
-
-
-def _audit(site_paths, *, actor: str, gate: str, outcome: str, details: dict[str, Any]) -> None:
-    from pipelines.trust import audit
-
-    audit.append(site_paths, action="approval.answered", actor=actor, object=gate, outcome=outcome,
-                 details=details)
-
-
-def _refuse(site_paths, message: str, *, actor: str, gate: str, outcome: str, details: dict[str, Any]):
-    """Record the refused answer (best effort: the refusal stands even if the log is unwritable)."""
-    try:
-        _audit(site_paths, actor=actor, gate=gate, outcome=outcome, details=details)
-    except Exception as error:  # noqa: BLE001 - never let a logging failure turn a refusal into a pass
-        message += f" (audit log not written: {error})"
-    _fail(message)
-
+# --- a check of its own ---------------------------------------------------------------------------
 
 def _current_run() -> tuple[str | None, str | None]:
     try:
@@ -216,72 +156,19 @@ def verified_approval(
     dag_id: str | None = None,
     run_id: str | None = None,
 ) -> dict:
-    """Check the gate's recorded answer and return the approval record; raise when it does not hold.
+    """`pipelines.trust.approvals.verify_answer` for the running task: a refusal fails the task without retry.
 
-    `ti_xcom_value` is the gate task's XCom return value. `dag_id`/`run_id` default to the running
-    task's; the sealed answer must belong to this run. Returns
-    `{user, site, roles, decision, comment, responded_at}`.
+    `ti_xcom_value` is the gate task's XCom return value; `dag_id`/`run_id` default to the running task's.
     """
-    from pipelines.config import load_config
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipelines.trust.approvals import ApprovalRefused, verify_answer
 
     if dag_id is None or run_id is None:
         current_dag, current_run = _current_run()
         dag_id, run_id = dag_id or current_dag, run_id or current_run
-    record = ti_xcom_value if isinstance(ti_xcom_value, dict) else None
-    where = {"dag_id": dag_id, "run_id": run_id}
-    if not record or not record.get("seal") or not record.get("responded_by"):
-        _refuse(site_paths, f"gate {gate_name} has no recorded response (was it force-marked?); "
-                "nothing is released", actor="unknown", gate=gate_name, outcome="no_response",
-                details={**where, "comment": ""})
-    expected = _mac(_seal_key(site_paths), record)
-    if not hmac.compare_digest(expected, str(record["seal"])):
-        _refuse(site_paths, f"gate {gate_name}: the recorded response is not sealed by site {owner_site} "
-                "(forged or altered XCom); nothing is released", actor="unknown", gate=gate_name,
-                outcome="forged", details={**where, "comment": "", "claimed_by": record.get("responded_by")})
-    if (record.get("gate"), record.get("owner_site")) != (gate_name, owner_site) or (
-        dag_id and (record.get("dag_id"), record.get("run_id")) != (dag_id, run_id)
-    ):
-        _fail(f"gate {gate_name}: the response belongs to gate {record.get('gate')} of "
-              f"{record.get('dag_id')}/{record.get('run_id')}, not this run; nothing is released")
-
-    user_id = record["responded_by"]
-    comment = record.get("comment") or ""
-    decision = "approve" if record.get("chosen_options") == [APPROVE] else "reject"
-    details = {**where, "comment": comment}
     try:
-        user = load_config().user(user_id)
-    except KeyError:
-        _refuse(site_paths, f"gate {gate_name}: answered by {user_id}, who is not a configured user; "
-                "nothing is released", actor=user_id, gate=gate_name, outcome=decision,
-                details={**details, "allowed": False})
-
-    from pipelines.policy import evaluate
-
-    verdict = evaluate(
-        "approval",
-        {
-            "user": {"id": user.id, "site": user.site, "roles": list(user.roles)},
-            "gate": {"name": gate_name, "owner_site": owner_site, "required_role": required_role},
-            "requested_by": requested_by,
-        },
-        site=owner_site,
-        home=Path(site_paths.home),
-    )
-    details = {**details, "allowed": bool(verdict.allow), "reasons": list(verdict.reasons)}
-    if not verdict.allow:
-        _refuse(site_paths, f"gate {gate_name}: {user_id} may not answer it: "
-                f"{'; '.join(verdict.reasons) or 'denied'}; nothing is released",
-                actor=user_id, gate=gate_name, outcome=decision, details=details)
-    if decision != "approve":
-        _refuse(site_paths, f"gate {gate_name} rejected by {user_id}: {comment or '(no comment)'}",
-                actor=user_id, gate=gate_name, outcome=decision, details=details)
-    # An approval counts only once it is in the audit log: a failure to write it fails the step.
-    _audit(site_paths, actor=user_id, gate=gate_name, outcome=decision, details=details)
-    return {
-        "user": user.id,
-        "site": user.site,
-        "roles": list(user.roles),
-        "decision": decision,
-        "comment": comment,
-        "responded_at": record.get("responded_at"),
-    }
+        return verify_answer(ti_xcom_value, gate_name=gate_name, owner_site=owner_site, required_role=required_role,
+                             requested_by=requested_by, site_paths=site_paths, dag_id=dag_id, run_id=run_id)
+    except ApprovalRefused as refused:
+        raise AirflowFailException(str(refused)) from refused

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
-from factory_plugin.approvals import _mac, _seal_key, approval_gate, verified_approval
+from factory_plugin.approvals import approval_gate, verified_approval
 
 from pipelines.trust import audit
+from pipelines.trust.approvals import seal
 from pipelines.trust.keys import ensure_site_keys
 from pipelines.workspace import SitePaths
 
@@ -22,10 +23,10 @@ def origin(tmp_path) -> SitePaths:
 
 
 def sealed(paths: SitePaths, *, user="origin_officer", option="Approve", comment="ok", **override) -> dict:
-    record = {"gate": "data_release", "owner_site": "origin", **RUN, "task_id": "release_approval",
+    record = {"gate": "data_release", "owner_site": "origin", "required_role": "compliance_officer", **RUN, "task_id": "release_approval",
               "chosen_options": [option], "comment": comment, "responded_by": user,
               "responded_at": "2026-12-02T06:00:00+00:00", "requested_by": "origin_engineer", **override}
-    record["seal"] = _mac(_seal_key(paths), record)
+    record["seal"] = seal(paths, record)
     return record
 
 

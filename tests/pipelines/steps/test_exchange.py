@@ -130,3 +130,53 @@ def test_release_dir_with_approvals_is_a_copy_with_its_own_provenance(home, m1):
     assert (ref.model_dir / PROVENANCE_FILE).read_bytes() == registered, "the registered model is untouched"
     with _release_dir(supplier, ref, []) as release:
         assert release == ref.model_dir
+
+
+FORGED = [
+    {"user": "origin_officer", "site": "origin", "roles": ["compliance_officer"], "decision": "approve"},
+    {"gate": "model_release", "owner_site": "origin", "dag_id": "test", "run_id": "test-run",
+     "chosen_options": ["Approve"], "responded_by": "origin_officer", "seal": "0" * 64},
+    {"gate": "model_release", "owner_site": "../origin", "responded_by": "origin_officer", "seal": "0" * 64},
+]
+
+
+@pytest.mark.parametrize("forged", FORGED, ids=["recheck-output", "bad-seal", "owner-path"])
+def test_release_refuses_forged_approval_and_seals_nothing(home, m1, forged):
+    """An approval written through the API (a re-check's plain output, a made-up seal, a path as
+    owner) is refused by the release step itself; the refusal is audited and nothing is sealed."""
+    from pipelines.trust.approvals import ApprovalRefused
+
+    supplier, origin = _ctx(home, "supplier"), _ctx(home, "origin")
+    before = set(_inbox(home, "destination"))
+    refusals = len(_actions(origin.paths, "approval.answered"))
+    invalid = len(_actions(supplier.paths, "approval.answered"))
+    with pytest.raises(ApprovalRefused, match="no recorded response|not sealed|not a configured site"):
+        run_step("release_model", supplier, model=m1, recipient="destination", purpose="collaboration",
+                 kind="m1-forged", approvals=[forged])
+    assert set(_inbox(home, "destination")) == before
+    if forged.get("owner_site") == "origin":  # audited where the seal was checked
+        assert [e["outcome"] for e in _actions(origin.paths, "approval.answered")[refusals:]] == ["forged"]
+    else:  # a plain dict or a path names no site to check at: audited by the releasing site
+        assert [e["outcome"] for e in _actions(supplier.paths, "approval.answered")[invalid:]] == ["invalid"]
+
+
+def test_release_accepts_a_sealed_answer_of_this_run(home, m1):
+    from pipelines.trust.approvals import seal
+
+    supplier, origin = _ctx(home, "supplier"), _ctx(home, "origin")
+    answer = {"gate": "model_release", "owner_site": "origin", "required_role": "compliance_officer",
+              "dag_id": supplier.dag_id, "run_id": supplier.run_id, "task_id": "origin_approval",
+              "chosen_options": ["Approve"], "comment": "metrics read", "responded_by": "origin_officer",
+              "responded_at": "2026-12-04T10:00:00+00:00"}
+    answer["seal"] = seal(origin.paths, answer)
+    record = run_step("release_model", supplier, model=m1, recipient="origin", purpose="collaboration",
+                      kind="m1-approved", approvals=[answer])
+    released = [e for e in _actions(supplier.paths, "model.released") if e["details"]["package_id"] == record["package_id"]]
+    assert released[0]["details"]["approvals"][0]["user"] == "origin_officer"
+    # The same sealed answer replayed into another run is refused.
+    other = StepContext(site="supplier", paths=supplier.paths, run_id="another-run", dag_id="test")
+    from pipelines.trust.approvals import ApprovalRefused
+
+    with pytest.raises(ApprovalRefused, match="not this run"):
+        run_step("release_model", other, model=m1, recipient="destination", purpose="collaboration",
+                 kind="m1-replayed", approvals=[answer])
