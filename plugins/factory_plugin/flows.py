@@ -76,35 +76,20 @@ def training_flow(*, site: str, stage: str, profile: str, datasets: list[str], t
 
 def approval_step(*, group: str, gate_name: str, owner_site: str, required_role: str, subject: str, body: str,
                   after: list | None = None):
-    """An approval gate (HITL) followed by the task that re-checks the recorded answer.
+    """An approval gate (HITL); returns its sealed answer for the release step to check.
 
-    The check never trusts the gate task's state: it reads the gate's recorded response
-    and re-evaluates the `approval` policy with it (a force-marked gate has no response).
+    The release step never trusts the gate task's state or another task's word: it checks the
+    answer's seal, run and responder against the `approval` policy itself (a force-marked gate
+    has no answer; an XCom written through the API has no valid seal).
     """
-    from airflow.sdk import task
-
     from factory_plugin.approvals import approval_gate
 
     gate = approval_gate(task_id=f"{group}_approval", gate_name=gate_name, owner_site=owner_site,
                          required_role=required_role, subject=subject, body=body,
                          requested_by="{{ dag_run.triggering_user_name or '' }}")
-
-    @task(task_id=f"{group}_check_approval")
-    def check_approval(**context):
-        from factory_plugin.approvals import verified_approval
-        from pipelines.config import load_config
-        from pipelines.workspace import SitePaths
-
-        requested_by = context["dag_run"].triggering_user_name or load_config().service_identities[owner_site].id
-        return verified_approval(ti_xcom_value=context["ti"].xcom_pull(task_ids=gate.task_id), gate_name=gate_name,
-                                 owner_site=owner_site, required_role=required_role, requested_by=requested_by,
-                                 site_paths=SitePaths.of(owner_site))
-
-    checked = check_approval()
     for upstream in after or []:
         upstream >> gate
-    gate >> checked
-    return checked
+    return gate.output
 
 
 def data_release_flow(*, site: str, dataset: str, recipient: str, purpose: str, kind: str):
