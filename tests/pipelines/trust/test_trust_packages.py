@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -126,6 +127,22 @@ def test_seal_refuses_untrusted_recipient(tmp_path, supplier):
     assert not (tmp_path / "p.pkg").exists()
 
 
+def test_concurrent_seals_take_distinct_sequence_numbers(tmp_path, supplier):
+    src = tmp_path / "f"
+    src.write_bytes(b"x")
+    with ThreadPoolExecutor(4) as pool:
+        headers = list(pool.map(lambda i: _seal(supplier, "origin", src, tmp_path / f"{i}.pkg"), range(8)))
+    assert sorted(h["sequence"] for h in headers) == list(range(1, 9))
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs a file that fails when read (Linux)")
+def test_seal_that_fails_midway_leaves_no_file(tmp_path, supplier):
+    out = tmp_path / "packages" / "p.pkg"
+    with pytest.raises(OSError):
+        _seal(supplier, "origin", Path("/proc/self/mem"), out)
+    assert list(out.parent.iterdir()) == []
+
+
 # ---------------------------------------------------------------- one test per rejection reason
 
 
@@ -177,6 +194,18 @@ def test_open_rejects_reordered_chunks(tmp_path, sealed, origin, snapshot):
     assert reason == "content chunk 0 failed authentication (modified package)"
 
 
+def test_open_rejects_modified_directory_package(tmp_path, supplier, origin, snapshot):
+    src = tmp_path / "dataset"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(3 * CHUNK))
+    _seal(supplier, "origin", src, tmp_path / "d.pkg")
+    data = bytearray((tmp_path / "d.pkg").read_bytes())
+    data[-10] ^= 0x01  # inside the final chunk
+    (tmp_path / "d.pkg").write_bytes(data)
+    reason = _rejected(origin, tmp_path / "d.pkg", tmp_path / "out", snapshot)
+    assert reason.startswith("content chunk ") and reason.endswith(" failed authentication (modified package)")
+
+
 def test_open_rejects_truncated_package(tmp_path, sealed, origin, snapshot):
     data = sealed[1].read_bytes()
     sealed[1].write_bytes(data[:-(100 + 16)])  # drop the whole final chunk
@@ -205,6 +234,20 @@ def test_open_rejects_replayed_package(tmp_path, sealed, origin, snapshot):
     shutil.copy(sealed[1], copy)
     reason = _rejected(origin, copy, tmp_path / "out", snapshot)
     assert reason == f"package {header['package_id']} was already opened at origin (replay)"
+
+
+def test_concurrent_opens_of_one_package_consume_it_once(tmp_path, sealed, origin):
+    def attempt(i: int) -> str:
+        try:
+            packages.open_package(origin, sealed[1], tmp_path / f"out{i}")
+            return "opened"
+        except PackageRejected as error:
+            return error.reason
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(attempt, range(2)))
+    assert outcomes[0] == "opened" and outcomes[1].endswith("(replay)")
+    assert sorted(p.name for p in tmp_path.glob("out*/*")) == ["data.bin"]
 
 
 def test_open_rejects_stale_sequence_number(tmp_path, supplier, origin, snapshot):
