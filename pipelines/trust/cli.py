@@ -174,13 +174,37 @@ def audit() -> None:
 
 @audit.command("verify")
 @click.option("--site", type=SITE, required=True)
+@click.option("--witnessed", "witnessed_files", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              multiple=True, help="heads of SITE a partner witnessed (`factory audit witnessed` on its machine); "
+                                  "repeatable")
 @_guarded
-def audit_verify(site: str) -> None:
+def audit_verify(site: str, witnessed_files: tuple[Path, ...]) -> None:
+    """Check SITE's log: chain, signatures, its signed head and every head its partners witnessed.
+
+    Partners under the same FACTORY_HOME are read directly; partners elsewhere export theirs with
+    `factory audit witnessed` and pass them with --witnessed."""
     from pipelines.trust import audit as a
 
     paths = SitePaths.of(site)
-    a.verify(paths)
-    click.echo(f"audit log of {site} intact: {sum(1 for _ in a.entries(paths))} entries")
+    heads = [head for partner in SITES if partner != site for head in a.witnessed_heads(SitePaths.of(partner), site)]
+    for file in witnessed_files:
+        heads += a.load_witnessed(file, site)
+    a.verify(paths, heads)
+    click.echo(f"audit log of {site} intact: {sum(1 for _ in a.entries(paths))} entries, "
+               f"{len(heads)} heads witnessed by partners found in it")
+
+
+@audit.command("witnessed")
+@click.option("--site", type=SITE, required=True, help="the witnessing site (whose records are exported)")
+@click.option("--of", "of", type=SITE, required=True, help="the partner whose heads SITE witnessed")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True)
+@_guarded
+def audit_witnessed(site: str, of: str, out: Path) -> None:
+    """Export the heads of OF's audit log that SITE witnessed, for `factory audit verify --witnessed`."""
+    from pipelines.trust import audit as a
+
+    count = a.export_witnessed(SitePaths.of(site), of, out)
+    click.echo(f"{count} heads of {of} witnessed by {site} written to {out}")
 
 
 @audit.command("show")
