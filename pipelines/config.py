@@ -34,6 +34,10 @@ class Partition(_Strict):
 class Site(_Strict):
     display_name: str
     data_partitions: dict[str, Partition]
+    # The policy bundle this site trusts (pipelines.policy.pin): "auto" = the pin in the site's home
+    # (written by `factory init`, changed by `factory policy pin`), else the project's policies/ folder;
+    # "sha256:<hex>" = that digest too (a home pin must then agree with it).
+    policy_bundle_digest: str = Field(default="auto", pattern=r"^(auto|sha256:[0-9a-f]{64})$")
 
 
 class User(_Strict):

@@ -51,8 +51,9 @@ def _init_mlflow(paths: SitePaths) -> None:
 
 
 def init_workspace(home: Path | None = None, *, scale: int | None = None) -> dict[str, dict[str, bool]]:
-    """Create or complete every site's repo, remote, data, MLflow store and keys, then exchange trust."""
+    """Create or complete every site's repo, remote, data, MLflow store, keys and policy pin, then exchange trust."""
     from pipelines.data.repo import init_site_repo
+    from pipelines.policy.pin import ensure_pin
     from pipelines.trust.keys import ensure_site_keys, exchange_trust
 
     home = (home or factory_home()).resolve()
@@ -61,9 +62,10 @@ def init_workspace(home: Path | None = None, *, scale: int | None = None) -> dic
         paths = SitePaths.of(site, home)
         for folder in (paths.inbox, paths.state_dir, paths.trust_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        console.print(f"[bold]{site}[/]: repository, keys, data, MLflow store")
+        console.print(f"[bold]{site}[/]: repository, keys, policy pin, data, MLflow store")
         repo_created = init_site_repo(paths)
         ensure_site_keys(paths)
+        ensure_pin(paths)  # the policy bundle in effect now is the one this site trusts from here on
         data_built = _init_data(paths, scale)
         _init_mlflow(paths)
         summary[site] = {"repo_created": repo_created, "data_built": data_built}

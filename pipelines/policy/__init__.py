@@ -3,9 +3,11 @@
 The Rego policies in `policies/` decide; this package only runs them. The embedded
 regorus engine is the default; FACTORY_OPA_URL selects an OPA server (see
 `pipelines.policy.engines`). Every gate is deny-by-default and fails closed: an unknown
-gate, an input that is not JSON, an engine or server failure and an audit log that
-cannot be written all give a denial whose reason says what went wrong. With `site`
-the decision is appended to that site's audit log.
+gate, an input that is not JSON, a bundle that does not load, an engine or server
+failure and an audit log that cannot be written all give a denial whose reason says
+what went wrong; nothing raises out of `evaluate()`. With `site` the bundle must be the
+one that site pins (`pipelines.policy.pin`; an OPA server must report that revision),
+and the decision is appended to the site's audit log.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any, NamedTuple
 import orjson
 
 from pipelines.policy.bundle import Bundle, BundleError, load_bundle
-from pipelines.policy.engines import Engine, EngineFailure, OpaServerEngine, RegorusEngine
+from pipelines.policy.engines import Engine, EngineFailure, OpaServerEngine, RegorusEngine, opa_token
+from pipelines.policy.pin import PinError, check_bundle, check_revision
 
 __all__ = [
     "Decision", "evaluate", "gates", "engine_for", "policy_data", "release_thresholds", "assigned_approvers",
@@ -40,8 +43,9 @@ class Decision(NamedTuple):
     input_json: bytes  # the canonical JSON of the gate input (what the engine decided on)
     bundle_digest: str
     engine: str
-    failed: bool = False  # True when no policy decided (engine, server, input or audit failure): a retry may help
+    failed: bool = False  # True when no policy decided (engine, server, input, pin or audit failure)
     extra: Mapping[str, Any] = _NO_EXTRA  # other keys of the document (the ODD gate's mode)
+    bundle_revision: str | None = None  # the bundle revision an OPA server reported; None for the embedded engine
 
     @property
     def input_digest(self) -> str:
@@ -55,7 +59,8 @@ class Decision(NamedTuple):
     def record(self) -> dict[str, Any]:
         """The decision with what identifies it (gate, input and bundle digests, engine)."""
         return {**self.to_dict(), "gate": self.gate, "input_digest": self.input_digest,
-                "bundle_digest": self.bundle_digest, "engine": self.engine, "failed": self.failed}
+                "bundle_digest": self.bundle_digest, "bundle_revision": self.bundle_revision,
+                "engine": self.engine, "failed": self.failed}
 
 
 def canonical_json(value: Any) -> bytes:
@@ -71,17 +76,17 @@ def _embedded(bundle: Bundle) -> RegorusEngine:
 
 @functools.lru_cache(maxsize=8)
 def _server(url: str, timeout: str, token: str) -> OpaServerEngine:
-    return OpaServerEngine(url, timeout=float(timeout), token=token or None)
+    return OpaServerEngine(url, timeout=float(timeout), token=token or "")
 
 
 def engine_for(bundle: Bundle) -> Engine:
     """The engine the environment selects: the OPA server of FACTORY_OPA_URL, else embedded regorus.
 
-    Settings are read at each call, so a change takes effect at the next gate call; the engine
-    for each setting is built once."""
+    Settings (and the token file) are read at each call, so a change takes effect at the next
+    gate call; the engine for each setting is built once."""
     url = os.environ.get("FACTORY_OPA_URL", "").strip()
     if url:
-        return _server(url, os.environ.get("FACTORY_OPA_TIMEOUT", "2"), os.environ.get("FACTORY_OPA_TOKEN", ""))
+        return _server(url, os.environ.get("FACTORY_OPA_TIMEOUT", "2"), opa_token(os.environ) or "")
     return _embedded(bundle)
 
 
@@ -113,8 +118,11 @@ def evaluate(
     site: str | None = None,
     home: Path | None = None,
     actor: str | None = None,
+    audit: bool = True,
 ) -> Decision:
-    """Decide `gate` for `input`; with `site`, append the decision to that site's audit log.
+    """Decide `gate` for `input`. With `site`, only the bundle that site pins may decide (an OPA
+    server must report that revision), and the decision is appended to the site's audit log
+    (unless `audit` is False: a hot path that audits its denials itself, as the ODD gate does).
 
     `actor` is who asks (recorded in the audit log); it defaults to the site's service identity.
     """
@@ -122,26 +130,43 @@ def evaluate(
         input_json, input_problem = canonical_json(input), None
     except TypeError as error:  # orjson.JSONEncodeError
         input_json, input_problem = repr(input).encode(errors="backslashreplace"), f"the gate input is not JSON: {error}"
-    engine_name, bundle_digest, extra, failed = "none", "none", _NO_EXTRA, False
+    engine_name, bundle_digest, extra, failed, revision = "none", "none", _NO_EXTRA, False, None
     try:
         bundle = load_bundle()
+        bundle_digest = bundle.digest
+        paths = _site_paths(site, home) if site is not None else None
+        if paths is not None:
+            check_bundle(paths, bundle.digest, bundle.root)  # before any engine runs the bundle
         engine = engine_for(bundle)
-        bundle_digest, engine_name = bundle.digest, engine.name
+        engine_name = engine.name
         if gate not in bundle.gates:
             raise EngineFailure(f"unknown gate {gate!r}; gates are {', '.join(bundle.gates)}")
         if input_problem:
             raise EngineFailure(input_problem)
-        result = engine.decide(gate, input_json.decode(), input)
+        result, revision = engine.decide(gate, input_json.decode(), input)
+        if paths is not None and isinstance(engine, OpaServerEngine):
+            check_revision(paths, revision, engine.url)
         allow, reasons = result["allow"], tuple(result["reasons"])
         extra = {key: value for key, value in result.items() if key not in ("allow", "reasons")}
         if not allow and not reasons:
             reasons = ("denied without a reason by the policy",)
-    except (EngineFailure, BundleError) as error:
+    except (EngineFailure, BundleError, PinError) as error:
         allow, reasons, failed = False, (str(error),), True
-    decision = Decision(allow, reasons, str(gate), input_json, bundle_digest, engine_name, failed, extra)
-    if site is not None:
+    except Exception as error:  # fail closed on anything else (an OS error, a bug): nothing raises out of a gate
+        allow, reasons, failed = False, (f"policy evaluation failed (fail closed): {type(error).__name__}: {error}",), True
+    decision = Decision(allow, reasons, str(gate), input_json, bundle_digest, engine_name, failed, extra, revision)
+    if site is not None and audit:
         decision = _record(decision, site, home, actor)
     return decision
+
+
+def _site_paths(site: str, home: Path | None):
+    from pipelines.workspace import SitePaths, WorkspaceError
+
+    try:
+        return SitePaths.of(site, home)
+    except WorkspaceError as error:
+        raise PinError(str(error)) from None
 
 
 def _record(decision: Decision, site: str, home: Path | None, actor: str | None) -> Decision:
@@ -166,6 +191,7 @@ def _record(decision: Decision, site: str, home: Path | None, actor: str | None)
                 "bundle_digest": decision.bundle_digest,
                 "engine": decision.engine,
                 "reasons": list(decision.reasons),
+                **({"bundle_revision": decision.bundle_revision} if decision.bundle_revision is not None else {}),
             },
         )
     except Exception as error:  # fail closed: an unrecorded decision does not allow anything

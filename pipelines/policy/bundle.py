@@ -5,7 +5,11 @@ lands at the path of its folder relative to `policies/`, so the policy data,
 `policies/factory/data.json`, is `data.factory` (beside the gate packages
 `factory.<gate>`; its keys must not be gate names). Files in one folder are merged,
 and a key defined twice is an error. Test modules (`*_test.rego`) are kept apart:
-gates never load them.
+gates never load them, and they are not part of the bundle's digest.
+
+The digest (`sha256:<hex>` over each module's and data file's path and bytes) is what a
+site pins (`pipelines.policy.pin`) and what an OPA bundle built from the folder carries as
+its revision (`opa build --revision $(factory policy digest)`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from pipelines.config import PROJECT_ROOT
 
 _PACKAGE = re.compile(r"^package\s+([\w.]+)", re.MULTILINE)
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 class BundleError(RuntimeError):
@@ -66,9 +71,16 @@ def read_bundle(root: Path) -> Bundle:
         raise BundleError(f"policy folder {root} does not exist")
     modules, tests, data = [], [], {}
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".rego", ".json")):
+    try:
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".rego", ".json"))
+    except OSError as error:
+        raise BundleError(f"policy folder {root} cannot be listed: {error}") from None
+    for path in paths:
         rel = path.relative_to(root).as_posix()
-        raw = path.read_bytes()
+        try:
+            raw = path.read_bytes()
+        except OSError as error:
+            raise BundleError(f"policy file {rel} cannot be read: {error}") from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -76,13 +88,15 @@ def read_bundle(root: Path) -> Bundle:
         if path.suffix == ".rego":
             if path.name.endswith("_test.rego"):
                 tests.append((rel, text))
-                continue
+                continue  # tests never decide, so they are not part of the digest
             modules.append((rel, text))
         else:
             try:
                 document = json.loads(text)
             except json.JSONDecodeError as error:
                 raise BundleError(f"policy data {rel} is not valid JSON: {error}") from None
+            except RecursionError:
+                raise BundleError(f"policy data {rel} is nested too deeply") from None
             if not isinstance(document, dict):
                 raise BundleError(f"policy data {rel} must hold a JSON object")
             node = data

@@ -1,4 +1,4 @@
-"""`factory policy eval` and `factory policy test`."""
+"""`factory policy eval`, `test`, `digest` and `pin`."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import click
+
+from pipelines.config import SITES
 
 
 @click.group()
 def policy() -> None:
-    """Policy gates: evaluate a gate, run the Rego tests."""
+    """Policy gates: evaluate a gate, run the Rego tests, pin the bundle a site trusts."""
 
 
 @policy.command("eval")
@@ -22,9 +25,13 @@ def policy() -> None:
 def eval_command(gate: str, input_file, site: str | None) -> None:
     """Print the decision {"allow": ..., "reasons": [...]}; exit 0 allowed, 1 denied, 2 bad input."""
     from pipelines.policy import evaluate, gates
+    from pipelines.policy.bundle import BundleError
 
-    known = gates()
-    if gate not in known:
+    try:
+        known = gates()
+    except BundleError:
+        known = None  # the bundle does not load: evaluate() denies, saying why (and audits it with --site)
+    if known is not None and gate not in known:
         raise click.UsageError(f"unknown gate {gate!r}; gates are {', '.join(known)}")
     try:
         document = json.load(input_file)
@@ -34,7 +41,49 @@ def eval_command(gate: str, input_file, site: str | None) -> None:
         raise click.BadParameter(f"cannot read {input_file.name}: {error}", param_hint="--input") from None
     decision = evaluate(gate, document, site=site)
     click.echo(json.dumps(decision.to_dict()))
+    from pipelines.policy.bundle import policy_root
+
+    used = f"policy bundle {decision.bundle_digest} ({policy_root()}), engine {decision.engine}"
+    if decision.bundle_revision is not None:
+        used += f", OPA bundle revision {decision.bundle_revision}"
+    click.echo(used + (f"; checked against the pin of {site}" if site else "; compared with no site's pin (no --site)"),
+               err=True)
     sys.exit(0 if decision.allow else 1)
+
+
+@policy.command("digest")
+@click.option("--policies", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="policy folder (default: the one in effect, FACTORY_POLICIES or policies/)")
+def digest_command(policies: Path | None) -> None:
+    """Print the bundle digest of a policy folder (a site's pin; an OPA bundle's --revision)."""
+    from pipelines.policy.bundle import BundleError, load_bundle
+
+    try:
+        click.echo(load_bundle(policies.resolve() if policies else None).digest)
+    except BundleError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@policy.command("pin")
+@click.option("--site", required=True, type=click.Choice(SITES))
+@click.option("--policies", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="policy folder to trust (default: the one in effect, FACTORY_POLICIES or policies/)")
+@click.option("--by", "actor", default=None, help="who reviewed the change (audit actor; default the site's service)")
+@click.option("--reason", default="", help="why the pin changes (recorded in the audit log)")
+def pin_command(site: str, policies: Path | None, actor: str | None, reason: str) -> None:
+    """Pin SITE to a policy bundle after a reviewed policy change (audited as policy.pinned)."""
+    from pipelines.policy.bundle import BundleError, policy_root
+    from pipelines.policy.pin import PinError, write_pin
+    from pipelines.workspace import SitePaths
+
+    try:
+        record = write_pin(SitePaths.of(site), (policies or policy_root()).resolve(), actor=actor, reason=reason)
+    except (BundleError, PinError) as error:
+        raise click.ClickException(str(error)) from None
+    except Exception as error:  # no keys, no audit log: the pin is not changed
+        raise click.ClickException(f"site {site} not pinned: {type(error).__name__}: {error}") from None
+    previous = record["previous"] or "no pin"
+    click.echo(f"{site} pinned to {record['digest']} ({record['policies']}); was {previous}")
 
 
 @policy.command("test")

@@ -7,6 +7,7 @@ evaluate (`captured_inputs`) and a small OPA Data API server backed by regorus (
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import re
 import threading
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs
 
 from pipelines.policy.bundle import Bundle, load_bundle
 from pipelines.policy.engines import first_line, new_regorus
@@ -127,7 +129,13 @@ def captured_inputs(bundle: Bundle | None = None, gates: tuple[str, ...] = GATES
 class DataApiServer(HTTPServer):
     """A small OPA Data API server backed by regorus (tests and benchmarks of the server path).
 
-    `POST /v1/data/<path>` {"input": ...} -> {"result": ...}, evaluated in the server thread.
+    `POST /v1/data/<path>` {"input": ...} -> {"result": ...}, evaluated in the server thread. With
+    `?provenance=true` the answer carries `provenance.bundles.policies.revision` as OPA's does for
+    a bundle: `revision`, by default the bundle's digest (a bundle built with that revision);
+    None leaves the bundle out, as `opa run --server <folder>` does.
+
+    `token`: when set, a request without `Authorization: Bearer <token>` gets HTTP 401, as from
+    `opa run --authentication=token` with an authorization policy checking that token.
 
     `mode` makes it misbehave: "ok", "error" (HTTP 500), "garbage" (a body that is not JSON),
     "slow" (answers after `delay` seconds), "no_result" (as OPA answers for an undefined rule).
@@ -136,10 +144,13 @@ class DataApiServer(HTTPServer):
     def __init__(self, bundle: Bundle | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.bundle = bundle or load_bundle()
+        self.revision: str | None = self.bundle.digest
+        self.token: str | None = None
         self.mode = "ok"
         self.delay = 1.0
         self.engine = None
         self.requests = 0
+        self.authorizations: list[str | None] = []  # the Authorization header of each request
 
     @property
     def url(self) -> str:
@@ -163,7 +174,12 @@ class _Handler(BaseHTTPRequestHandler):
         server = self.server
         server.requests += 1
         payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        match = re.fullmatch(r"/v1/data/([\w/]+)", self.path.split("?")[0])
+        server.authorizations.append(self.headers.get("Authorization"))
+        if server.token is not None and not hmac.compare_digest(
+                self.headers.get("Authorization", "").encode(), f"Bearer {server.token}".encode()):
+            return self._send(401, b'{"code": "unauthorized", "message": "request rejected by administrative policy"}')
+        path, _, query = self.path.partition("?")
+        match = re.fullmatch(r"/v1/data/([\w/]+)", path)
         if server.mode == "error" or not match:
             return self._send(500, b'{"code": "internal_error", "message": "boom"}')
         if server.mode == "garbage":
@@ -179,7 +195,12 @@ class _Handler(BaseHTTPRequestHandler):
             value = server.engine.eval_rule("data." + match.group(1).replace("/", "."))
         except Exception as error:
             return self._send(500, json.dumps({"code": "eval_error", "message": str(error)[:200]}).encode())
-        self._send(200, json.dumps({} if value is None else {"result": value}).encode())
+        answer = {} if value is None else {"result": value}
+        if parse_qs(query).get("provenance") == ["true"]:
+            answer["provenance"] = {"version": "fake-data-api"}
+            if server.revision is not None:
+                answer["provenance"]["bundles"] = {"policies": {"revision": server.revision}}
+        self._send(200, json.dumps(answer).encode())
 
 
 @contextlib.contextmanager

@@ -18,13 +18,13 @@ def test_eval_allowed_exits_0(allowed_approval, tmp_path):
     path.write_text(json.dumps(allowed_approval))
     result = run("eval", "--gate", "approval", "--input", str(path))
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == {"allow": True, "reasons": []}
+    assert json.loads(result.stdout) == {"allow": True, "reasons": []}
 
 
 def test_eval_denied_exits_1_with_reasons_from_stdin(allowed_approval):
     result = run("eval", "--gate", "approval", "--input", "-", input=json.dumps(dict(allowed_approval, requested_by="origin_officer")))
     assert result.exit_code == 1
-    decision = json.loads(result.output)
+    decision = json.loads(result.stdout)
     assert decision["allow"] is False
     assert decision["reasons"] == ["user origin_officer requested stage_2_data_release and may not answer their own request"]
 
@@ -32,7 +32,7 @@ def test_eval_denied_exits_1_with_reasons_from_stdin(allowed_approval):
 def test_eval_missing_field_denies_with_exit_1():
     result = run("eval", "--gate", "data_access", "--input", "-", input="{}")
     assert result.exit_code == 1
-    assert "required field subject.clearance is missing" in json.loads(result.output)["reasons"]
+    assert "required field subject.clearance is missing" in json.loads(result.stdout)["reasons"]
 
 
 def test_eval_bad_json_exits_2():
