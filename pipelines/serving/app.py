@@ -1,32 +1,45 @@
 """The site's inference service: a FastAPI app around one signed ONNX model.
 
 `create_app(site_paths, model_ref)` verifies the model directory's signature before anything is
-loaded (a bad or missing signature refuses to start: `ServingError`), then serves
+loaded (a bad or missing signature refuses to start: `ServingError`), and refuses to start while no
+client holds a token (`factory serve token add`) unless authentication is switched off. It serves
 
-- `POST /predict` `{"inputs": [[64 floats in [0, 1]], ...], "context": {...}}` →
+- `POST /predict` `{"inputs": [[64 floats in [0, 1]], ...], "context": {"sensor_id", "location":
+  {"lat", "lon"}, "latency_budget_ms"}}` →
   `{"predictions": [...] | null, "model": {...}, "odd": {"allow", "mode", "reasons", "flagged"}}`;
   every request is checked against the site's ODD (`policies/odd`), a breach answers in safe mode
-  and is written to the audit log as `odd.breach`; validated inputs go to the site's input store;
-- `GET /metrics` (Prometheus text format), `GET /healthz`.
+  and is written to the audit log as `odd.breach` with the client's name (at most
+  `audit.breaches_per_client` per client and window; the rest are counted and summarised in one
+  `serving.audit_suppressed` entry); only inputs the ODD allowed go to the site's input store;
+- `GET /metrics` (Prometheus text format), both behind a bearer token per client;
+- `GET /healthz`, open.
+
+`ServiceGuard` (guard.py) authenticates and bounds the body before FastAPI parses anything; the
+context is a closed schema (known keys, bounded strings, ranged numbers), so an audit entry holds
+only bounded data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.concurrency import run_in_threadpool
 
 from pipelines.data.schema import N_FEATURES
+from pipelines.serving.clients import AuthResult, ClientRegistry
+from pipelines.serving.guard import ANONYMOUS, CLIENT_SCOPE_KEY, AuditLimiter, ServiceGuard, Suppressed
 from pipelines.serving.odd import OddGate, batch_stats, gate_input, serving_conf
 from pipelines.serving.store import InputStore
 from pipelines.workspace import SitePaths
@@ -50,11 +63,31 @@ class ServedModel:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+SENSOR_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class Location(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    lat: float = Field(ge=-90.0, le=90.0)
+    lon: float = Field(ge=-180.0, le=180.0)
+
+
+class RequestContext(BaseModel):
+    """What a client may say about its request; the ODD reads these and nothing else."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    sensor_id: Annotated[str, StringConstraints(pattern=SENSOR_ID)] | None = None
+    location: Location | None = None
+    latency_budget_ms: float | None = None  # range from conf: service.client_latency_budget_ms
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     inputs: list[list[float]]
-    context: dict[str, Any] = {}
+    context: RequestContext = RequestContext()
 
 
 class InvalidInput(ValueError):
@@ -85,11 +118,13 @@ def verify_model(paths: SitePaths, model_ref: Any) -> None:
 class Metrics:
     """Counters and a latency histogram rendered in the Prometheus text exposition format."""
 
-    def __init__(self, site: str, model: dict[str, Any]) -> None:
+    def __init__(self, site: str, model: dict[str, Any], suppressed: dict[str, AuditLimiter] | None = None) -> None:
         self.labels = f'site="{site}",model="{model["name"]}",version="{model["version"]}"'
         self._lock = threading.Lock()
         self.requests: dict[str, int] = {}
         self.breaches: dict[str, int] = {}
+        self.auth_failures: dict[str, int] = {}
+        self.suppressed = suppressed or {}  # audit event -> its limiter (counts the events left out)
         self.samples = 0
         self.buckets = [0] * len(LATENCY_BUCKETS)
         self.latency_sum = 0.0
@@ -108,8 +143,14 @@ class Metrics:
                     if seconds <= bound:
                         self.buckets[i] += 1
 
+    def auth_failure(self, reason: str) -> None:
+        with self._lock:
+            self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1
+
     def render(self, drift: dict[str, Any] | None) -> str:
         lab = self.labels
+        suppressed = sorted((event, key, n) for event, limiter in self.suppressed.items()
+                            for key, n in limiter.suppressed_counts().items())
         with self._lock:
             lines = [
                 "# HELP factory_serving_requests_total Prediction requests by outcome.",
@@ -129,6 +170,15 @@ class Metrics:
                 f'factory_serving_request_latency_seconds_bucket{{{lab},le="+Inf"}} {self.latency_count}',
                 f"factory_serving_request_latency_seconds_sum{{{lab}}} {self.latency_sum:.6f}",
                 f"factory_serving_request_latency_seconds_count{{{lab}}} {self.latency_count}",
+                "# HELP factory_serving_auth_failures_total Requests refused for their credential, by reason.",
+                "# TYPE factory_serving_auth_failures_total counter",
+                *(f'factory_serving_auth_failures_total{{{lab},reason="{r}"}} {n}'
+                  for r, n in sorted(self.auth_failures.items())),
+                "# HELP factory_serving_audit_suppressed_total Security events counted but not audited one by one"
+                " (over the rate limit; summarised in serving.audit_suppressed entries).",
+                "# TYPE factory_serving_audit_suppressed_total counter",
+                *(f'factory_serving_audit_suppressed_total{{{lab},event="{e}",key="{k}"}} {n}'
+                  for e, k, n in suppressed),
             ]
         if drift:
             site_lab = lab.split(",model=")[0]
@@ -151,7 +201,12 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def _validate(body: PredictRequest, max_batch: int, low: float, high: float) -> np.ndarray:
+def _validate(body: PredictRequest, max_batch: int, low: float, high: float,
+              budget_range: tuple[float, float]) -> np.ndarray:
+    budget = body.context.latency_budget_ms
+    if budget is not None and not budget_range[0] <= budget <= budget_range[1]:
+        raise InvalidInput(422, f"context.latency_budget_ms = {budget!r} is outside the range a client may ask for, "
+                                f"[{budget_range[0]}, {budget_range[1]}] ms")
     n = len(body.inputs)
     if n == 0:
         raise InvalidInput(422, "inputs is empty: send at least one row")
@@ -170,25 +225,55 @@ def _validate(body: PredictRequest, max_batch: int, low: float, high: float) -> 
     return x
 
 
-def _audit_breach(paths: SitePaths, model: dict[str, Any], decision, request_id: str, context: dict) -> None:
+def _audit_breach(paths: SitePaths, model: dict[str, Any], decision, request_id: str, client: str,
+                  context: dict) -> None:
     from pipelines.trust import audit
 
     audit.append(
-        paths, action="odd.breach", actor=f"serving:{paths.site}", object=f"{model['name']}/{model['version']}",
+        paths, action="odd.breach", actor=f"client:{client}", object=f"{model['name']}/{model['version']}",
         outcome=decision.mode,
-        details={"request_id": request_id, "reasons": decision.reasons, "sensor_id": context.get("sensor_id"),
-                 "batch_size": decision.input["stats"]["batch_size"], "security_event": True},
+        details={"request_id": request_id, "client": client, "reasons": decision.reasons,
+                 "sensor_id": context.get("sensor_id"), "batch_size": decision.input["stats"]["batch_size"],
+                 "security_event": True},
     )
 
 
-def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | None = None) -> FastAPI:
-    """The inference app for `model_ref` at `site_paths.site`; raises ServingError if it may not serve."""
+def _audit_denied(paths: SitePaths, model: dict[str, Any], result: AuthResult, path: str, remote: str | None) -> None:
+    from pipelines.trust import audit
+
+    audit.append(
+        paths, action="serving.auth_denied", actor=f"client:{result.client}" if result.client else "unknown",
+        object=f"{model['name']}/{model['version']}", outcome="denied",
+        details={"reason": result.reason, "path": path if path in ("/predict", "/metrics") else "other",
+                 "remote": (remote or "")[:64], "security_event": True},
+    )
+
+
+def _audit_suppressed(paths: SitePaths, model: dict[str, Any], event: str, summary: Suppressed) -> None:
+    from pipelines.trust import audit
+
+    audit.append(
+        paths, action="serving.audit_suppressed", actor=f"serving:{paths.site}",
+        object=f"{model['name']}/{model['version']}", outcome="suppressed",
+        details={"event": event, "key": summary.key, "count": summary.count, "window_start": summary.window_start,
+                 "window_seconds": summary.window_seconds, "security_event": True},
+    )
+
+
+def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | None = None,
+               auth: bool = True) -> FastAPI:
+    """The inference app for `model_ref` at `site_paths.site`; raises ServingError if it may not serve.
+
+    `auth=False` (local development only) lets every caller in as `anonymous`."""
     import onnxruntime as ort
 
     conf = conf or serving_conf()
     service = conf.get("service", {})
     max_batch = int(service.get("max_batch_size", 256))
     low, high = (float(v) for v in service.get("input_range", (0.0, 1.0)))
+    budget_lo, budget_hi = (float(v) for v in service.get("client_latency_budget_ms", (1.0, 60000.0)))
+    limits = service.get("audit", {})
+    window_s = float(limits.get("window_s", 60))
 
     verify_model(site_paths, model_ref)
     onnx_path = Path(model_ref.model_dir) / "model.onnx"
@@ -202,14 +287,48 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
     if names != ([INPUT_NAME], [OUTPUT_NAME]):
         raise ServingError(f"{onnx_path} has inputs/outputs {names}; expected [{INPUT_NAME}] -> [{OUTPUT_NAME}]")
 
+    registry = None
+    if auth:
+        registry = ClientRegistry.for_site(site_paths)
+        if not registry.active():
+            raise ServingError(
+                f"no client may call the service of {site_paths.site}"
+                f"{': ' + registry.problem if registry.problem else ''}; add one with `factory serve token add "
+                f"--site {site_paths.site} --client NAME` (or pass --no-auth for local development)"
+            )
+
     model = model_info(model_ref)
     gate = OddGate()
     store = InputStore.for_site(site_paths, conf.get("store"))
-    metrics = Metrics(site_paths.site, model)
+    limiters = {"odd.breach": AuditLimiter(int(limits.get("breaches_per_client", 10)), window_s),
+                "serving.auth_denied": AuditLimiter(int(limits.get("auth_failures", 10)), window_s)}
+    metrics = Metrics(site_paths.site, model, limiters)
     drift_file = site_paths.state_dir / "drift" / "latest.json"
 
-    app = FastAPI(title=f"factory inference ({site_paths.site})", version=model["version"])
+    def write_summaries(flush_all: bool = False) -> None:
+        for event, limiter in limiters.items():
+            for summary in limiter.due(flush_all=flush_all):
+                _audit_suppressed(site_paths, model, event, summary)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await run_in_threadpool(write_summaries, True)
+
+    async def on_denied(result: AuthResult, scope: dict) -> None:
+        metrics.auth_failure(result.reason)
+        remote = (scope.get("client") or (None,))[0]
+        audited = limiters["serving.auth_denied"].admit("unauthenticated")
+        await run_in_threadpool(write_summaries)
+        if audited:
+            await run_in_threadpool(_audit_denied, site_paths, model, result, scope["path"], remote)
+
+    app = FastAPI(title=f"factory inference ({site_paths.site})", version=model["version"], lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(ServiceGuard, registry=registry, max_body_bytes=int(service.get("max_body_bytes", 1 << 20)),
+                       on_denied=on_denied, on_too_large=lambda: metrics.observe("too_large"))
     app.state.gate, app.state.store, app.state.metrics, app.state.model = gate, store, metrics, model
+    app.state.registry = registry
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -231,23 +350,28 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
         return PlainTextResponse(metrics.render(drift), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/predict")
-    def predict(body: PredictRequest) -> JSONResponse:
+    def predict(body: PredictRequest, request: Request) -> JSONResponse:
         started = time.perf_counter()
+        client = request.scope.get(CLIENT_SCOPE_KEY, ANONYMOUS)
         try:
-            x = _validate(body, max_batch, low, high)
+            x = _validate(body, max_batch, low, high, (budget_lo, budget_hi))
         except InvalidInput as exc:
             metrics.observe("invalid")
             return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
         request_id = uuid.uuid4().hex
+        context = body.context.model_dump(exclude_none=True)
         t0 = time.perf_counter()
         logits = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
         latency_ms = (time.perf_counter() - t0) * 1000.0
-        decision = gate.decide(gate_input(site_paths.site, model, body.context, batch_stats(x), latency_ms))
-        store.append(x)
+        decision = gate.decide(gate_input(site_paths.site, model, context, batch_stats(x), latency_ms))
+        if decision.allow:  # inputs outside the ODD never reach the drift input store
+            store.append(x)
         flagged = not decision.allow and decision.mode == "flag"
         predictions = logits.argmax(axis=1).tolist() if decision.allow or flagged else None
-        if not decision.allow:
-            _audit_breach(site_paths, model, decision, request_id, body.context)
+        audited = not decision.allow and limiters["odd.breach"].admit(client)
+        write_summaries()  # of windows that ended with events left out: before this window's first entry
+        if audited:
+            _audit_breach(site_paths, model, decision, request_id, client, context)
         metrics.observe("ok" if decision.allow else "odd_breach", time.perf_counter() - started, len(x),
                         None if decision.allow else decision.mode)
         return JSONResponse({

@@ -1,4 +1,4 @@
-"""`factory serve` and `factory drift simulate|check`."""
+"""`factory serve`, `factory serve token add|list|revoke` and `factory drift simulate|check`."""
 
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ def shifted_traffic(paths: SitePaths, shift: str, batches: int, batch_size: int,
 
 
 def simulate(paths: SitePaths, model_ref: Any, shift: str, *, batches: int, batch_size: int, url: str | None = None,
-             seed: int = 0, window: int | None = None) -> dict[str, Any]:
-    """Feed shifted traffic to the service (in-process, or the one at `url`), then run the drift check."""
+             token: str | None = None, seed: int = 0, window: int | None = None) -> dict[str, Any]:
+    """Feed shifted traffic to the service (in-process, or the one at `url` with a client's `token`),
+    then run the drift check. The in-process service runs without authentication: nothing listens."""
     from pipelines.serving.drift import check_drift, drift_event_extra
     from pipelines.serving.odd import OddGate
 
@@ -57,12 +58,14 @@ def simulate(paths: SitePaths, model_ref: Any, shift: str, *, batches: int, batc
 
         from pipelines.serving.app import create_app
 
-        client = TestClient(create_app(paths, model_ref))
+        client = TestClient(create_app(paths, model_ref, auth=False))
         post = client.post
     else:
         import httpx
 
-        client = httpx.Client(base_url=url.rstrip("/"), timeout=30.0)
+        if not token:
+            raise click.ClickException("a service at --url needs a client token: set FACTORY_SERVING_TOKEN")
+        client = httpx.Client(base_url=url.rstrip("/"), timeout=30.0, headers={"Authorization": f"Bearer {token}"})
         post = client.post
     modes: dict[str, int] = {}
     with client:
@@ -94,28 +97,120 @@ def _model(paths: SitePaths, ref: str | None):
         raise click.ClickException(str(exc)) from None
 
 
-@click.command("serve")
-@click.option("--site", required=True, type=click.Choice(["origin", "destination", "supplier"]))
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@click.group("serve", invoke_without_command=True)
+@click.option("--site", default=None, type=click.Choice(["origin", "destination", "supplier"]))
 @click.option("--model", "model", default=None, help="M1..M8, NAME@ALIAS or NAME/VERSION (default per site: conf/odd.yaml)")
 @click.option("--host", default=None, help="bind address (default from conf/odd.yaml: 127.0.0.1)")
 @click.option("--port", default=None, type=int, help="port (default from conf/odd.yaml)")
-def serve(site: str, model: str | None, host: str | None, port: int | None) -> None:
-    """Serve the site's signed ONNX model over HTTP with ODD checks (refuses a bad signature)."""
+@click.option("--no-auth", is_flag=True, help="let any caller in without a token (local development, loopback only)")
+@click.pass_context
+def serve(ctx: click.Context, site: str | None, model: str | None, host: str | None, port: int | None,
+          no_auth: bool) -> None:
+    """Serve the site's signed ONNX model over HTTP with ODD checks (refuses a bad signature).
+
+    Every client needs its own token (`factory serve token add`); without one the service does not start."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if site is None:
+        raise click.UsageError("Missing option '--site'.")
     import uvicorn
 
     from pipelines.serving.app import ServingError, create_app
     from pipelines.serving.odd import serving_conf
 
+    service = serving_conf().get("service", {})
+    host, port = host or service.get("host", "127.0.0.1"), port or int(service.get("port", 8085))
+    if no_auth and host not in LOOPBACK:
+        raise click.ClickException(f"--no-auth serves only on a loopback address ({', '.join(LOOPBACK)}), not {host}")
     paths = _paths(site)
     model_ref = _model(paths, model)
     try:
-        app = create_app(paths, model_ref)
+        app = create_app(paths, model_ref, auth=not no_auth)
     except ServingError as exc:
         raise click.ClickException(str(exc)) from None
-    service = serving_conf().get("service", {})
-    host, port = host or service.get("host", "127.0.0.1"), port or int(service.get("port", 8085))
+    if no_auth:
+        click.echo("WARNING: --no-auth: /predict and /metrics answer any local caller, recorded as 'anonymous'; "
+                   "for local development only", err=True)
     click.echo(f"serving {model_ref.name}/{model_ref.version} for {site} on http://{host}:{port}", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@serve.group("token")
+def token() -> None:
+    """The bearer tokens of the service's clients (stored hashed in the site's state folder)."""
+
+
+def _operator() -> str:
+    import getpass
+    import os
+
+    return os.environ.get("FACTORY_ACTOR") or f"operator:{getpass.getuser()}"
+
+
+def _audit_client(paths: SitePaths, action: str, client: str) -> None:
+    from pipelines.trust import audit
+
+    audit.append(paths, action=action, actor=_operator(), object=f"serving-client:{client}", outcome="ok",
+                 details={"client": client})
+
+
+@token.command("add")
+@click.option("--site", required=True, type=click.Choice(["origin", "destination", "supplier"]))
+@click.option("--client", "client", required=True, help="the client's name: a-z, 0-9 and '-', 2-32 characters")
+def token_add(site: str, client: str) -> None:
+    """Issue a token for a new client and print it once (only its SHA-256 is kept)."""
+    from pipelines.serving.clients import ClientError, add_client, check_client_name
+    from pipelines.trust.keys import TrustError, keyring
+
+    paths = _paths(site)
+    try:
+        check_client_name(client)
+        keyring(paths)  # the audit entry can be written: checked before a token exists
+        secret = add_client(paths, client)
+    except (ClientError, TrustError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _audit_client(paths, "serving.client_added", client)
+    click.echo(f"token for client {client} at {site} (shown only now; send it as 'Authorization: Bearer <token>'):",
+               err=True)
+    click.echo(secret)
+
+
+@token.command("list")
+@click.option("--site", required=True, type=click.Choice(["origin", "destination", "supplier"]))
+@click.option("--json", "as_json", is_flag=True)
+def token_list(site: str, as_json: bool) -> None:
+    """The site's serving clients and whether their token is active."""
+    from pipelines.serving.clients import ClientError, list_clients
+
+    try:
+        clients = list_clients(_paths(site))
+    except ClientError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(clients, indent=2))
+        return
+    for c in clients:
+        state = f"revoked {c['revoked']}" if c["revoked"] else "active"
+        click.echo(f"{c['client']:<32} created {c['created']}  {state}")
+
+
+@token.command("revoke")
+@click.option("--site", required=True, type=click.Choice(["origin", "destination", "supplier"]))
+@click.option("--client", "client", required=True)
+def token_revoke(site: str, client: str) -> None:
+    """Revoke a client's token; a running service refuses it from its next request on."""
+    from pipelines.serving.clients import ClientError, revoke_client
+
+    paths = _paths(site)
+    try:
+        entry = revoke_client(paths, client)
+    except ClientError as exc:
+        raise click.ClickException(str(exc)) from None
+    _audit_client(paths, "serving.client_revoked", client)
+    click.echo(f"revoked the token of client {client} at {site} ({entry['revoked']})", err=True)
 
 
 @click.group("drift")
@@ -130,9 +225,11 @@ def drift() -> None:
 @click.option("--batch-size", default=None, type=int)
 @click.option("--model", "model", default=None)
 @click.option("--url", default=None, help="a running service (default: an in-process one)")
+@click.option("--token", envvar="FACTORY_SERVING_TOKEN", default=None, show_envvar=True,
+              help="client token for --url (prefer the environment variable: a command line is visible to others)")
 @click.option("--seed", default=0, type=int)
 def simulate_command(site: str, shift: str, batches: int | None, batch_size: int | None, model: str | None,
-                     url: str | None, seed: int) -> None:
+                     url: str | None, token: str | None, seed: int) -> None:
     """Feed the service shifted real data, then check for drift and print the evidence."""
     from pipelines.serving.app import ServingError
     from pipelines.serving.odd import serving_conf
@@ -142,7 +239,8 @@ def simulate_command(site: str, shift: str, batches: int | None, batch_size: int
     model_ref = _model(paths, model)
     try:
         out = simulate(paths, model_ref, shift, batches=batches or int(defaults.get("batches", 5)),
-                       batch_size=batch_size or int(defaults.get("batch_size", 32)), url=url, seed=seed)
+                       batch_size=batch_size or int(defaults.get("batch_size", 32)), url=url, token=token,
+                       seed=seed)
     except (ServingError, WorkspaceError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(out, indent=2, sort_keys=True))

@@ -3,6 +3,7 @@ ONNX and signed with the site's key, registered as M4 in the site's MLflow regis
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
@@ -71,14 +72,63 @@ def store(origin):
     return s
 
 
-@pytest.fixture(scope="session")
-def client(origin):
-    from fastapi.testclient import TestClient
+def serving_conf_with(**service) -> dict:
+    """conf/odd.yaml with some `service` settings replaced (nested `audit` merged)."""
+    from pipelines.serving.odd import serving_conf
 
+    conf = copy.deepcopy(serving_conf())
+    audit = {**conf["service"].get("audit", {}), **service.pop("audit", {})}
+    conf["service"].update(service, audit=audit)
+    return conf
+
+
+@pytest.fixture(scope="session")
+def tokens(origin):
+    """One registered client of the origin's service: {name: token}."""
+    from pipelines.serving.clients import add_client
+
+    return {"test-client": add_client(origin[0], "test-client")}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="session")
+def conf_with():
+    """`serving_conf_with(**service)`: the serving conf with some service settings replaced."""
+    return serving_conf_with
+
+
+@pytest.fixture(scope="session")
+def headers(tokens):
+    """Request headers that authenticate as the test client."""
+    return bearer(tokens["test-client"])
+
+
+@pytest.fixture(scope="session")
+def app(origin, tokens):
+    """The origin's service; every breach audited (the rate limit has tests of its own)."""
     from pipelines.serving.app import create_app
 
-    with TestClient(create_app(*origin)) as c:
+    return create_app(*origin, conf=serving_conf_with(audit={"breaches_per_client": 100000}))
+
+
+@pytest.fixture(scope="session")
+def client(app, headers):
+    """An authenticated client of `app` (sends the test client's token on every request)."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, headers=headers) as c:
         yield c
+
+
+@pytest.fixture
+def anonymous(app):
+    """A caller of `app` without any credential."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(app)
 
 
 @pytest.fixture(scope="session")

@@ -90,12 +90,20 @@ def test_inputs_outside_the_envelope_are_withheld(client, in_domain_rows):
     assert any("sample_mean 0.95 is above the envelope maximum" in r for r in body["odd"]["reasons"])
 
 
-def test_latency_over_budget_flags_but_answers(client, origin, in_domain_rows):
-    body = _post(client, in_domain_rows[:3], sensor_id=ORIGIN_SENSOR, latency_budget_ms=0.001).json()
+def test_latency_over_budget_flags_but_answers(origin, conf_with, headers, store, in_domain_rows):
+    from fastapi.testclient import TestClient
+
+    from pipelines.serving.app import create_app
+
+    # a site that lets clients ask for budgets down to 1 µs (the shipped floor is 1 ms)
+    app = create_app(*origin, conf=conf_with(client_latency_budget_ms=[0.0001, 60000.0]))
+    with TestClient(app, headers=headers) as client:
+        body = _post(client, in_domain_rows[:3], sensor_id=ORIGIN_SENSOR, latency_budget_ms=0.001).json()
     assert body["odd"]["mode"] == "flag" and body["odd"]["flagged"] is True
     assert len(body["predictions"]) == 3
     assert "over the latency budget of 0.001 ms" in body["odd"]["reasons"][0]
     assert _last_breach(origin[0])["outcome"] == "flag"
+    assert store.count() == 0  # a flagged request is outside the ODD: its inputs are not stored
 
 
 def _scrape(text: str) -> dict[str, float]:
