@@ -54,7 +54,8 @@ def init_workspace(home: Path | None = None, *, scale: int | None = None) -> dic
     """Create or complete every site's repo, remote, data, MLflow store, keys and policy pin, then exchange trust."""
     from pipelines.data.repo import init_site_repo
     from pipelines.policy.pin import ensure_pin
-    from pipelines.trust.keys import ensure_site_keys, exchange_trust
+    from pipelines.trust import audit
+    from pipelines.trust.keys import ensure_site_keys, exchange_trust, signing_key_id
 
     home = (home or factory_home()).resolve()
     summary: dict[str, dict[str, bool]] = {}
@@ -65,6 +66,9 @@ def init_workspace(home: Path | None = None, *, scale: int | None = None) -> dic
         console.print(f"[bold]{site}[/]: repository, keys, policy pin, data, MLflow store")
         repo_created = init_site_repo(paths)
         ensure_site_keys(paths)
+        if not paths.audit_log.exists():  # a site with keys always has a log: it starts here
+            audit.append(paths, action="site.initialised", actor=f"svc-{site}", object=site, outcome="success",
+                         details={"signing_key_id": signing_key_id(paths)})
         ensure_pin(paths)  # the policy bundle in effect now is the one this site trusts from here on
         data_built = _init_data(paths, scale)
         _init_mlflow(paths)

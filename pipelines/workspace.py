@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,22 @@ class WorkspaceError(RuntimeError):
 
 def factory_home() -> Path:
     return Path(os.environ.get("FACTORY_HOME", ".factory")).resolve()
+
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class UnsafeName(ValueError):
+    """A name that would not stay one path component (from another party, or mistyped)."""
+
+
+def safe_name(value: object, what: str = "name") -> str:
+    """`value` if it is a plain name (letters, digits, '.', '_', '-'; no '..', no '/'), else UnsafeName.
+
+    Every name that becomes part of a path and did not come from this site's own code passes here."""
+    if not isinstance(value, str) or not SAFE_NAME.match(value) or ".." in value:
+        raise UnsafeName(f"{what} {str(value)[:60]!r} is not a plain name (letters, digits, '.', '_', '-')")
+    return value
 
 
 def check_site(site: str) -> str:

@@ -24,10 +24,9 @@ import pandas as pd
 from pipelines.config import LEVELS, load_config
 from pipelines.context import StepError
 from pipelines.fileio import file_digest, write_json
-from pipelines.workspace import SitePaths
+from pipelines.workspace import SAFE_NAME, SitePaths, UnsafeName, safe_name
 
 KINDS = ("raw", "sanitized", "received", "derived")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ID = re.compile(r"^(?P<site>[a-z]+)/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)@(?P<md5>[0-9a-f]{6,32})$")
 # When nothing says otherwise a dataset is treated as the most restricted kind.
 RESTRICTIVE = {
@@ -207,8 +206,10 @@ def register_dataset(
     """
     from pipelines.data import repo
 
-    if not _NAME.match(name):
-        raise CatalogError(f"invalid dataset name {name!r}: use letters, digits, '.', '_' or '-'")
+    try:
+        safe_name(name, "dataset name")
+    except UnsafeName as error:
+        raise CatalogError(str(error)) from None
     if kind not in KINDS:
         raise CatalogError(f"unknown dataset kind {kind!r}; kinds are {', '.join(KINDS)}")
     file = Path(file).resolve()
@@ -339,7 +340,7 @@ def get(paths: SitePaths, ref: str) -> DatasetVersion:
     if match is None and "@" in ref:
         match = _ID.match(f"{paths.site}/{ref}")
     if match is None:
-        if _NAME.match(ref):
+        if SAFE_NAME.match(ref):
             return latest(paths, ref)
         raise CatalogError(f"invalid dataset reference {ref!r}; expected site/name@md5, name@md5 or name")
     if match["site"] != paths.site:

@@ -11,21 +11,23 @@ finished step returns what it did instead of sending or registering twice.
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import load_config
 from pipelines.data.schema import LABEL_COLUMN
-from pipelines.fileio import atomic_path, read_json, update_json
+from pipelines.fileio import atomic_path, read_json, update_json, write_json
 from pipelines.learning import registry
 from pipelines.steps import StepContext, StepError, step
-from pipelines.workspace import SitePaths
+from pipelines.workspace import SitePaths, UnsafeName, safe_name
 
 PACKAGE_SUFFIX = ".sfp"
+MODEL_STAGES = frozenset(f"M{n}" for n in range(1, 9))
 
 
 def dataset_ref(value: str | dict) -> str:
@@ -183,33 +185,51 @@ def release_dataset(ctx: StepContext, *, dataset: str | dict, recipient: str, pu
 
 
 def _pending_packages(ctx: StepContext, kind: str) -> list[Path]:
+    """Unopened packages of `kind` in the inbox, newest first."""
     done = {r["package"] for r in _records(ctx, "received").values()}
     return sorted((p for p in ctx.paths.inbox.glob(f"{kind}-*{PACKAGE_SUFFIX}") if str(p) not in done),
-                  key=lambda p: p.stat().st_mtime)
+                  key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def _next_package(ctx: StepContext, kind: str) -> tuple[Path | None, dict[str, Any] | None]:
-    """The newest unopened package of `kind`; or, when all were opened, what the last one gave
-    (a re-run of a finished intake returns it instead of failing)."""
-    pending = _pending_packages(ctx, kind)
-    if pending:
-        return pending[-1], None
+def _reject(ctx: StepContext, package: Path, reason: str) -> None:
+    """Move a refused package to `inbox/rejected/` with its reason, so it blocks nothing and is kept for review."""
+    from pipelines.trust import audit
+
+    rejected = ctx.paths.inbox / "rejected"
+    rejected.mkdir(parents=True, exist_ok=True)
+    write_json(rejected / f"{package.name}.reason.json", {"package": package.name, "reason": reason})
+    os.replace(package, rejected / package.name)
+    audit.append(ctx.paths, action="package.quarantined", actor=f"svc-{ctx.site}", object=package.name,
+                 outcome="rejected", details={"reason": reason, "moved_to": str(rejected / package.name)})
+    print(f"rejected {package.name}: {reason}")
+
+
+def _intake(ctx: StepContext, kind: str, accept: Callable[[dict[str, Any], Path], Any]) -> tuple[dict, Any] | None:
+    """Open the newest acceptable package of `kind`: `accept(header, content)` checks and places the
+    content (raising PackageRejected for content that must be refused). Every package that fails is
+    moved to `inbox/rejected/` and the next one is tried. None when no package is pending."""
+    from pipelines.trust.packages import PackageRejected, open_package
+
+    for package in _pending_packages(ctx, kind):
+        scratch = Path(tempfile.mkdtemp(prefix="open-", dir=ctx.paths.state_dir))
+        try:
+            header = open_package(ctx.paths, package, scratch / "out")
+            placed = accept(header, Path(header["path"]))
+        except PackageRejected as refused:
+            _reject(ctx, package, refused.reason)
+            continue
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return header | {"package": str(package)}, placed
+    return None
+
+
+def _last_received(ctx: StepContext, kind: str) -> dict[str, Any]:
+    """What the last intake of `kind` gave: a re-run of a finished intake returns it instead of failing."""
     records = [r for r in _records(ctx, "received").values() if r["kind"] == kind]
     if records:
-        return None, records[-1]
-    raise StepError(f"no {kind} package in the {ctx.site} inbox ({ctx.paths.inbox})")
-
-
-@contextlib.contextmanager
-def _opened(ctx: StepContext, package: Path):
-    """Open a package into a temporary folder of the site; nothing stays behind on failure."""
-    from pipelines.trust.packages import open_package
-
-    scratch = Path(tempfile.mkdtemp(prefix="open-", dir=ctx.paths.state_dir))
-    try:
-        yield open_package(ctx.paths, package, scratch / "out")  # content at header["path"]
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        return records[-1]
+    raise StepError(f"no acceptable {kind} package in the {ctx.site} inbox ({ctx.paths.inbox})")
 
 
 @step("receive_dataset")
@@ -217,17 +237,20 @@ def receive_dataset(ctx: StepContext, *, kind: str, name: str) -> dict[str, Any]
     """Open the newest package of `kind` from the inbox and register it as dataset `name`."""
     from pipelines.data.catalog import register_dataset
 
-    package, last = _next_package(ctx, kind)
-    if package is None:
-        return last
-    with _opened(ctx, package) as header:
-        meta = header["metadata"]
-        target = ctx.paths.data_dir / "received" / f"{name}.parquet"
+    target = ctx.paths.data_dir / "received" / f"{safe_name(name, 'dataset name')}.parquet"
+
+    def place(header: dict[str, Any], content: Path) -> None:
         with atomic_path(target) as tmp:
-            shutil.copyfile(header["path"], tmp)
+            shutil.copyfile(content, tmp)
+
+    opened = _intake(ctx, kind, place)
+    if opened is None:
+        return _last_received(ctx, kind)
+    header, _ = opened
+    meta = header["metadata"]
     version = register_dataset(ctx.paths, name, target, parents=[meta["dataset"]], kind="received",
                                flags=meta["flags"], owner=meta["owner"], upstream=meta["lineage"])
-    record = {"package": str(package), "package_id": header["package_id"], "kind": kind,
+    record = {"package": header["package"], "package_id": header["package_id"], "kind": kind,
               "dataset_id": version.id, "from": header["sender"]}
     _remember(ctx, "received", header["package_id"], record)
     print(f"received {meta['dataset']} from {header['sender']} as {version.id}")
@@ -261,8 +284,10 @@ def release_document(ctx: StepContext, ref: registry.ModelRef, *, recipient: str
 
 @contextlib.contextmanager
 def _release_dir(ctx: StepContext, ref: registry.ModelRef, approvals: list[dict[str, Any]]):
-    """The directory that is sealed: the registered one, or a copy whose provenance records the approvals."""
+    """The directory that is sealed: the registered one, or a copy whose provenance records the approvals
+    (signed again, so the signature covers that provenance)."""
     from pipelines.steps.training import write_model_provenance
+    from pipelines.trust.signing import sign_model_dir
 
     if not approvals:
         yield ref.model_dir
@@ -272,6 +297,7 @@ def _release_dir(ctx: StepContext, ref: registry.ModelRef, approvals: list[dict[
         release = scratch / ref.model_dir.name
         shutil.copytree(ref.model_dir, release)
         write_model_provenance(ctx, release, approvals=approvals)
+        sign_model_dir(ctx.paths, release)
         yield release
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -311,27 +337,50 @@ def release_model(ctx: StepContext, *, model: str | dict, recipient: str, purpos
     return record
 
 
+def _checked_model(ctx: StepContext, header: dict[str, Any], model_dir: Path) -> dict[str, Any]:
+    """The received model's metadata, once its signature, provenance and BOM verify against the
+    sender's trusted key and the names it carries are safe to use here."""
+    from pipelines.trust import bom, keys, provenance
+    from pipelines.trust.packages import PackageRejected
+    from pipelines.trust.signing import SignatureError, verify_model_dir
+
+    sender = header["sender"]
+    try:
+        verify_model_dir(model_dir, paths=ctx.paths, signer_site=sender)
+        statement = provenance.verify_provenance(model_dir / provenance.PROVENANCE_FILE,
+                                                 keys.public_signing_key(ctx.paths, sender))
+        bom.validate_bom(model_dir / bom.BOM_FILE)
+        meta = read_json(model_dir / "metadata.json")
+        safe_name(meta.get("name"), "model name")
+    except (SignatureError, provenance.ProvenanceError, bom.BomError, UnsafeName, OSError, ValueError) as error:
+        raise PackageRejected(f"model from {sender} refused: {error}") from None
+    if meta.get("stage") not in MODEL_STAGES:
+        raise PackageRejected(f"model from {sender} names unknown stage {str(meta.get('stage'))[:20]!r}")
+    return {"meta": meta, "provenance": statement}
+
+
 @step("receive_model")
 def receive_model(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) -> dict[str, Any]:
-    """Open the newest model package of `kind`, verify its signature, register and evaluate it here."""
+    """Open the newest model package of `kind`, verify signature, provenance and BOM, register it and
+    evaluate it on this site's test data."""
     from pipelines.data.repo import commit_tracked, site_lock
     from pipelines.steps.training import _test_metrics
     from pipelines.trust import audit
-    from pipelines.trust.signing import verify_model_dir
 
-    package, last = _next_package(ctx, kind)
-    if package is None:
-        return last
-    with _opened(ctx, package) as header:
-        model_dir = Path(header["path"])
-        verify_model_dir(model_dir, paths=ctx.paths, signer_site=header["sender"])
-        meta = json.loads((model_dir / "metadata.json").read_text())
+    def place(header: dict[str, Any], model_dir: Path) -> tuple[dict[str, Any], Path]:
+        meta = _checked_model(ctx, header, model_dir)["meta"]
         target = ctx.paths.models_dir / meta["name"] / f"received-{header['package_id'][:12]}"
         with site_lock(ctx.paths):
             if target.exists():
                 shutil.rmtree(target)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(model_dir, target)
+        return meta, target
+
+    opened = _intake(ctx, kind, place)
+    if opened is None:
+        return _last_received(ctx, kind)
+    header, (meta, target) = opened
     metrics = _test_metrics(ctx, target, test_sets)
     with site_lock(ctx.paths):
         commit_tracked(ctx.paths, [target], f"Receive {meta['name']} from {header['sender']}")
@@ -343,7 +392,7 @@ def receive_model(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) -> 
         })
     audit.append(ctx.paths, action="model.registered", actor=f"svc-{ctx.site}", object=ref.uri, outcome="success",
                  details={"received_from": header["sender"], "package_id": header["package_id"], "metrics": metrics})
-    record = {"package": str(package), "package_id": header["package_id"], "kind": kind, "name": ref.name,
+    record = {"package": header["package"], "package_id": header["package_id"], "kind": kind, "name": ref.name,
               "version": ref.version, "stage": meta["stage"], "metrics": metrics, "from": header["sender"]}
     _remember(ctx, "received", header["package_id"], record)
     print(f"received {meta['name']} from {header['sender']}; here: {metrics}")

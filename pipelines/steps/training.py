@@ -254,18 +254,18 @@ def write_model_provenance(ctx: StepContext, model_dir: Path, *, approvals=()) -
 
 
 def publish_model_dir(ctx: StepContext, model_dir: Path) -> dict[str, Path]:
-    """Sign the directory, then attach provenance and the ML-BOM (trust layer)."""
+    """Attach provenance and the ML-BOM, then sign the directory, both included (trust layer)."""
     from pipelines.trust.bom import write_ml_bom
     from pipelines.trust.signing import sign_model_dir
 
     meta = _metadata(model_dir)
-    signature = sign_model_dir(ctx.paths, model_dir)  # first: provenance and BOM describe the signed files
     provenance = write_model_provenance(ctx, model_dir)
     bom = write_ml_bom(
         model_dir, model_name=meta["name"], version=meta["run_key"], metrics=meta["metrics"],
         datasets=[{"id": d["id"], "digest": d["md5"], "owner": d["owner"]} for d in meta["datasets"]],
         intended_use=json.loads((model_dir / "model_card.json").read_text())["intended_use"],
     )
+    signature = sign_model_dir(ctx.paths, model_dir)  # last: the signature covers provenance and BOM too
     return {"provenance": provenance, "bom": bom, "signature": signature}
 
 

@@ -21,10 +21,11 @@ from cyclonedx.validation.json import JsonStrictValidator
 from packageurl import PackageURL
 
 from pipelines.fileio import file_digests, sha256_file, write_atomic
+from pipelines.trust.signing import TRUST_FILES
 
 BOM_FILE = "bom.cdx.json"
 MODEL_FILE = "model.onnx"
-_TRUST_FILES = {"model.sig", "provenance.dsse.json", BOM_FILE}
+_TRUST_FILES = set(TRUST_FILES)
 _ALGORITHMS = {"sha256": HashAlgorithm.SHA_256, "sha512": HashAlgorithm.SHA_512, "md5": HashAlgorithm.MD5,
                "blake3": HashAlgorithm.BLAKE3, "sha1": HashAlgorithm.SHA_1}
 

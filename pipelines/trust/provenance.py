@@ -26,13 +26,14 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 from pipelines import __version__
 from pipelines.fileio import file_digests, read_json, write_json
 from pipelines.trust import keys
+from pipelines.trust.signing import TRUST_FILES
 from pipelines.workspace import SitePaths
 
 PROVENANCE_FILE = "provenance.dsse.json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 SLSA_PROVENANCE_V1 = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "https://sovereign-ai-factory.dev/stage/{stage}/v1"
-_NOT_SUBJECTS = {PROVENANCE_FILE, "bom.cdx.json"}
+_NOT_SUBJECTS = set(TRUST_FILES)
 
 
 class ProvenanceError(RuntimeError):

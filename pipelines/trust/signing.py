@@ -1,8 +1,8 @@
 """Model signatures with OpenSSF model-signing (key-based, the site's ECDSA P-256 key).
 
-The signature (`model.sig`, a Sigstore bundle) covers every file of the model directory except the
-trust artefacts written after it (`model.sig`, `provenance.dsse.json`, `bom.cdx.json`); any changed,
-added or removed model file makes verification fail.
+The signature (`model.sig`, a Sigstore bundle) covers every file of the model directory but itself,
+the provenance attestation and the ML-BOM included (they are written first); any changed, added or
+removed file makes verification fail.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class SignatureError(RuntimeError):
 
 
 def _hashing(model_dir: Path) -> hashing.Config:
-    return hashing.Config().set_ignored_paths(paths=[model_dir / name for name in TRUST_FILES])
+    return hashing.Config().set_ignored_paths(paths=[model_dir / SIGNATURE_FILE])
 
 
 def sign_model_dir(paths: SitePaths, model_dir: Path) -> Path:

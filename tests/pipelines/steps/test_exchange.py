@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,50 @@ def test_release_accepts_a_sealed_answer_of_this_run(home, m1):
     with pytest.raises(ApprovalRefused, match="not this run"):
         run_step("release_model", other, model=m1, recipient="destination", purpose="collaboration",
                  kind="m1-replayed", approvals=[answer])
+
+
+def test_junk_in_the_inbox_is_moved_aside_and_intake_goes_on(home, m1):
+    """A junk file (deeply nested JSON where a header belongs) with a future mtime no longer blocks
+    the inbox: it is rejected with a reason, audited, and the valid package behind it is taken."""
+    import os
+    import time
+
+    supplier, origin = _ctx(home, "supplier"), _ctx(home, "origin")
+    sent = run_step("release_model", supplier, model=m1, recipient="origin", purpose="collaboration", kind="m1-junk")
+    junk = origin.paths.inbox / "m1-junk-000000000000.sfp"
+    junk.write_bytes(b"SFP" + b"[" * 200_000)
+    future = time.time() + 3600
+    os.utime(junk, (future, future))
+    record = run_step("receive_model", origin, kind="m1-junk", test_sets={"origin_test": "test"})
+    assert record["package_id"] == sent["package_id"]
+    rejected = origin.paths.inbox / "rejected"
+    assert (rejected / junk.name).is_file() and not junk.exists()
+    assert json.loads((rejected / f"{junk.name}.reason.json").read_text())["reason"]
+    assert [e for e in _actions(origin.paths, "package.quarantined") if e["object"] == junk.name]
+
+
+@pytest.mark.parametrize("name", ["../../inbox/evil", "/tmp/evil", "a/../../b"])
+def test_received_model_with_unsafe_name_is_refused_and_nothing_written(home, m1, tmp_path, name):
+    """A keyed but malicious partner signs a model whose metadata names a path: refused, kept aside."""
+    from pipelines.steps.training import publish_model_dir
+    from pipelines.trust import packages
+
+    supplier, origin = _ctx(home, "supplier"), _ctx(home, "origin")
+    ref = registry.resolve_model(supplier.paths, f"{m1['name']}/{m1['version']}")
+    evil = tmp_path / "evil-model"
+    shutil.copytree(ref.model_dir, evil)
+    meta = json.loads((evil / "metadata.json").read_text())
+    (evil / "metadata.json").write_text(json.dumps({**meta, "name": name}))
+    for stale in ("model.sig", "provenance.dsse.json", "bom.cdx.json"):
+        (evil / stale).unlink()
+    publish_model_dir(supplier, evil)  # signed by the supplier's real key: only the name is hostile
+    package = origin.paths.inbox / "m1-evil-000000000001.sfp"
+    packages.seal(supplier.paths, "origin", evil, package, purpose="collaboration", content_type="model")
+    models_before = sorted(origin.paths.models_dir.rglob("*"))
+    outside = sorted(p for p in home.rglob("evil*"))
+    with pytest.raises(StepError, match="no acceptable m1-evil package"):
+        run_step("receive_model", origin, kind="m1-evil", test_sets={"origin_test": "test"})
+    assert sorted(origin.paths.models_dir.rglob("*")) == models_before
+    assert sorted(p for p in home.rglob("evil*")) == outside
+    reason = json.loads((origin.paths.inbox / "rejected" / f"{package.name}.reason.json").read_text())["reason"]
+    assert "not a plain name" in reason
