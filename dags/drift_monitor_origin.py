@@ -11,29 +11,23 @@ Runs on the schedule `schedules.drift_monitor` of conf/stages.yaml, and on deman
 `window` — number of recent inputs, 0 for conf/odd.yaml's default).
 """
 
-from airflow.sdk import Param, dag, task
-from factory_plugin.flows import DEFAULT_ARGS, drift_asset, site_enabled, tags
-from factory_plugin.steps import step_task
-
-from pipelines.config import read_yaml
+from airflow.sdk import dag
+from factory_plugin.flows import (
+    DEFAULT_ARGS,
+    drift_monitor_flow,
+    drift_monitor_params,
+    drift_monitor_schedule,
+    site_enabled,
+    tags,
+)
 
 SITE = "origin"
-DRIFT = drift_asset(SITE)
 
 
-@task(outlets=[DRIFT])
-def emit_drift_event(result: dict):
-    from pipelines.steps.monitoring import drift_asset_events
-
-    yield from drift_asset_events(result, DRIFT)
-
-
-@dag(dag_id="drift_monitor_origin", doc_md=__doc__, schedule=read_yaml("stages.yaml")["schedules"]["drift_monitor"],
-     catchup=False, tags=[*tags(4, SITE), "drift"], default_args=DEFAULT_ARGS,
-     params={"model": Param("", type="string"), "window": Param(0, type="integer", minimum=0)})
+@dag(dag_id="drift_monitor_origin", doc_md=__doc__, schedule=drift_monitor_schedule(), catchup=False,
+     tags=[*tags(4, SITE), "drift"], default_args=DEFAULT_ARGS, params=drift_monitor_params())
 def drift_monitor_origin():
-    result = step_task("check_drift", site=SITE, model="{{ params.model }}", window="{{ params.window }}")
-    emit_drift_event(result)
+    drift_monitor_flow(site=SITE)
 
 
 if site_enabled(SITE):

@@ -1,14 +1,17 @@
 """Stage 1 — initial training at the supplier.
 
 Validates the supplier's DVC-tracked training data, trains the base CNN **M1**,
-evaluates it on the supplier test data, exports it to ONNX (parity checked with
-ONNX Runtime), registers it in the supplier's MLflow, and releases it to the
-origin as the initial system: through the `model_release` gate, signed, sealed.
+evaluates it on the supplier test data, where it must meet the export release thresholds
+of the policy data, exports it to ONNX (parity checked with ONNX Runtime), registers it
+in the supplier's MLflow, and releases it to the origin as the initial system: through
+the `model_release` gate, signed, sealed.
 """
 
 from airflow.sdk import dag
 from factory_plugin.flows import DEFAULT_ARGS, inbox_asset, site_enabled, tags, training_flow
 from factory_plugin.steps import step_task
+
+from pipelines.policy import release_thresholds
 
 SITE = "supplier"
 
@@ -19,7 +22,7 @@ def stage_1_initial_training():
     validated = step_task("validate_dataset", site=SITE, dataset="train", suite="training")
     registered = training_flow(site=SITE, stage="M1", profile="initial", datasets=["train"],
                                test_sets={"supplier_test": "test"}, parity_set="test",
-                               min_accuracy={"supplier_test": 0.9}, after=[validated])
+                               min_accuracy=release_thresholds("export"), after=[validated])
     step_task("release_model", site=SITE, model=registered, recipient="origin", purpose="collaboration",
               kind="m1", outlets=[inbox_asset("origin", "m1")])
 

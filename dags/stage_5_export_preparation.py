@@ -6,14 +6,15 @@ export-authorized subset to train on, and optionally stricter release thresholds
 own data and the origin's export-authorized data, registers the variant, and
 asks for two approvals: the origin's compliance officer and the supplier's
 export-control officer (neither the requester). The `model_release` export gate
-then checks lineage, licence, thresholds, watermark and signature before M5 is
-sealed for the destination.
+then checks lineage, licence, the policy data's thresholds and the model signature
+before M5 is sealed for the destination.
 """
 
 from airflow.sdk import Param, dag
 from factory_plugin.flows import (
     DEFAULT_ARGS,
     approval_step,
+    dataset_intake,
     export_threshold_schema,
     inbox_asset,
     site_enabled,
@@ -43,8 +44,7 @@ PARAMS = {
      catchup=False, tags=tags(5, SITE), default_args=DEFAULT_ARGS, params=PARAMS,
      render_template_as_native_obj=True)
 def stage_5_export_preparation():
-    intake = step_task("receive_dataset", site=SITE, kind="origin-export", name="origin-export")
-    validated = step_task("validate_dataset", site=SITE, dataset=intake, suite="training")
+    validated = dataset_intake(site=SITE, kind="origin-export", name="origin-export")
     registered = training_flow(site=SITE, stage="M5", profile="export", datasets=["train", "origin-export"],
                                variant="{{ params.variant }}", subset="{{ params.subset }}",
                                subset_datasets=["origin-export"], test_sets={"supplier_test": "test"},
@@ -53,9 +53,9 @@ def stage_5_export_preparation():
             "- Model: `{{ ti.xcom_pull(task_ids='training_flow.register_model') }}`\n"
             "- Subset: `{{ params.subset }}`; stricter thresholds: `{{ params.thresholds }}`\n\n"
             "The `model_release` export gate needs every lineage source export-authorized and releasable to the "
-            "destination, a valid export licence, metrics at or above the thresholds, a verified watermark and "
-            "signature, and both approvals (origin compliance officer, supplier export-control officer), "
-            "neither by the requester.")
+            "destination, a valid export licence, metrics at or above the export thresholds of the policy data, "
+            "a verified model signature, and both approvals (origin compliance officer, supplier export-control "
+            "officer), neither by the requester.")
     origin_ok = approval_step(group="origin", gate_name="model_release", owner_site="origin",
                               required_role="compliance_officer", subject="Approve export of M5 (origin)?", body=body,
                               after=[registered])

@@ -9,6 +9,7 @@ destination's shared data) into **M6**, released to the destination through the
 from airflow.sdk import dag
 from factory_plugin.flows import (
     DEFAULT_ARGS,
+    dataset_intake,
     inbox_asset,
     retraining_schedule,
     site_enabled,
@@ -24,8 +25,7 @@ SITE = "supplier"
      schedule=retraining_schedule("stage_6_destination_collaboration", inbox_asset(SITE, "destination-shared")),
      catchup=False, tags=tags(6, SITE), default_args=DEFAULT_ARGS)
 def stage_6_destination_collaboration():
-    intake = step_task("receive_dataset", site=SITE, kind="destination-shared", name="destination-shared")
-    validated = step_task("validate_dataset", site=SITE, dataset=intake, suite="training")
+    validated = dataset_intake(site=SITE, kind="destination-shared", name="destination-shared")
     registered = training_flow(site=SITE, stage="M6", profile="collaborative", base_model="M5",
                                datasets=["train", "origin-export", "destination-shared"],
                                test_sets={"supplier_test": "test"}, parity_set="test", after=[validated])

@@ -8,7 +8,7 @@ rest of the contribution into **M8**, and delivers M8 to the origin through the
 """
 
 from airflow.sdk import dag
-from factory_plugin.flows import DEFAULT_ARGS, inbox_asset, site_enabled, tags, training_flow
+from factory_plugin.flows import DEFAULT_ARGS, dataset_intake, inbox_asset, site_enabled, tags, training_flow
 from factory_plugin.steps import step_task
 
 SITE = "supplier"
@@ -18,9 +18,7 @@ SITE = "supplier"
      schedule=[inbox_asset(SITE, "destination-contribution")], catchup=False, tags=tags(8, SITE),
      default_args=DEFAULT_ARGS)
 def stage_8_reciprocal_contribution():
-    intake = step_task("receive_dataset", site=SITE, kind="destination-contribution",
-                       name="destination-contribution")
-    validated = step_task("validate_dataset", site=SITE, dataset=intake, suite="training")
+    validated = dataset_intake(site=SITE, kind="destination-contribution", name="destination-contribution")
     split = step_task("split_holdout", site=SITE, dataset=validated)
     step_task("evaluate_registered", task_id="evaluate_m3_on_holdout", site=SITE, model="M3",
               test_sets={"destination_contribution_holdout": "destination-contribution-holdout"}) << split

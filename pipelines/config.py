@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SITES = ("supplier", "origin", "destination")
@@ -71,15 +71,41 @@ class KubernetesConf(_Strict):
     service_account: str
 
 
+class Stage(_Strict):
+    """One collaboration stage of `order:` in conf/stages.yaml."""
+
+    stage: int = Field(ge=1)
+    site: str
+    model: str | None = None
+    dags: tuple[str, ...] = Field(min_length=1)
+
+
 class StagesConf(_Strict):
+    order: tuple[Stage, ...]
     seed: int
     model_family: str
     training: dict[str, TrainingProfile]
     onnx_parity_max_abs: float
-    min_supplier_test_accuracy: float
     schedules: dict[str, str | None]
     resources: dict[str, Resources]
     kubernetes: KubernetesConf
+
+    @field_validator("order")
+    @classmethod
+    def _one_run_order(cls, order: tuple[Stage, ...]) -> tuple[Stage, ...]:
+        numbers = [s.stage for s in order]
+        if numbers != sorted(set(numbers)):
+            raise ValueError(f"stages must be listed once each, in increasing order; got {numbers}")
+        dags = [d for s in order for d in s.dags]
+        if len(dags) != len(set(dags)):
+            raise ValueError("a DAG is listed in more than one stage")
+        return order
+
+    def stage(self, number: int) -> Stage:
+        for entry in self.order:
+            if entry.stage == number:
+                return entry
+        raise KeyError(f"no stage {number} in conf/stages.yaml order (stages: {[s.stage for s in self.order]})")
 
 
 class FactoryConfig(_Strict):

@@ -16,40 +16,29 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from pipelines.config import PROJECT_ROOT
+from pipelines.config import PROJECT_ROOT, load_config
 from pipelines.workspace import SitePaths, WorkspaceError, factory_home
 
 console = Console(stderr=True)
-
-# The DAGs of each stage, in the order they run.
-STAGE_DAGS: dict[int, tuple[str, ...]] = {
-    1: ("stage_1_initial_training", "stage_1_model_intake"),
-    2: ("stage_2_sovereign_data_release", "stage_2_sovereign_data_intake"),
-    3: ("stage_3_collaborative_optimization", "stage_3_model_intake"),
-    4: ("stage_4_local_retraining_origin",),
-    5: ("stage_5_export_data_release", "stage_5_export_preparation", "stage_5_export_model_intake"),
-    6: ("stage_6_destination_data_release", "stage_6_destination_collaboration", "stage_6_model_intake"),
-    7: ("stage_7_local_retraining_destination",),
-    8: ("stage_8_contribution_release", "stage_8_reciprocal_contribution", "stage_8_model_intake"),
-}
-
 
 class RunFailed(RuntimeError):
     pass
 
 
 def parse_stages(text: str) -> list[int]:
-    stages: list[int] = []
+    """Stage numbers from `1`, `1-3`, `1,4`: each one listed in conf/stages.yaml `order`."""
+    known = [s.stage for s in load_config().stages.order]
+    stages: set[int] = set()
     for part in text.split(","):
         lo, _, hi = part.partition("-")
         try:
             start, end = int(lo), int(hi or lo)
         except ValueError:
             raise click.BadParameter(f"{text!r}: use stage numbers like 1, 1-3 or 1,4") from None
-        if not (1 <= start <= end <= 8):
-            raise click.BadParameter(f"{text!r}: stages are 1 to 8")
-        stages.extend(range(start, end + 1))
-    return sorted(set(stages))
+        if start > end or start not in known or end not in known:
+            raise click.BadParameter(f"{text!r}: stages are {known[0]} to {known[-1]}")
+        stages.update(n for n in known if start <= n <= end)
+    return sorted(stages)
 
 
 def prepare_airflow(home: Path) -> None:
@@ -132,7 +121,7 @@ def run_stages(stages: list[int], *, approve: bool, home: Path | None = None) ->
     prepare_airflow(home)
     dags = load_dags()
     for stage in stages:
-        for dag_id in STAGE_DAGS[stage]:
+        for dag_id in load_config().stages.stage(stage).dags:
             if dag_id not in dags:
                 raise RunFailed(f"DAG {dag_id} is not loaded (FACTORY_SITE may exclude its site)")
             console.rule(f"stage {stage}: {dag_id}")

@@ -16,13 +16,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.config import SITES
+from pipelines.config import SITES, load_config
 from pipelines.workspace import SitePaths, WorkspaceError, factory_home
 
 METRIC_KEYS = ("supplier_test", "origin_test", "destination_test", "destination_contribution_holdout")
-# stage number -> (model, site that produced it)
-STAGE_ROWS = ((1, "M1", "supplier"), (3, "M3", "supplier"), (4, "M4", "origin"), (5, "M5", "supplier"),
-                (6, "M6", "supplier"), (7, "M7", "destination"), (8, "M8", "supplier"))
 
 
 def _metrics_at(paths: SitePaths, model: str) -> dict[str, float]:
@@ -42,12 +39,14 @@ def build_report(home: Path | None = None) -> dict[str, Any]:
     home = home or factory_home()
     SitePaths.of("supplier", home).require()
     stages = []
-    for number, model, site in STAGE_ROWS:
+    for stage in load_config().stages.order:  # a stage's model and the site that produced it
+        if stage.model is None:
+            continue
         metrics: dict[str, float] = {}
         for holder in SITES:
-            metrics.update(_metrics_at(SitePaths.of(holder, home), model))
+            metrics.update(_metrics_at(SitePaths.of(holder, home), stage.model))
         if metrics:
-            stages.append({"stage": number, "model": model, "site": site, "metrics": metrics})
+            stages.append({"stage": stage.stage, "model": stage.model, "site": stage.site, "metrics": metrics})
     return {"stages": stages}
 
 

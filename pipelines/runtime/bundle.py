@@ -5,7 +5,7 @@
 DIR receives `wheels/` (a wheel of every pin of requirements.lock, sdists built into wheels,
 plus the project wheel), `requirements.txt` (the pins bundled), `SHA256SUMS`, `project/` (the
 `conf/`, `policies/`, `dags/` and `plugins/` folders the package reads at run time) and
-`chart/sovereign-factory` (the site's Helm chart with its policies staged), and
+`chart/sovereign-factory` (the site's Helm chart, its policies copied in), and
 `install.sh`, which checks the sums and installs with `pip --no-index`, ignoring any pip
 configuration of the target machine. The bundle is built for the interpreter and platform
 that runs this command: run it on (or in an image of) the site's OS, architecture and Python.
@@ -34,7 +34,6 @@ PROJECT_NAME = "sovereign-ai-factory"
 TORCH_INDEX_URL = "https://download.pytorch.org/whl/cpu"
 # Folders of the repository the package reads at run time (FACTORY_CONF, policies) or Airflow loads.
 PROJECT_FILES = ("conf", "policies", "dags", "plugins")
-CHART_DIR = PROJECT_ROOT / "charts" / "sovereign-factory"
 
 INSTALL_SH = """#!/bin/sh
 # Install the Sovereign AI Factory {version} from this bundle, with no network access.
@@ -184,9 +183,9 @@ def build_bundle(
                 )
         chart = project_root / "charts" / "sovereign-factory"
         if chart.is_dir():
-            target = staging / "chart" / "sovereign-factory"
-            shutil.copytree(chart, target, ignore=shutil.ignore_patterns("files"))
-            stage_chart_policies(target, project_root / "policies")
+            # files/policies links to policies/: the copy holds the files themselves, without their tests
+            shutil.copytree(chart, staging / "chart" / "sovereign-factory",
+                            ignore=shutil.ignore_patterns("*_test.rego", "__pycache__"))
         install = staging / "install.sh"
         install.write_text(INSTALL_SH.format(project=PROJECT_NAME, version=__version__))
         install.chmod(0o755)
@@ -203,41 +202,6 @@ def build_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
-
-
-def stage_chart_policies(chart_dir: Path = CHART_DIR, policies_dir: Path | None = None) -> list[Path]:
-    """Copy the deployable policy files (Rego except *_test.rego, JSON data) into `chart/files/policies`.
-
-    A chart cannot read files outside its folder, and a second copy of the Rego in git would drift,
-    so the copy is made at render/package time (`make chart-policies`, the chart tests, `factory
-    bundle`) into a gitignored folder. The old copy is replaced whole.
-    """
-    policies_dir = Path(policies_dir or PROJECT_ROOT / "policies")
-    if not policies_dir.is_dir():
-        raise BundleError(f"no policies folder at {policies_dir}")
-    files = sorted(
-        path
-        for path in policies_dir.rglob("*")
-        if path.is_file()
-        and (path.suffix == ".json" or (path.suffix == ".rego" and not path.name.endswith("_test.rego")))
-    )
-    target = Path(chart_dir) / "files" / "policies"
-    staging = Path(
-        tempfile.mkdtemp(prefix=".policies.", dir=target.parent if target.parent.is_dir() else None)
-    )
-    try:
-        for path in files:
-            dest = staging / path.relative_to(policies_dir)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, dest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return [target / path.relative_to(policies_dir) for path in files]
 
 
 def _build_project_wheel(project_root: Path, wheels: Path) -> None:

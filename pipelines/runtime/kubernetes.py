@@ -178,6 +178,9 @@ def pod_operator_for_step(
         "do_xcom_push": True,
         "get_logs": True,
         "on_finish_action": "delete_pod",
+        # container arguments are text: a DAG that renders its templates as native objects must not
+        # turn the `--params-json` argument into a dict
+        "render_template_as_native_obj": False,
     }
     kwargs.update(operator_kwargs)
     return KubernetesPodOperator(

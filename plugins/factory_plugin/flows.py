@@ -6,9 +6,10 @@ import os
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import Asset, task_group
+from airflow.sdk import Asset, Param, task, task_group
 
 from factory_plugin.steps import step_task
+from pipelines.config import load_config
 
 DEFAULT_ARGS = {"owner": "factory", "retries": 1, "retry_delay": timedelta(seconds=10)}
 
@@ -33,22 +34,18 @@ def model_asset(site: str, stage: str) -> Asset:
     return Asset(f"factory://{site}/models/{stage.lower()}", group="models")
 
 
-def dataset_asset(site: str, name: str) -> Asset:
-    """A received dataset was registered and validated at the site."""
-    return Asset(f"factory://{site}/datasets/{name}", group="datasets")
-
-
 def drift_asset(site: str) -> Asset:
     """Drift was detected at the site; the event's extra holds the evidence."""
     return Asset(f"factory://{site}/drift", group="drift")
 
 
 def retraining_schedule(dag_id: str, asset: Asset):
-    """The asset trigger, or the asset or the platform team's cron when conf/stages.yaml sets one."""
+    """The asset trigger, or the asset or the platform team's cron when conf/stages.yaml sets one.
+
+    A cron run with no new package in the inbox trains on the dataset received last (see `dataset_intake`).
+    """
     from airflow.sdk import AssetOrTimeSchedule
     from airflow.timetables.trigger import CronTriggerTimetable
-
-    from pipelines.config import load_config
 
     cron = load_config().stages.schedules.get(dag_id)
     if not cron:
@@ -116,11 +113,15 @@ def data_release_flow(*, site: str, dataset: str, recipient: str, purpose: str, 
                      kind=kind, approvals=approved, validation=validated, outlets=[inbox_asset(recipient, kind)])
 
 
-def data_intake_flow(*, site: str, kind: str, name: str):
-    """open the package → register the dataset → validate it for training."""
+def dataset_intake(*, site: str, kind: str, name: str):
+    """open the newest package of `kind` → register it as dataset `name` → validate it for training.
+
+    The first tasks of a stage that trains on a partner's data. With no new package in the inbox
+    (a cron-triggered run) the dataset received last is used again; with none ever received the
+    run fails, naming the inbox.
+    """
     received = step_task("receive_dataset", site=site, kind=kind, name=name)
-    return step_task("validate_dataset", site=site, dataset=received, suite="training",
-                     outlets=[dataset_asset(site, name)])
+    return step_task("validate_dataset", site=site, dataset=received, suite="training")
 
 
 def model_intake_flow(*, site: str, kind: str, stage: str, test_sets: dict[str, str]):
@@ -135,3 +136,28 @@ def export_threshold_schema() -> dict:
 
     return {metric: {"type": "number", "minimum": floor, "maximum": 1.0}
             for metric, floor in release_thresholds("export").items() if isinstance(floor, (int, float))}
+
+
+def drift_monitor_schedule():
+    """`schedules.drift_monitor` of conf/stages.yaml."""
+    return load_config().stages.schedules["drift_monitor"]
+
+
+def drift_monitor_params() -> dict[str, Param]:
+    """`model` (M1..M8, NAME@ALIAS or NAME/VERSION; empty: the site's default) and `window` (0: the default)."""
+    return {"model": Param("", type="string"), "window": Param(0, type="integer", minimum=0)}
+
+
+def drift_monitor_flow(*, site: str):
+    """check_drift at `site` → an event on the site's drift asset when drift is found (the event's
+    extra holds the evidence); the event schedules the site's local-only retraining."""
+    drift = drift_asset(site)
+
+    @task(outlets=[drift])
+    def emit_drift_event(result: dict):
+        from pipelines.steps.monitoring import drift_asset_events
+
+        yield from drift_asset_events(result, drift)
+
+    result = step_task("check_drift", site=site, model="{{ params.model }}", window="{{ params.window }}")
+    return emit_drift_event(result)

@@ -1,18 +1,20 @@
 """How a DAG task runs a step: in-process (FACTORY_RUNTIME=local, the default) or as a
 KubernetesPodOperator pod running `factory step NAME --site SITE --params-json ...`.
 
-Step parameters may hold upstream task outputs (XComArgs); in-process Airflow
-resolves them, for pods they become Jinja `xcom_pull` expressions in the arguments.
+Step parameters may hold upstream task outputs (XComArgs) and Jinja expressions; in-process
+Airflow resolves both, for pods `pod_params_json` turns them into Jinja in the arguments that
+renders as JSON.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from airflow.sdk import task
-from airflow.sdk.definitions.xcom_arg import XComArg
+from airflow.sdk.definitions.xcom_arg import PlainXComArg, XComArg
 
 
 def runtime() -> str:
@@ -42,28 +44,40 @@ def run_local_step(step_name: str, site: str, step_params: dict[str, Any], **con
         raise AirflowFailException(f"{step_name} at {site}: {error}") from error
 
 
-def _templated(value: Any, upstream: list[XComArg]) -> Any:
-    if isinstance(value, XComArg):
+# A parameter that is one Jinja expression, e.g. "{{ params.subset }}".
+_EXPRESSION = re.compile(r"\{\{((?:(?!\{\{|\}\}).)*)\}\}", re.DOTALL)
+_JINJA_MARKS = ("{{", "{%", "{#")
+
+
+def _json_template(value: Any, upstream: list[XComArg]) -> str:
+    if isinstance(value, PlainXComArg):
         upstream.append(value)
-        task_id = value.operator.task_id
-        key = getattr(value, "key", "return_value")
-        return {"__xcom__": task_id, "key": key}
+        return f"{{{{ ti.xcom_pull(task_ids={value.operator.task_id!r}, key={value.key!r}) | tojson }}}}"
+    if isinstance(value, XComArg):
+        raise TypeError(f"a step pod takes plain task outputs as parameters, not {type(value).__name__}")
+    if isinstance(value, str) and any(mark in value for mark in _JINJA_MARKS):
+        whole = _EXPRESSION.fullmatch(value.strip())
+        if not whole:
+            raise ValueError(f"a templated step parameter must be one Jinja expression such as "
+                             f"'{{{{ params.name }}}}', not {value!r}")
+        return f"{{{{ ({whole.group(1).strip()}) | tojson }}}}"
     if isinstance(value, dict):
-        return {k: _templated(v, upstream) for k, v in value.items()}
+        items = (f"{json.dumps(str(k))}: {_json_template(v, upstream)}" for k, v in sorted(value.items()))
+        return "{" + ", ".join(items) + "}"
     if isinstance(value, (list, tuple)):
-        return [_templated(v, upstream) for v in value]
-    return value
+        return "[" + ", ".join(_json_template(v, upstream) for v in value) + "]"
+    return json.dumps(value)
 
 
 def pod_params_json(params: dict[str, Any]) -> tuple[str, list[XComArg]]:
-    """Params as a JSON template whose XCom references are pulled when the pod is rendered."""
+    """Params as the text of a JSON object, with Jinja where values are known only at run time.
+
+    Task outputs (XComArgs, with their key) become XCom pulls and a parameter that is one Jinja
+    expression (`"{{ params.subset }}"`) becomes that expression's value: both rendered as JSON
+    (`tojson`), so an object stays an object in the pod. Returns the text and the upstream outputs.
+    """
     upstream: list[XComArg] = []
-    text = json.dumps(_templated(params, upstream), sort_keys=True)
-    for ref in upstream:
-        task_id = ref.operator.task_id
-        marker = json.dumps({"__xcom__": task_id, "key": getattr(ref, "key", "return_value")}, sort_keys=True)
-        text = text.replace(marker, "{{ ti.xcom_pull(task_ids='" + task_id + "') | tojson }}")
-    return text, upstream
+    return _json_template(params, upstream), upstream
 
 
 def step_task(step_name: str, *, site: str, task_id: str | None = None, resources: str = "default",

@@ -1,9 +1,11 @@
-"""The site chart: rendered offline with Helm's Go SDK, every object validated against Kubernetes schemas."""
+"""The site chart: rendered offline with Helm's Go SDK, every object validated against Kubernetes schemas,
+straight from a checkout (its OPA policies are the repository's, through the files/policies link)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import helm_python as helm
@@ -12,7 +14,6 @@ import pytest
 import yaml
 
 from pipelines.config import PROJECT_ROOT, SITES, load_config
-from pipelines.runtime.bundle import stage_chart_policies
 from pipelines.runtime.kubernetes import SiteObjects, pod_operator_for_step, render_pod
 
 CHART = PROJECT_ROOT / "charts" / "sovereign-factory"
@@ -24,18 +25,34 @@ REGO_TEST = (
 OFF = {"airflow": {"enabled": False}}
 
 
+def _checkout(root: Path, paths: tuple[str, ...] = ("charts", "policies")) -> Path:
+    """`paths` of the repository as a clone has them: the files git tracks (and the new ones it does
+    not ignore) as they are in the working tree, links kept as links, nothing git ignores."""
+    listed = subprocess.run(
+        ["git", "-C", str(PROJECT_ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *paths],
+        check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source, target = PROJECT_ROOT / name, root / name
+        if not source.is_symlink() and not source.exists():  # deleted, not yet committed
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(source.readlink())
+        else:
+            shutil.copy2(source, target)
+    return root
+
+
 @pytest.fixture(scope="module")
 def chart_dir(tmp_path_factory) -> Path:
-    """A copy of the chart with the repository's policies staged, as `make chart-policies` does."""
-    target = tmp_path_factory.mktemp("chart") / "sovereign-factory"
-    shutil.copytree(CHART, target, ignore=shutil.ignore_patterns("policies"))
-    policies = tmp_path_factory.mktemp("policies")
-    shutil.copytree(PROJECT_ROOT / "policies", policies, dirs_exist_ok=True)
-    (policies / "probe").mkdir(exist_ok=True)
-    (policies / "probe" / "probe.rego").write_text(REGO)
-    (policies / "probe" / "probe_test.rego").write_text(REGO_TEST)
-    stage_chart_policies(target, policies)
-    return target
+    """The chart of a checkout whose policies/ also holds a probe policy and its test."""
+    root = _checkout(tmp_path_factory.mktemp("checkout"))
+    (root / "policies" / "probe").mkdir()
+    (root / "policies" / "probe" / "probe.rego").write_text(REGO)
+    (root / "policies" / "probe" / "probe_test.rego").write_text(REGO_TEST)
+    (root / "policies" / "probe" / "NOTES.md").write_text("not a policy")
+    return root / "charts" / "sovereign-factory"
 
 
 @pytest.fixture(scope="module")
@@ -259,11 +276,11 @@ def test_s3_remote_without_url_fails_to_render(chart):
         render(chart, {"site": "origin", "dvc": {"remote": {"type": "s3"}}})
 
 
-def test_opa_serves_the_staged_policies_without_their_tests(chart):
+def test_opa_serves_the_repository_policies_without_their_tests(chart):
     objects = render(chart, {"site": "supplier"})
     config = by_kind(objects, "ConfigMap")["factory-supplier-opa-policies"]["data"]
     assert config["probe__probe.rego"] == REGO
-    assert not any(key.endswith("_test.rego") for key in config)
+    assert not any(key.endswith(("_test.rego", ".md")) for key in config)
     repo_files = {
         p.relative_to(PROJECT_ROOT / "policies").as_posix()
         for p in (PROJECT_ROOT / "policies").rglob("*")
@@ -278,27 +295,29 @@ def test_opa_serves_the_staged_policies_without_their_tests(chart):
     assert "/policies" in container["args"]
 
 
-def test_policies_from_values_replace_the_staged_ones(chart):
+def test_policies_from_values_replace_the_repository_ones(chart):
     objects = render(chart, {"site": "origin", "opa": {"policies": {"only.rego": REGO}}})
     assert by_kind(objects, "ConfigMap")["factory-origin-opa-policies"]["data"] == {"only.rego": REGO}
 
 
-def test_chart_without_staged_policies_says_how_to_stage_them(tmp_path):
-    bare = tmp_path / "sovereign-factory"
-    shutil.copytree(CHART, bare, ignore=shutil.ignore_patterns("policies"))
-    with helm.Chart.load(bare) as unstaged, pytest.raises(helm.HelmRenderError, match="make chart-policies"):
-        unstaged.render({**OFF, "site": "origin"}, name="x", namespace="factory")
+def test_chart_renders_from_a_clean_checkout(tmp_path):
+    """What `git clone` gives (no generated or ignored file): the OPA ConfigMap holds the repository's policies."""
+    chart_dir = _checkout(tmp_path) / "charts" / "sovereign-factory"
+    assert (chart_dir / "files" / "policies").is_symlink()
+    with helm.Chart.load(chart_dir) as fresh:
+        objects = render(fresh, {"site": "origin"}, name="origin")
+    config = by_kind(objects, "ConfigMap")["factory-origin-opa-policies"]["data"]
+    for gate in ("approval", "data_access", "data_release", "model_release"):
+        path = PROJECT_ROOT / "policies" / gate / f"{gate}.rego"
+        assert config[f"{gate}__{gate}.rego"] == path.read_text()
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
-def test_stage_chart_policies_replaces_the_old_copy(tmp_path):
-    chart_copy = tmp_path / "chart"
-    policies = tmp_path / "policies"
-    (policies / "gate").mkdir(parents=True)
-    (policies / "gate" / "gate.rego").write_text(REGO)
-    (policies / "gate" / "gate_test.rego").write_text(REGO_TEST)
-    stale = chart_copy / "files" / "policies" / "old.rego"
-    stale.parent.mkdir(parents=True)
-    stale.write_text("stale")
-    staged = stage_chart_policies(chart_copy, policies)
-    assert [p.relative_to(chart_copy).as_posix() for p in staged] == ["files/policies/gate/gate.rego"]
-    assert not stale.exists()
+def test_chart_without_policies_fails_naming_the_link(tmp_path):
+    chart_dir = _checkout(tmp_path, ("charts",)) / "charts" / "sovereign-factory"
+    with pytest.raises(helm.HelmChartLoadError, match="files/policies"):  # the link points nowhere
+        helm.Chart.load(chart_dir)
+    (tmp_path / "policies").mkdir()  # a folder with no Rego or JSON file in it
+    with helm.Chart.load(chart_dir) as bare, pytest.raises(helm.HelmRenderError, match="files/policies"):
+        bare.render({**OFF, "site": "origin"}, name="x", namespace="factory")

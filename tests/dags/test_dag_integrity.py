@@ -1,9 +1,9 @@
-"""Every DAG file imports cleanly, parsing queries no database and opens no connection, and every
-DAG follows the style guide (dag_id = file name, tags, retries, doc, no catchup)."""
+"""Every DAG file parses into its one DAG without running a database query, opening a connection or
+evaluating a policy, every DAG follows the style guide (dag_id = file name, tags, retries, doc, no
+catchup), and the stage order of conf/stages.yaml is one the DAGs' asset triggers can run in."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import socket
 from pathlib import Path
@@ -17,19 +17,23 @@ DAG_FILES = sorted(DAGS.glob("*.py"))
 SITES = {"supplier", "origin", "destination"}
 
 
-def _import(path: Path):
-    spec = importlib.util.spec_from_file_location(f"dagfile_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _bag(folder: Path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(folder))
 
 
 @pytest.fixture
 def no_io(monkeypatch):
-    queries: list[str] = []
+    """Records database queries and policy evaluations; refuses network connections."""
+    import regorus
+
+    from pipelines.policy import engines
+
+    seen: dict[str, list] = {"queries": [], "policy": []}
 
     def count(conn, cursor, statement, *args):
-        queries.append(statement)
+        seen["queries"].append(statement)
 
     sqlalchemy.event.listen(Engine, "before_cursor_execute", count)
 
@@ -40,24 +44,40 @@ def no_io(monkeypatch):
     from airflow.sdk import BaseHook
 
     monkeypatch.setattr(BaseHook, "get_connection", classmethod(lambda cls, *a, **k: refuse(*a)))
-    yield queries
+
+    def recorder(name):
+        def record(*args, **kwargs):
+            seen["policy"].append(name)
+            return {"allow": False, "reasons": [f"{name} called while parsing DAGs"]}
+
+        return record
+
+    # every decision goes through an engine's `decide`; a new regorus Engine means Rego being loaded
+    monkeypatch.setattr(engines.RegorusEngine, "decide", recorder("RegorusEngine.decide"))
+    monkeypatch.setattr(engines.OpaServerEngine, "decide", recorder("OpaServerEngine.decide"))
+    monkeypatch.setattr(regorus, "Engine", recorder("regorus.Engine"))
+    yield seen
     sqlalchemy.event.remove(Engine, "before_cursor_execute", count)
 
 
 @pytest.mark.parametrize("path", DAG_FILES, ids=[p.stem for p in DAG_FILES])
-def test_dag_file_imports_without_io(path: Path, no_io):
-    from airflow.sdk import DAG
+def test_dag_file_parses_into_its_dag_without_io_or_policy(path: Path, no_io):
+    bag = _bag(path)
+    assert not bag.import_errors, bag.import_errors
+    assert list(bag.dags) == [path.stem], f"{path.name} defines {sorted(bag.dags)}"
+    assert not no_io["queries"], f"parsing {path.name} ran database queries: {no_io['queries'][:3]}"
+    assert not no_io["policy"], f"parsing {path.name} evaluated policies: {no_io['policy']}"
 
-    module = _import(path)
-    dags = [v for v in vars(module).values() if isinstance(v, DAG)]
-    assert not no_io, f"parsing {path.name} ran database queries: {no_io[:3]}"
-    assert dags == [] or len(dags) == 1
+
+def test_the_policy_recorder_sees_an_evaluation(no_io):
+    from pipelines.policy import evaluate
+
+    assert not evaluate("approval", {}).allow
+    assert no_io["policy"] == ["RegorusEngine.decide"]
 
 
 def test_dagbag_has_every_file_and_follows_the_style_guide():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(DAGS))
+    bag = _bag(DAGS)
     assert not bag.import_errors
     assert sorted(bag.dags) == sorted(p.stem for p in DAG_FILES)
     for dag_id, dag in bag.dags.items():
@@ -65,15 +85,40 @@ def test_dagbag_has_every_file_and_follows_the_style_guide():
         assert dag.catchup is False
         stage_tags = [t for t in dag.tags if re.fullmatch(r"stage:[1-8]", t)]
         site_tags = [t for t in dag.tags if t.startswith("site:") and t[5:] in SITES]
-        assert stage_tags and len(site_tags) == 1, f"{dag_id} tags {dag.tags}"
+        assert len(stage_tags) == 1 and len(site_tags) == 1, f"{dag_id} tags {dag.tags}"
         assert dag.default_args.get("retries", 0) >= 1, f"{dag_id} has no retries"
 
 
-def test_factory_site_restricts_loaded_dags(monkeypatch):
-    from airflow.dag_processing.dagbag import DagBag
+def _asset_uris(condition) -> set[str]:
+    if condition is None:
+        return set()
+    if hasattr(condition, "objects"):  # AssetAny / AssetAll
+        return set().union(*(_asset_uris(c) for c in condition.objects))
+    return {condition.uri}
 
+
+def test_stage_order_of_conf_lists_every_stage_dag_in_an_order_their_triggers_allow():
+    from pipelines.config import load_config
+
+    dags = _bag(DAGS).dags
+    order = load_config().stages.order
+    listed = [dag_id for stage in order for dag_id in stage.dags]
+    assert sorted(listed) == sorted(d for d, dag in dags.items() if "drift" not in dag.tags)
+    produced: set[str] = set()
+    for stage in order:
+        for dag_id in stage.dags:
+            dag = dags[dag_id]
+            assert f"stage:{stage.stage}" in dag.tags, f"{dag_id} is listed under stage {stage.stage}"
+            triggers = _asset_uris(getattr(dag.timetable, "asset_condition", None))
+            assert not triggers or triggers & produced, (
+                f"{dag_id} waits for {sorted(triggers)}, which no DAG listed before it produces"
+            )
+            produced |= {asset.uri for task in dag.tasks for asset in task.outlets}
+
+
+def test_factory_site_restricts_loaded_dags(monkeypatch):
     monkeypatch.setenv("FACTORY_SITE", "origin")
-    bag = DagBag(dag_folder=str(DAGS))
+    bag = _bag(DAGS)
     assert bag.dags, "no DAG loaded for origin"
     assert all("site:origin" in dag.tags for dag in bag.dags.values())
     assert "stage_1_initial_training" not in bag.dags

@@ -70,16 +70,17 @@ seccompProfile:
 {{- end -}}
 
 {{/*
-Policy files for the OPA ConfigMap as a dict path -> content: values opa.policies when given,
-else files/policies/** staged from the repository's policies/ (make chart-policies).
-Test files (*_test.rego) are never deployed.
+Policy files for the OPA ConfigMap as a dict path -> content: values opa.policies when given, else
+the Rego and JSON files of files/policies/, a link to the repository's policies/ (so a checkout
+renders as it is, and `helm package` stores the files themselves). Test files (*_test.rego) are
+never deployed.
 */}}
 {{- define "sovereign-factory.policyFiles" -}}
 {{- $files := dict -}}
 {{- if .Values.opa.policies -}}
 {{- $files = .Values.opa.policies -}}
 {{- else -}}
-{{- range $path, $content := .Files.Glob "files/policies/**" -}}
+{{- range $path, $content := .Files.Glob "files/policies/**.{rego,json}" -}}
 {{- $files = set $files (trimPrefix "files/policies/" $path) (toString $content) -}}
 {{- end -}}
 {{- end -}}
@@ -90,7 +91,7 @@ Test files (*_test.rego) are never deployed.
 {{- end -}}
 {{- end -}}
 {{- if not $kept -}}
-{{- fail "opa: no policies to deploy; run `make chart-policies` (copies policies/ into charts/sovereign-factory/files/policies) or set opa.policies" -}}
+{{- fail "opa: no policies to deploy: files/policies (a link to the repository's policies/) holds no Rego or JSON file and opa.policies is empty" -}}
 {{- end -}}
 {{- toJson $kept -}}
 {{- end -}}

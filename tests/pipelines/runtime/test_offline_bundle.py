@@ -44,7 +44,10 @@ def test_bundle_holds_the_pinned_wheels_the_project_and_its_files(bundle):
     ]
     assert (bundle / "project" / "conf" / "stages.yaml").is_file()
     assert (bundle / "chart" / "sovereign-factory" / "Chart.yaml").is_file()
-    assert (bundle / "chart" / "sovereign-factory" / "files" / "policies").is_dir()
+    policies = bundle / "chart" / "sovereign-factory" / "files" / "policies"
+    assert policies.is_dir() and not policies.is_symlink()  # the files themselves, not the repository's link
+    assert (policies / "approval" / "approval.rego").is_file()
+    assert not list(policies.rglob("*_test.rego"))
     assert os.access(bundle / "install.sh", os.X_OK)
     listed = {line.split("  ", 1)[1] for line in (bundle / "SHA256SUMS").read_text().splitlines()}
     assert {f"wheels/{w}" for w in wheels} | {"install.sh", "requirements.txt"} <= listed

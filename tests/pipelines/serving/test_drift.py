@@ -29,6 +29,11 @@ def _dag_module(site):
     return module
 
 
+def _emit_drift_event(site):
+    """The function of the drift monitor DAG's task that emits the drift asset event."""
+    return getattr(_dag_module(site), f"drift_monitor_{site}")().get_task("emit_drift_event").python_callable
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_no_drift_on_in_distribution_traffic(client, origin, store, seed):
     from pipelines.serving.drift import check_drift
@@ -65,8 +70,7 @@ def test_drift_detected_on_shifted_traffic_and_retraining_event_emitted(client, 
     assert json.loads((paths.state_dir / "drift" / "latest.json").read_text())["drift"] is True
 
     # the DAG's emit task yields the asset event with the evidence as its extra
-    dag_module = _dag_module("origin")
-    events = list(dag_module.emit_drift_event.function(result))
+    events = list(_emit_drift_event("origin")(result))
     assert len(events) == 1 and isinstance(events[0], Metadata)
     assert events[0].asset.uri == "factory://origin/drift"
     extra = events[0].extra
@@ -85,7 +89,7 @@ def test_no_asset_event_without_drift(origin, store):
     result = check_drift_step(StepContext(site="origin", paths=paths), model=ref.uri, window="0")
     assert result["status"] == "insufficient_data" and result["drift"] is False
     with pytest.raises(AirflowSkipException, match="no drift at origin"):
-        list(_dag_module("origin").emit_drift_event.function(result))
+        list(_emit_drift_event("origin")(result))
 
 
 @pytest.mark.parametrize("site, stage", [("origin", 4), ("destination", 7)])
