@@ -1,9 +1,11 @@
 """Cost of the inference service and its ODD policy, and of the drift check.
 
-Serves a freshly trained, signed model over real HTTP (uvicorn on 127.0.0.1, one process) with ODD
-checks and input storage, and compares its latency and throughput with a bare ONNX Runtime session
-on the same batches in the same process (batch sizes 1, 32, 256). Then times the drift check
-(store read + KS + MMD) on windows of 10k and 100k samples.
+Serves a freshly trained, signed model over real HTTP (uvicorn on 127.0.0.1, in this process) with
+client authentication (a bearer token), the body limit, ODD checks and input storage, and compares
+its latency and throughput on the same batches (batch sizes 1, 32, 256) with the peer a team would
+otherwise write — a minimal FastAPI + ONNX Runtime endpoint over uvicorn (pydantic body, argmax), the
+two called in turn request by request — and with a bare ONNX Runtime session. Then times the drift
+check (store read + KS + MMD) on windows of 10k and 100k samples.
 
     .venv/bin/python benchmarks/serving.py [--requests 200]
 """
@@ -21,9 +23,32 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+class PeerRequest(BaseModel):
+    inputs: list[list[float]]
+
+
+def peer_app(onnx_path: Path):
+    """The minimal FastAPI + ONNX Runtime endpoint: no auth, no ODD, no store."""
+    import onnxruntime as ort
+    from fastapi import FastAPI
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    app = FastAPI()
+
+    @app.post("/predict")
+    def predict(body: PeerRequest) -> dict:
+        logits = session.run(["logits"], {"input": np.asarray(body.inputs, dtype=np.float32)})[0]
+        return {"predictions": logits.argmax(axis=1).tolist()}
+
+    return app
 
 
 def _site(home: Path):
@@ -66,22 +91,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_service(paths, ref, requests: int) -> list[dict]:
-    import httpx
-    import onnxruntime as ort
-    import pandas as pd
+def _start(app):
     import uvicorn
 
-    from pipelines.data.schema import FEATURE_COLUMNS
-    from pipelines.serving.app import create_app
-
-    app = create_app(paths, ref)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def bench_service(paths, ref, requests: int) -> list[dict]:
+    import httpx
+    import onnxruntime as ort
+    import pandas as pd
+
+    from pipelines.data.schema import FEATURE_COLUMNS
+    from pipelines.serving.app import create_app
+    from pipelines.serving.clients import add_client
+
+    token = add_client(paths, "benchmark")
+    servers = [_start(create_app(paths, ref)), _start(peer_app(ref.model_dir / "model.onnx"))]
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(ref.model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
@@ -89,31 +121,39 @@ def bench_service(paths, ref, requests: int) -> list[dict]:
     rng = np.random.default_rng(0)
     out = []
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        with httpx.Client(base_url=servers[0][2], timeout=30, headers={"Authorization": f"Bearer {token}"}) as svc, \
+                httpx.Client(base_url=servers[1][2], timeout=30) as peer:
             for batch in (1, 32, 256):
                 n = max(20, requests // (1 + batch // 32))
                 batches = [rows[rng.choice(len(rows), batch)] for _ in range(n)]
                 payloads = [{"inputs": b.tolist(), "context": {"sensor_id": "ORG-SN-0001"}} for b in batches]
-                for p in payloads[:5]:  # warm-up
-                    client.post("/predict", json=p)
-                    session.run(["logits"], {"input": batches[0]})
-                service, bare = [], []
-                for p in payloads:
+                for p, b in zip(payloads[:5], batches[:5], strict=True):  # warm-up
+                    svc.post("/predict", json=p)
+                    peer.post("/predict", json={"inputs": p["inputs"]})
+                    session.run(["logits"], {"input": b})
+                service, minimal, bare = [], [], []
+                for p in payloads:  # the two endpoints in turn, so load changes hit both alike
                     t = time.perf_counter()
-                    response = client.post("/predict", json=p)
+                    response = svc.post("/predict", json=p)
                     service.append(time.perf_counter() - t)
                     assert response.status_code == 200 and response.json()["odd"]["allow"], response.text
+                    t = time.perf_counter()
+                    response = peer.post("/predict", json={"inputs": p["inputs"]})
+                    minimal.append(time.perf_counter() - t)
+                    assert response.status_code == 200, response.text
                 for b in batches:
                     t = time.perf_counter()
                     session.run(["logits"], {"input": b})
                     bare.append(time.perf_counter() - t)
-                s, o = _stats(service, batch), _stats(bare, batch)
-                out.append({"batch": batch, "requests": n, "service": s, "bare_onnx": o,
-                            "p50_ratio": s["p50_ms"] / o["p50_ms"],
-                            "throughput_ratio": o["samples_per_s"] / s["samples_per_s"]})
+                s, m, o = _stats(service, batch), _stats(minimal, batch), _stats(bare, batch)
+                out.append({"batch": batch, "requests": n, "service": s, "peer": m, "bare_onnx": o,
+                            "p50_ratio_peer": s["p50_ms"] / m["p50_ms"],
+                            "throughput_ratio_peer": m["samples_per_s"] / s["samples_per_s"],
+                            "p50_ratio_bare": s["p50_ms"] / o["p50_ms"]})
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        for server, thread, _ in servers:
+            server.should_exit = True
+            thread.join(timeout=10)
     return out
 
 
@@ -152,14 +192,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="factory-bench-") as home:
         os.environ["FACTORY_HOME"] = home
         paths, ref = _site(Path(home))
-        print("service (uvicorn over HTTP, ODD + store) vs bare ONNX Runtime, same batches")
-        print(f"{'batch':>5} {'svc p50':>9} {'svc p99':>9} {'ort p50':>9} {'ort p99':>9} "
-              f"{'svc samp/s':>11} {'ort samp/s':>11} {'p50 x':>7} {'tput x':>7}")
+        print("service (uvicorn over HTTP: token, body limit, ODD, store) vs minimal FastAPI + ONNX Runtime peer "
+              "(uvicorn over HTTP) vs bare ONNX Runtime, same batches")
+        print(f"{'batch':>5} {'svc p50':>9} {'svc p99':>9} {'peer p50':>9} {'peer p99':>9} {'ort p50':>9} "
+              f"{'svc samp/s':>11} {'peer samp/s':>11} {'p50 x peer':>10} {'tput x peer':>11} {'p50 x ort':>9}")
         for r in bench_service(paths, ref, args.requests):
-            s, o = r["service"], r["bare_onnx"]
-            print(f"{r['batch']:>5} {s['p50_ms']:>8.3f}m {s['p99_ms']:>8.3f}m {o['p50_ms']:>8.3f}m {o['p99_ms']:>8.3f}m "
-                  f"{s['samples_per_s']:>11.0f} {o['samples_per_s']:>11.0f} {r['p50_ratio']:>7.1f} "
-                  f"{r['throughput_ratio']:>7.1f}")
+            s, m, o = r["service"], r["peer"], r["bare_onnx"]
+            print(f"{r['batch']:>5} {s['p50_ms']:>8.3f}m {s['p99_ms']:>8.3f}m {m['p50_ms']:>8.3f}m {m['p99_ms']:>8.3f}m "
+                  f"{o['p50_ms']:>8.3f}m {s['samples_per_s']:>11.0f} {m['samples_per_s']:>11.0f} "
+                  f"{r['p50_ratio_peer']:>10.2f} {r['throughput_ratio_peer']:>11.2f} {r['p50_ratio_bare']:>9.1f}")
         print("\ndrift check (store read + KS on all rows + MMD on a 500-row subsample each side)")
         for r in bench_drift(paths, ref):
             print(f"{r['samples']:>7} samples vs {r['reference']:>6} reference: read {r['store_read_s']:.3f}s, "
