@@ -298,7 +298,7 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
             )
 
     model = model_info(model_ref)
-    gate = OddGate()
+    gate = OddGate(site_paths)
     store = InputStore.for_site(site_paths, conf.get("store"))
     limiters = {"odd.breach": AuditLimiter(int(limits.get("breaches_per_client", 10)), window_s),
                 "serving.auth_denied": AuditLimiter(int(limits.get("auth_failures", 10)), window_s)}

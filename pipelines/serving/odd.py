@@ -58,16 +58,26 @@ class OddGate:
     gate "odd"); any engine error denies in "withhold" mode (fail closed). Breaches are audited by
     the service as security events, not here, so a request costs one evaluation and no log write."""
 
-    def __init__(self) -> None:
+    def __init__(self, site_paths=None) -> None:
+        """With `site_paths`, every decision is checked against that site's pinned policy bundle."""
         from pipelines.policy import policy_data
 
+        self.site_paths = site_paths
         self.site_odd = policy_data().get("odd_sites", {})
-        self.decide(gate_input("origin", {}, {}, {}, 0.0))  # a policy that does not load fails here, at start
+        probe = self._evaluate(gate_input(site_paths.site if site_paths else "origin", {}, {}, {}, 0.0))
+        if probe.failed:  # a policy that does not load, or is not the pinned one: refuse to start
+            raise RuntimeError("the ODD policy cannot decide: " + "; ".join(probe.reasons))
 
-    def decide(self, odd_input: dict[str, Any]) -> OddDecision:
+    def _evaluate(self, odd_input: dict[str, Any]):
         from pipelines.policy import evaluate
 
-        decision = evaluate(GATE, odd_input)
+        paths = self.site_paths
+        if paths is None:
+            return evaluate(GATE, odd_input)
+        return evaluate(GATE, odd_input, site=paths.site, home=paths.home, audit=False)
+
+    def decide(self, odd_input: dict[str, Any]) -> OddDecision:
+        decision = self._evaluate(odd_input)
         mode = decision.extra.get("mode", "withhold")
         if decision.failed or mode not in MODES or (decision.allow and mode != "normal"):
             return OddDecision(False, list(decision.reasons) or [f"malformed ODD decision (mode {mode!r})"],
