@@ -38,7 +38,10 @@ def test_gate_fails_closed_on_engine_error(tmp_path, monkeypatch):
     (tmp_path / "odd").mkdir()
     (tmp_path / "data").mkdir()
     (tmp_path / "odd" / "odd.rego").write_text("package factory.other\n")
-    monkeypatch.setenv("FACTORY_POLICIES", str(tmp_path))  # a bundle with no ODD decision rule
-    decision = OddGate().decide({"site": "origin"})
+    gate = OddGate()  # started on the project's policies
+    monkeypatch.setenv("FACTORY_POLICIES", str(tmp_path))  # then a bundle with no ODD decision rule
+    decision = gate.decide({"site": "origin"})
     assert decision.allow is False and decision.mode == "withhold"
     assert decision.reasons
+    with pytest.raises(RuntimeError, match="ODD policy cannot decide: unknown gate 'odd'"):
+        OddGate()  # a service does not start on it
