@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run stop test test-fast lint chart-policies clean
+.PHONY: install run stop test test-fast lint clean
 
 install: $(STAMP)
 
@@ -31,9 +31,6 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check pipelines plugins dags tests benchmarks
-
-chart-policies: install
-	$(BIN)/python -c "from pipelines.runtime.bundle import stage_chart_policies; stage_chart_policies()"
 
 clean:
 	rm -rf .factory test-artifacts

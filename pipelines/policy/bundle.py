@@ -7,9 +7,11 @@ lands at the path of its folder relative to `policies/`, so the policy data,
 and a key defined twice is an error. Test modules (`*_test.rego`) are kept apart:
 gates never load them, and they are not part of the bundle's digest.
 
-The digest (`sha256:<hex>` over each module's and data file's path and bytes) is what a
-site pins (`pipelines.policy.pin`) and what an OPA bundle built from the folder carries as
-its revision (`opa build --revision $(factory policy digest)`).
+The digest is what a site pins (`pipelines.policy.pin`) and what the site's OPA server
+reports as its bundle revision: `sha256:` + sha256 of the lines `<path>\0<sha256 hex of the
+file>\n` of every module and data file, sorted by path. The Helm chart computes the same
+value from the files it serves (`sovereign-factory.bundleRevision`), so a chart and a site
+built from one policies/ folder agree without anyone copying a digest.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def read_bundle(root: Path) -> Bundle:
     if not root.is_dir():
         raise BundleError(f"policy folder {root} does not exist")
     modules, tests, data = [], [], {}
-    digest = hashlib.sha256()
+    lines: list[str] = []
     try:
         paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".rego", ".json"))
     except OSError as error:
@@ -104,10 +106,11 @@ def read_bundle(root: Path) -> Bundle:
             for part in parts:
                 node = node.setdefault(part, {})
             _merge(node, document, "data" + "".join(f".{p}" for p in parts), rel)
-        digest.update(rel.encode() + b"\0" + hashlib.sha256(raw).digest())
+        lines.append(f"{rel}\0{hashlib.sha256(raw).hexdigest()}\n")
     if not modules:
         raise BundleError(f"policy folder {root} holds no Rego policy")
-    return Bundle(root, tuple(modules), tuple(tests), data, "sha256:" + digest.hexdigest())
+    digest = hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+    return Bundle(root, tuple(modules), tuple(tests), data, "sha256:" + digest)
 
 
 @functools.lru_cache(maxsize=8)

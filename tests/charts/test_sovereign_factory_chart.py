@@ -288,16 +288,33 @@ def test_opa_serves_the_repository_policies_without_their_tests(chart):
     }
     deployment = by_kind(objects, "Deployment")["factory-supplier-opa"]["spec"]["template"]["spec"]
     items = {i["key"]: i["path"] for i in deployment["volumes"][0]["configMap"]["items"]}
-    assert set(items.values()) == repo_files | {"probe/probe.rego"}
+    assert set(items.values()) == repo_files | {"probe/probe.rego", ".manifest"}
     assert all(key in config for key in items)
     (container,) = deployment["containers"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    assert "/policies" in container["args"]
+    assert container["args"][-2:] == ["--bundle", "/policies"]
+
+
+def test_opa_bundle_revision_is_the_digest_a_site_pins(chart, chart_dir, tmp_path):
+    """The chart's OPA reports the revision a site built from the same policies/ pins, so gates in
+    step pods allow; other policies give another revision, which a site's gate denies."""
+    from pipelines.policy.bundle import read_bundle
+
+    objects = render(chart, {"site": "supplier"})
+    config = by_kind(objects, "ConfigMap")["factory-supplier-opa-policies"]["data"]
+    manifest = json.loads(config[".manifest"])
+    assert manifest["revision"] == read_bundle(chart_dir / "files" / "policies").digest
+    assert manifest["roots"] == [""]
+    (tmp_path / "only.rego").write_text(REGO)
+    other = render(chart, {"site": "origin", "opa": {"policies": {"only.rego": REGO}}})
+    revision = json.loads(by_kind(other, "ConfigMap")["factory-origin-opa-policies"]["data"][".manifest"])["revision"]
+    assert revision == read_bundle(tmp_path).digest != manifest["revision"]
 
 
 def test_policies_from_values_replace_the_repository_ones(chart):
     objects = render(chart, {"site": "origin", "opa": {"policies": {"only.rego": REGO}}})
-    assert by_kind(objects, "ConfigMap")["factory-origin-opa-policies"]["data"] == {"only.rego": REGO}
+    data = by_kind(objects, "ConfigMap")["factory-origin-opa-policies"]["data"]
+    assert {key: value for key, value in data.items() if key != ".manifest"} == {"only.rego": REGO}
 
 
 def test_chart_renders_from_a_clean_checkout(tmp_path):

@@ -100,3 +100,16 @@ never deployed.
 {{- define "sovereign-factory.policyKey" -}}
 {{ replace "/" "__" . }}
 {{- end -}}
+
+{{/*
+The policy bundle's revision, computed as `pipelines.policy.bundle` computes a site's pin:
+sha256 over the lines "<path>\0<sha256 of the file>\n" sorted by path. OPA reports it with
+every decision and a site's gate denies any other revision.
+*/}}
+{{- define "sovereign-factory.bundleRevision" -}}
+{{- $lines := "" -}}
+{{- range $path, $content := include "sovereign-factory.policyFiles" . | fromJson -}}
+{{- $lines = printf "%s%s\x00%s\n" $lines $path (sha256sum $content) -}}
+{{- end -}}
+sha256:{{ sha256sum $lines }}
+{{- end -}}
