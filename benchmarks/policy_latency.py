@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.policy import canonical_json, engine_for, evaluate  # noqa: E402
 from pipelines.policy.bundle import load_bundle  # noqa: E402
-from pipelines.policy.testing import serve_data_api  # noqa: E402
+from pipelines.policy.testing import ALLOWED_EXPORT, serve_data_api  # noqa: E402
 
 DATA_ACCESS = {
     "subject": {"id": "svc-supplier", "site": "supplier", "roles": ["pipeline"], "clearance": "confidential"},
@@ -34,24 +34,7 @@ DATA_ACCESS = {
     "resource": {"id": "origin/shared@1", "owner": "origin", "classification": "confidential",
                  "releasable_to": ["supplier"], "purposes": ["training", "collaboration"]},
 }
-MODEL_RELEASE = {
-    "model": {
-        "id": "digits-cnn-export/3", "site": "supplier", "metrics": {"supplier_test": 0.93, "origin_test": 0.9},
-        "watermark": {"verified": True}, "signature": {"verified": True},
-        "lineage": [
-            {"dataset_id": "supplier/train@1", "owner": "supplier", "local_only": False,
-             "export_authorized": True, "releasable_to": ["origin", "destination"]},
-            {"dataset_id": "origin/export_authorized@1", "owner": "origin", "local_only": False,
-             "export_authorized": True, "releasable_to": ["supplier", "destination"]},
-        ],
-    },
-    "recipient": "destination", "purpose": "export", "requested_by": "supplier_engineer",
-    "approvals": [
-        {"user": "origin_officer", "site": "origin", "roles": ["compliance_officer"], "decision": "approve"},
-        {"user": "supplier_export_officer", "site": "supplier", "roles": ["export_control_officer"],
-         "decision": "approve"},
-    ],
-}
+MODEL_RELEASE = ALLOWED_EXPORT
 # a denial with several reasons
 MODEL_RELEASE_DENIED = {**MODEL_RELEASE, "approvals": [], "model": {**MODEL_RELEASE["model"],
                                                                     "watermark": {"verified": False}}}

@@ -243,14 +243,8 @@ def register_dataset(
             **effective,
         )
         _write_record(paths, version, f"Register dataset {version.id}")
-        _audit(
-            paths,
-            action="dataset.registered",
-            actor=_actor(paths, actor),
-            object=version.id,
-            outcome="ok",
-            details={"md5": md5, "kind": kind, "owner": owner, "parents": list(parents), **version.flags},
-        )
+        _audit(paths, action="dataset.registered", actor=_actor(paths, actor), object=version.id, outcome="ok",
+               details={"md5": md5, "kind": kind, "owner": owner, "parents": list(parents), **version.flags})
         return version
 
 
@@ -400,12 +394,6 @@ def quarantine(paths: SitePaths, version: DatasetVersion | str, reason: str, *, 
             return current
         updated = replace(current, status="quarantined", quarantine_reason=reason, quarantined_at=_now())
         _write_record(paths, updated, f"Quarantine dataset {updated.id}")
-        _audit(
-            paths,
-            action="dataset.quarantined",
-            actor=_actor(paths, actor),
-            object=updated.id,
-            outcome="quarantined",
-            details={"md5": updated.md5, "reason": reason[:2000]},
-        )
+        _audit(paths, action="dataset.quarantined", actor=_actor(paths, actor), object=updated.id,
+               outcome="quarantined", details={"md5": updated.md5, "reason": reason[:2000]})
         return updated

@@ -25,6 +25,27 @@ _PACKAGE = re.compile(r"^package\s+([\w.]+)", re.MULTILINE)
 _TEST_RULE = re.compile(r"^(test_\w+)\b", re.MULTILINE)
 GATES = ("data_access", "data_release", "model_release", "approval")
 
+# An export of a supplier model trained on supplier and origin data, approved by both officers:
+# the allowed model_release input that tests and the latency benchmark start from.
+ALLOWED_EXPORT = {
+    "model": {
+        "id": "digits-cnn-export/3", "site": "supplier", "metrics": {"supplier_test": 0.93},
+        "watermark": {"verified": True}, "signature": {"verified": True},
+        "lineage": [
+            {"dataset_id": "supplier/train@1", "owner": "supplier", "local_only": False,
+             "export_authorized": True, "releasable_to": ["origin", "destination"]},
+            {"dataset_id": "origin/export_authorized@1", "owner": "origin", "local_only": False,
+             "export_authorized": True, "releasable_to": ["supplier", "destination"]},
+        ],
+    },
+    "recipient": "destination", "purpose": "export", "requested_by": "supplier_engineer",
+    "approvals": [
+        {"user": "origin_officer", "site": "origin", "roles": ["compliance_officer"], "decision": "approve"},
+        {"user": "supplier_export_officer", "site": "supplier", "roles": ["export_control_officer"],
+         "decision": "approve"},
+    ],
+}
+
 
 @dataclass(frozen=True)
 class RegoTest:

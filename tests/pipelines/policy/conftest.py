@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
-from pipelines.policy.testing import serve_data_api
+from pipelines.policy.testing import ALLOWED_EXPORT, serve_data_api
 
 
 @pytest.fixture
@@ -33,21 +35,4 @@ def allowed_approval():
 @pytest.fixture
 def allowed_export():
     """An export of a supplier model trained on supplier and origin data, approved by both officers."""
-    return {
-        "model": {
-            "id": "digits-cnn-export/3", "site": "supplier", "metrics": {"supplier_test": 0.93},
-            "watermark": {"verified": True}, "signature": {"verified": True},
-            "lineage": [
-                {"dataset_id": "supplier/train@1", "owner": "supplier", "local_only": False,
-                 "export_authorized": True, "releasable_to": ["origin", "destination"]},
-                {"dataset_id": "origin/export_authorized@1", "owner": "origin", "local_only": False,
-                 "export_authorized": True, "releasable_to": ["supplier", "destination"]},
-            ],
-        },
-        "recipient": "destination", "purpose": "export", "requested_by": "supplier_engineer",
-        "approvals": [
-            {"user": "origin_officer", "site": "origin", "roles": ["compliance_officer"], "decision": "approve"},
-            {"user": "supplier_export_officer", "site": "supplier", "roles": ["export_control_officer"],
-             "decision": "approve"},
-        ],
-    }
+    return copy.deepcopy(ALLOWED_EXPORT)
