@@ -17,9 +17,9 @@ from typing import Any
 import click
 import httpx
 
+from pipelines.approvals import APPROVE, REJECT
 from pipelines.service.airflow_env import passwords_file
 from pipelines.service.processes import read_state
-from pipelines.trust.approvals import APPROVE, REJECT
 from pipelines.workspace import factory_home
 
 

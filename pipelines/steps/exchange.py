@@ -116,9 +116,9 @@ def _verified_approvals(ctx: StepContext, gate: str, answers: Any) -> list[dict[
     """The approvals for this release: each a sealed gate answer of this run, checked here.
 
     A step never takes an approval on another task's word: each answer must carry its owner
-    site's seal and pass the `approval` policy (pipelines.trust.approvals)."""
+    site's seal and pass the `approval` policy (pipelines.approvals)."""
+    from pipelines.approvals import ApprovalRefused, answer_site, verify_answer
     from pipelines.trust import audit
-    from pipelines.trust.approvals import ApprovalRefused, answer_site, verify_answer
 
     if not answers:
         return []

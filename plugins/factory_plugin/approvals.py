@@ -2,7 +2,7 @@
 
 `approval_gate(...)` builds the human-in-the-loop task, assigned to the owner site's users with
 the required role. When Airflow resumes it with the recorded answer, it seals that answer with
-the owner site's key (`pipelines.trust.approvals`). Release steps take the sealed answers and
+the owner site's key (`pipelines.approvals`). Release steps take the sealed answers and
 check each one themselves; `verified_approval(...)` is the same check for a task of its own.
 
 Nothing here imports Airflow at module import time: Airflow's plugin manager loads this file.
@@ -51,7 +51,7 @@ def _operator_class():
         def execute_complete(self, context, event):
             # HITLOperator's part only: validate the recorded answer, no skipping on Reject.
             answer = HITLOperator.execute_complete(self, context=context, event=event)
-            from pipelines.trust import approvals
+            from pipelines import approvals
             from pipelines.workspace import SitePaths
 
             ti = context["ti"]
@@ -156,13 +156,13 @@ def verified_approval(
     dag_id: str | None = None,
     run_id: str | None = None,
 ) -> dict:
-    """`pipelines.trust.approvals.verify_answer` for the running task: a refusal fails the task without retry.
+    """`pipelines.approvals.verify_answer` for the running task: a refusal fails the task without retry.
 
     `ti_xcom_value` is the gate task's XCom return value; `dag_id`/`run_id` default to the running task's.
     """
     from airflow.sdk.exceptions import AirflowFailException
 
-    from pipelines.trust.approvals import ApprovalRefused, verify_answer
+    from pipelines.approvals import ApprovalRefused, verify_answer
 
     if dag_id is None or run_id is None:
         current_dag, current_run = _current_run()

@@ -6,8 +6,8 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 from factory_plugin.approvals import approval_gate, verified_approval
 
+from pipelines.approvals import seal
 from pipelines.trust import audit
-from pipelines.trust.approvals import seal
 from pipelines.trust.keys import ensure_site_keys
 from pipelines.workspace import SitePaths
 

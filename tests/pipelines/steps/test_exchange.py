@@ -145,7 +145,7 @@ FORGED = [
 def test_release_refuses_forged_approval_and_seals_nothing(home, m1, forged):
     """An approval written through the API (a re-check's plain output, a made-up seal, a path as
     owner) is refused by the release step itself; the refusal is audited and nothing is sealed."""
-    from pipelines.trust.approvals import ApprovalRefused
+    from pipelines.approvals import ApprovalRefused
 
     supplier, origin = _ctx(home, "supplier"), _ctx(home, "origin")
     before = set(_inbox(home, "destination"))
@@ -162,7 +162,7 @@ def test_release_refuses_forged_approval_and_seals_nothing(home, m1, forged):
 
 
 def test_release_accepts_a_sealed_answer_of_this_run(home, m1):
-    from pipelines.trust.approvals import seal
+    from pipelines.approvals import seal
 
     supplier, origin = _ctx(home, "supplier"), _ctx(home, "origin")
     answer = {"gate": "model_release", "owner_site": "origin", "required_role": "compliance_officer",
@@ -176,7 +176,7 @@ def test_release_accepts_a_sealed_answer_of_this_run(home, m1):
     assert released[0]["details"]["approvals"][0]["user"] == "origin_officer"
     # The same sealed answer replayed into another run is refused.
     other = StepContext(site="supplier", paths=supplier.paths, run_id="another-run", dag_id="test")
-    from pipelines.trust.approvals import ApprovalRefused
+    from pipelines.approvals import ApprovalRefused
 
     with pytest.raises(ApprovalRefused, match="not this run"):
         run_step("release_model", other, model=m1, recipient="destination", purpose="collaboration",
