@@ -8,7 +8,7 @@ import sys
 import click
 
 from pipelines.config import SITES
-from pipelines.workspace import SitePaths, WorkspaceError
+from pipelines.workspace import SAFE_NAME, SitePaths, WorkspaceError
 
 SITE_OPTION = click.option("--site", required=True, type=click.Choice(SITES), help="The site whose catalog to read.")
 
@@ -109,7 +109,7 @@ def _is_dataset(paths: SitePaths, ref: str) -> bool:
         return True
     if "@" in ref or "/" in ref:
         return False
-    return bool(catalog.list_datasets(paths, ref)) if catalog._NAME.match(ref) else False
+    return bool(catalog.list_datasets(paths, ref)) if SAFE_NAME.match(ref) else False
 
 
 def _model_lineage(paths: SitePaths, ref: str, variant: str | None):
