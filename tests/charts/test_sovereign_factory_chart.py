@@ -22,7 +22,9 @@ REGO = "package factory.probe\n\nimport rego.v1\n\ndefault allow := false\n\nall
 REGO_TEST = (
     "package factory.probe_test\n\nimport rego.v1\n\ntest_ok if data.factory.probe.allow with input as {}\n"
 )
-OFF = {"airflow": {"enabled": False}}
+AIRFLOW_API = "http://site-airflow-api-server:8080"
+# Airflow is not rendered offline; the inbox is given the URL of the site's Airflow API it needs.
+OFF = {"airflow": {"enabled": False}, "inbox": {"airflow": {"url": AIRFLOW_API}}}
 
 
 def _checkout(root: Path, paths: tuple[str, ...] = ("charts", "policies")) -> Path:
@@ -61,8 +63,16 @@ def chart(chart_dir):
         yield loaded
 
 
+def merged(base: dict, values: dict) -> dict:
+    """`values` over `base`, nested mappings merged as Helm merges values files."""
+    out = dict(base)
+    for key, value in values.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def render(chart, values: dict, *, name: str = "site", namespace: str = "factory") -> list[dict]:
-    manifests = chart.render({**OFF, **values}, name=name, namespace=namespace)
+    manifests = chart.render(merged(OFF, values), name=name, namespace=namespace)
     objects = []
     for text in manifests.values():
         objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
@@ -338,3 +348,315 @@ def test_chart_without_policies_fails_naming_the_link(tmp_path):
     (tmp_path / "policies").mkdir()  # a folder with no Rego or JSON file in it
     with helm.Chart.load(chart_dir) as bare, pytest.raises(helm.HelmRenderError, match="files/policies"):
         bare.render({**OFF, "site": "origin"}, name="x", namespace="factory")
+
+
+# ------------------------------------------------------------------------------------------ inbox
+
+# Documentation ranges (RFC 5737), one per site, and where each site's inbox answers.
+RANGES = {"supplier": "198.51.100.0/24", "origin": "203.0.113.0/24", "destination": "192.0.2.0/24"}
+INBOX_URLS = {site: f"https://inbox.{site}.example:8443" for site in SITES}
+
+
+def partners_of(site: str) -> list[dict]:
+    return [{"site": p, "cidrs": [RANGES[p]], "inboxUrl": INBOX_URLS[p]} for p in SITES if p != site]
+
+
+def inbox_objects(objects: list[dict]) -> list[dict]:
+    return [o for o in objects if o["metadata"]["labels"].get("app.kubernetes.io/component") == "inbox"]
+
+
+def selects(policy: dict, labels: dict) -> bool:
+    return policy["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+
+
+def ingress_rules_for(objects: list[dict], labels: dict) -> list[dict]:
+    """Every ingress rule of every NetworkPolicy that applies to a pod with `labels`."""
+    return [
+        rule
+        for policy in by_kind(objects, "NetworkPolicy").values()
+        if selects(policy, labels) and "Ingress" in policy["spec"]["policyTypes"]
+        for rule in policy["spec"].get("ingress", [])
+    ]
+
+
+def inbox_pod(objects: list[dict], site: str) -> dict:
+    return by_kind(objects, "Deployment")[f"factory-{site}-inbox"]["spec"]["template"]
+
+
+EXPOSURES = {
+    "cluster-ip": {},
+    "load-balancer": {"inbox": {"service": {"type": "LoadBalancer"}}},
+    "node-port": {"inbox": {"service": {"type": "NodePort", "nodePort": 30443}}},
+    "ingress": {"inbox": {"ingress": {"enabled": True, "host": "inbox.example.org"}}},
+    "external-airflow": {
+        # null (not {}) drops the default labels, as in any Helm values file
+        "inbox": {"airflow": {"podLabels": None, "egress": [{"cidr": "10.40.0.0/24", "port": 443}]}}
+    },
+}
+
+
+@pytest.mark.parametrize("site", SITES)
+@pytest.mark.parametrize("exposure", sorted(EXPOSURES))
+def test_inbox_objects_are_valid_kubernetes(chart, site, exposure):
+    objects = render(chart, merged({"site": site, "partners": partners_of(site)}, EXPOSURES[exposure]), name=site)
+    kinds = {o["kind"] for o in inbox_objects(objects)}
+    assert {"Deployment", "Service", "NetworkPolicy"} <= kinds
+    assert ("Ingress" in kinds) == (exposure == "ingress")
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_inbox_admits_its_port_only_from_the_partner_ranges(chart, site):
+    objects = render(chart, {"site": site, "partners": partners_of(site)})
+    rules = ingress_rules_for(objects, inbox_pod(objects, site)["metadata"]["labels"])
+    assert rules, "the inbox admits nobody"
+    admitted = set()
+    for rule in rules:
+        assert rule.get("from"), f"a rule without sources admits every address: {rule}"
+        assert rule["ports"] == [{"protocol": "TCP", "port": 8443}]
+        for peer in rule["from"]:
+            assert peer.keys() == {"ipBlock"} and peer["ipBlock"].keys() == {"cidr"}, peer
+            admitted.add(peer["ipBlock"]["cidr"])
+    assert admitted == {RANGES[p] for p in SITES if p != site}
+    # the default-deny policy isolates the pod; no other policy opens it
+    assert by_kind(objects, "NetworkPolicy")[f"factory-{site}-default-deny-ingress"]["spec"]["podSelector"] == {}
+
+
+def test_inbox_without_partners_admits_nobody(chart):
+    objects = render(chart, {"site": "origin"})
+    assert ingress_rules_for(objects, inbox_pod(objects, "origin")["metadata"]["labels"]) == []
+    assert by_kind(objects, "NetworkPolicy")["factory-origin-inbox"]["spec"]["ingress"] == []
+
+
+def test_inbox_behind_an_ingress_also_admits_the_controller_and_nothing_else(chart):
+    objects = render(chart, merged({"site": "origin", "partners": partners_of("origin")}, EXPOSURES["ingress"]))
+    rules = ingress_rules_for(objects, inbox_pod(objects, "origin")["metadata"]["labels"])
+    peers = [peer for rule in rules for peer in rule["from"]]
+    assert [p for p in peers if "ipBlock" not in p] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}},
+        }
+    ]
+    assert all(rule["ports"] == [{"protocol": "TCP", "port": 8443}] for rule in rules)
+
+
+def test_inbox_reaches_only_its_own_airflow_api_and_dns(chart):
+    objects = render(chart, {"site": "destination", "partners": partners_of("destination")})
+    policies = by_kind(objects, "NetworkPolicy")
+    egress = policies["factory-destination-inbox"]["spec"]["egress"]
+    assert egress[0] == {
+        "to": [{"podSelector": {"matchLabels": {"tier": "airflow", "component": "api-server"}}}],
+        "ports": [{"protocol": "TCP", "port": 8080}],
+    }
+    assert egress[1]["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert len(egress) == 2
+    # and the Airflow API server admits the inbox
+    api = policies["factory-destination-inbox-to-airflow"]["spec"]
+    assert api["podSelector"]["matchLabels"] == {"tier": "airflow", "component": "api-server"}
+    (rule,) = api["ingress"]
+    assert selects({"spec": {"podSelector": rule["from"][0]["podSelector"]}}, inbox_pod(objects, "destination")["metadata"]["labels"])
+    external = render(chart, merged({"site": "destination"}, EXPOSURES["external-airflow"]))
+    egress = by_kind(external, "NetworkPolicy")["factory-destination-inbox"]["spec"]["egress"]
+    assert egress[0] == {"to": [{"ipBlock": {"cidr": "10.40.0.0/24"}}], "ports": [{"protocol": "TCP", "port": 443}]}
+    assert "factory-destination-inbox-to-airflow" not in by_kind(external, "NetworkPolicy")
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_inbox_serves_with_the_site_keys_read_only_on_the_step_workspace(chart, site):
+    """The inbox sees the site's files exactly where step pods do: the same claim at FACTORY_HOME, the
+    same keys Secret over the site's keys folder (read-only), so `factory inbox serve` finds its key."""
+    objects = render(chart, {"site": site, "partners": partners_of(site)})
+    pod = inbox_pod(objects, site)["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] + container["args"] == [
+        "factory", "inbox", "serve", "--site", site, "--host", "0.0.0.0", "--port", "8443",
+    ]  # fmt: skip
+    assert container["image"] == load_config().stages.kubernetes.image
+
+    step = render_pod(pod_operator_for_step(task_id="t", step="evaluate", site=site))["spec"]
+    (step_container,) = [c for c in step["containers"] if c["name"] == "base"]
+    names = SiteObjects.of(site)
+
+    def mounts(spec, c):
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        return {m["mountPath"]: (volumes[m["name"]], m.get("readOnly", False)) for m in c["volumeMounts"]}
+
+    step_env = {e["name"]: e.get("value") for e in step_container["env"]}
+    home = step_env["FACTORY_HOME"]
+    (keys_dir,) = [path for path, (v, _) in mounts(step, step_container).items() if "secret" in v]
+    inbox = mounts(pod, container)
+    workspace, workspace_read_only = inbox[home]
+    assert workspace["persistentVolumeClaim"] == {"claimName": names.workspace_claim}
+    assert not workspace_read_only
+    keys, keys_read_only = inbox[keys_dir]
+    assert keys["secret"] == {"secretName": names.keys_secret, "defaultMode": 0o440}
+    assert keys_read_only
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FACTORY_HOME"]["value"] == home and env["FACTORY_SITE"]["value"] == site
+
+    # hardened like every pod of the chart
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert container["readinessProbe"]["tcpSocket"] == container["livenessProbe"]["tcpSocket"] == {"port": "https"}
+    assert container["ports"] == [{"name": "https", "containerPort": 8443, "protocol": "TCP"}]
+
+
+def test_inbox_posts_to_its_own_airflow_with_credentials_from_a_secret(chart):
+    objects = render(
+        chart,
+        {"site": "origin", "inbox": {"maxPackageBytes": 5 * 2**30, "airflow": {"existingSecret": "origin-sa"}}},
+    )
+    assert not by_kind(objects, "Secret")
+    env = {e["name"]: e for e in inbox_pod(objects, "origin")["spec"]["containers"][0]["env"]}
+    assert env["FACTORY_AIRFLOW_URL"]["value"] == AIRFLOW_API
+    assert env["FACTORY_AIRFLOW_USERNAME"]["valueFrom"] == {"secretKeyRef": {"name": "origin-sa", "key": "username"}}
+    assert env["FACTORY_AIRFLOW_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "origin-sa", "key": "password"}}
+    assert env["FACTORY_INBOX_MAX_PACKAGE_BYTES"]["value"] == str(5 * 2**30)
+    default = render(chart, {"site": "origin"})
+    env = {e["name"]: e for e in inbox_pod(default, "origin")["spec"]["containers"][0]["env"]}
+    assert env["FACTORY_AIRFLOW_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "factory-origin-inbox-airflow"
+
+
+def test_inbox_without_its_airflow_url_fails_naming_the_value(chart):
+    with pytest.raises(helm.HelmRenderError, match="inbox.airflow.url is required"):
+        render(chart, {"site": "origin", "inbox": {"airflow": {"url": ""}}})
+
+
+def test_ingress_only_when_enabled_and_it_passes_tls_through(chart):
+    assert not by_kind(render(chart, {"site": "origin"}), "Ingress")
+    objects = render(chart, merged({"site": "origin"}, EXPOSURES["ingress"]))
+    ingress = by_kind(objects, "Ingress")["factory-origin-inbox"]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/ssl-passthrough"] == "true"
+    assert "tls" not in ingress["spec"]  # the controller holds no certificate: it never terminates
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "inbox.example.org"
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "factory-origin-inbox", "port": {"name": "https"}}
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+
+
+@pytest.mark.parametrize(
+    ("ingress", "message"),
+    [
+        ({"enabled": True}, "inbox.ingress.host is required"),
+        (
+            {"enabled": True, "host": "inbox.example.org",
+             "annotations": {"nginx.ingress.kubernetes.io/ssl-passthrough": "false"}},
+            "TLS must pass through",
+        ),
+        ({"enabled": True, "host": "inbox.example.org", "annotations": None}, "TLS must pass through"),
+    ],
+)  # fmt: skip
+def test_ingress_that_would_not_pass_tls_through_fails(chart, ingress, message):
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(chart, {"site": "origin", "inbox": {"ingress": ingress}})
+
+
+def test_load_balancer_and_node_port_keep_partner_addresses_visible(chart):
+    values = merged({"site": "origin", "partners": partners_of("origin")}, EXPOSURES["load-balancer"])
+    service = by_kind(render(chart, values), "Service")["factory-origin-inbox"]["spec"]
+    assert service["type"] == "LoadBalancer" and service["externalTrafficPolicy"] == "Local"
+    assert service["loadBalancerSourceRanges"] == [RANGES["supplier"], RANGES["destination"]]
+    node = by_kind(render(chart, merged({"site": "origin"}, EXPOSURES["node-port"])), "Service")["factory-origin-inbox"]
+    assert node["spec"]["externalTrafficPolicy"] == "Local" and node["spec"]["ports"][0]["nodePort"] == 30443
+    cluster = by_kind(render(chart, {"site": "origin"}), "Service")["factory-origin-inbox"]["spec"]
+    assert cluster["type"] == "ClusterIP" and "externalTrafficPolicy" not in cluster
+    assert cluster["ports"] == [{"name": "https", "port": 8443, "targetPort": "https", "protocol": "TCP"}]
+
+
+def test_disabled_inbox_renders_no_inbox_objects(chart):
+    objects = render(
+        chart, {"site": "origin", "inbox": {"enabled": False, "airflow": {"url": ""}}, "partners": partners_of("origin")}
+    )
+    assert inbox_objects(objects) == []
+    assert not [o for o in objects if "inbox" in o["metadata"]["name"]]
+    # the site still pushes to its partners
+    assert by_kind(objects, "ConfigMap")["factory-origin-partners"]["data"]
+
+
+def test_step_pods_get_the_partner_inbox_urls_and_may_reach_only_those(chart):
+    partners = partners_of("supplier")
+    partners[0]["inboxUrl"] = "https://inbox.origin.example"  # port 443 implied
+    partners[1]["inboxCidrs"] = ["192.0.2.128/28"]  # destination's inbox behind its own load balancer
+    partners.append({"site": "supplier", "cidrs": ["10.0.0.0/8"]})  # a mistake: refused below
+    with pytest.raises(helm.HelmRenderError, match="supplier is this release's own site"):
+        render(chart, {"site": "supplier", "partners": partners})
+    partners.pop()
+    objects = render(chart, {"site": "supplier", "partners": partners})
+    config = by_kind(objects, "ConfigMap")["factory-supplier-partners"]
+    assert config["data"] == {
+        "FACTORY_PARTNER_INBOX_ORIGIN": "https://inbox.origin.example",
+        "FACTORY_PARTNER_INBOX_DESTINATION": INBOX_URLS["destination"],
+    }
+    egress = by_kind(objects, "NetworkPolicy")["factory-supplier-step-egress"]["spec"]["egress"]
+    assert [r for r in egress if "ipBlock" in r["to"][0]] == [
+        {"to": [{"ipBlock": {"cidr": RANGES["origin"]}}], "ports": [{"protocol": "TCP", "port": 443}]},
+        {"to": [{"ipBlock": {"cidr": "192.0.2.128/28"}}], "ports": [{"protocol": "TCP", "port": 8443}]},
+    ]
+    # a partner that only pushes here: admitted by the inbox, never pushed to
+    receive_only = [{"site": "origin", "cidrs": [RANGES["origin"]]}]
+    objects = render(chart, {"site": "supplier", "partners": receive_only})
+    assert by_kind(objects, "ConfigMap")["factory-supplier-partners"]["data"] == {}
+    egress = by_kind(objects, "NetworkPolicy")["factory-supplier-step-egress"]["spec"]["egress"]
+    assert not any("ipBlock" in r["to"][0] for r in egress)
+
+
+@pytest.mark.parametrize(
+    ("partners", "message"),
+    [
+        ([{"site": "origin", "cidrs": ["0.0.0.0/0"]}], "0.0.0.0/0 admits every address"),
+        ([{"site": "origin", "cidrs": ["10.0.0.0/8"], "inboxCidrs": ["::/0"]}], "::/0 admits every address"),
+        ([{"site": "origin", "cidrs": ["10.1.0.0/16"]}, {"site": "origin", "cidrs": ["10.2.0.0/16"]}],
+         "origin is listed twice"),
+    ],
+)  # fmt: skip
+def test_partner_mistakes_fail_to_render(chart, partners, message):
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(chart, {"site": "supplier", "partners": partners})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"partners": [{"site": "origin", "inboxUrl": "https://inbox.origin.example"}]}, "missing property 'cidrs'"),
+        ({"partners": [{"site": "origin", "cidrs": []}]}, "/partners/0/cidrs"),
+        ({"partners": [{"site": "origin", "cidrs": ["origin.example"]}]}, "/partners/0/cidrs/0"),
+        ({"partners": [{"site": "mars", "cidrs": ["10.0.0.0/8"]}]}, "/partners/0/site"),
+        ({"partners": [{"site": "origin", "cidrs": ["10.0.0.0/8"], "inboxUrl": "http://inbox.origin.example"}]},
+         "/partners/0/inboxUrl"),
+        ({"partners": [{"site": "origin", "cidrs": ["10.0.0.0/8"], "port": 8443}]}, "additional properties 'port'"),
+        ({"inbox": {"ingress": {"tls": True}}}, "additional properties 'tls'"),
+        ({"inbox": {"service": {"type": "ExternalName"}}}, "/inbox/service/type"),
+    ],
+)  # fmt: skip
+def test_schema_refuses_bad_inbox_and_partner_values(chart, values, message):
+    with pytest.raises(helm.HelmValuesError, match=message):
+        chart.render(merged(OFF, {"site": "supplier", **values}), name="x", namespace="factory")
+
+
+def test_ci_sites_agree_on_each_partner_and_admit_each_other():
+    """The per-site examples describe one federation: every site lists the two others, and what two
+    sites say about a third (its ranges, its inbox) is the same."""
+    described: dict[str, list[dict]] = {}
+    ingress_hosts = {}
+    for values_file in (CHART / "ci").glob("*-values.yaml"):
+        values = yaml.safe_load(values_file.read_text())
+        assert {p["site"] for p in values["partners"]} == set(SITES) - {values["site"]}, values_file.name
+        for partner in values["partners"]:
+            described.setdefault(partner["site"], []).append(partner)
+        if values["inbox"].get("ingress", {}).get("enabled"):
+            ingress_hosts[values["site"]] = values["inbox"]["ingress"]["host"]
+    for site, views in described.items():
+        assert len(views) == 2 and views[0] == views[1], site
+    for site, host in ingress_hosts.items():
+        assert described[site][0]["inboxUrl"] == f"https://{host}"

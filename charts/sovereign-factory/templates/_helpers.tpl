@@ -113,3 +113,43 @@ every decision and a site's gate denies any other revision.
 {{- end -}}
 sha256:{{ sha256sum $lines }}
 {{- end -}}
+
+{{- define "sovereign-factory.inboxAirflowSecret" -}}
+{{ .Values.inbox.airflow.existingSecret | default (printf "%s-inbox-airflow" (include "sovereign-factory.prefix" .)) }}
+{{- end -}}
+
+{{/*
+The partners of values, checked (none is this site, none twice, no range that admits every address)
+and returned as JSON: a list of {site, cidrs, inboxUrl, inboxCidrs, inboxPort, env} where inboxCidrs
+defaults to cidrs, inboxPort is the port of inboxUrl (443 when it names none) and env is
+FACTORY_PARTNER_INBOX_<SITE>. Every template that uses partners goes through here.
+*/}}
+{{- define "sovereign-factory.partners" -}}
+{{- $seen := dict -}}
+{{- $partners := list -}}
+{{- range .Values.partners -}}
+{{- if eq .site $.Values.site -}}
+{{- fail (printf "partners: %s is this release's own site; list the other sites" .site) -}}
+{{- end -}}
+{{- if hasKey $seen .site -}}
+{{- fail (printf "partners: %s is listed twice" .site) -}}
+{{- end -}}
+{{- $_ := set $seen .site true -}}
+{{- $inboxCidrs := .inboxCidrs | default .cidrs -}}
+{{- range concat .cidrs $inboxCidrs -}}
+{{- if hasSuffix "/0" . -}}
+{{- fail (printf "partners: %s admits every address; give the partner's own ranges" .) -}}
+{{- end -}}
+{{- end -}}
+{{- $port := 443 -}}
+{{- with .inboxUrl -}}
+{{- with regexFind ":[0-9]+$" (urlParse .).host -}}
+{{- $port = trimPrefix ":" . | atoi -}}
+{{- end -}}
+{{- end -}}
+{{- $partners = append $partners (dict
+      "site" .site "cidrs" .cidrs "inboxUrl" (.inboxUrl | default "") "inboxCidrs" $inboxCidrs
+      "inboxPort" $port "env" (printf "FACTORY_PARTNER_INBOX_%s" (upper .site))) -}}
+{{- end -}}
+{{- toJson $partners -}}
+{{- end -}}
