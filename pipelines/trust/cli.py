@@ -107,7 +107,7 @@ def verify_command(site: str, src: Path) -> None:
 
 @click.group()
 def keys() -> None:
-    """List, rotate, accept and revoke site keys."""
+    """List, rotate, accept and revoke site keys; change the passphrase of the private keys."""
 
 
 @keys.command("list")
@@ -150,6 +150,39 @@ def keys_accept(site: str, src: Path) -> None:
 
     record = rotation.accept_key_update(SitePaths.of(site), src)
     click.echo(f"accepted {record['site']} generation {record['generation']} (signing {record['signing_key_id']})")
+
+
+@keys.command("passphrase")
+@click.option("--site", type=SITE, required=True)
+@click.option("--from-env", "from_env", is_flag=True,
+              help="the new passphrase is the one the environment gives: FACTORY_KEY_PASSPHRASE_<SITE>, "
+                   "else the file FACTORY_KEY_PASSPHRASE_FILE names, else FACTORY_KEY_PASSPHRASE")
+@click.option("--file", "file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="the new passphrase is the first line of this file (outside FACTORY_HOME)")
+@_guarded
+def keys_passphrase(site: str, from_env: bool, file: Path | None) -> None:
+    """Re-encrypt SITE's private keys with a new passphrase and remove the generated secret file.
+
+    Afterwards every process of SITE needs the passphrase from its environment (with --file:
+    FACTORY_KEY_PASSPHRASE_FILE=FILE)."""
+    from pipelines.trust import keys as k
+    from pipelines.trust import rotation
+
+    if from_env == (file is not None):
+        _fail("error", "give exactly one of --from-env and --file")
+    paths = SitePaths.of(site)
+    if file is not None:
+        new, source = k.read_passphrase_file(paths, file), f"file {file}"
+    else:
+        configured = k.configured_passphrases(paths)
+        if not configured:
+            _fail("error", f"no passphrase in the environment: set {k.site_passphrase_env(paths)}, "
+                           f"{k.PASSPHRASE_FILE_ENV} or {k.PASSPHRASE_ENV}")
+        source, new = configured[0]
+    count = rotation.change_passphrase(paths, new, source)
+    click.echo(f"{count} key files of {site} re-encrypted with the passphrase from {source}")
+    if file is not None:
+        click.echo(f"set {k.PASSPHRASE_FILE_ENV}={file} for every process of {site}")
 
 
 @keys.command("revoke")

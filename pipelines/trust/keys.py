@@ -2,14 +2,20 @@
 
 Each site holds key *generations*; a generation is an ECDSA P-256 signing key, an X25519 key and
 an ML-KEM-768 key (the last two together form the hybrid HPKE key packages are sealed to).
-Private keys live in `keys_dir/gen-NNNN/*.pem`, PKCS#8 encrypted with the site secret
-(`FACTORY_SECRET_<SITE>` when set, else a random secret generated once into `secret_file`, 0600).
+Private keys live in `keys_dir/gen-NNNN/*.pem`, PKCS#8 encrypted with the site's key passphrase
+(`site_secret`): `FACTORY_KEY_PASSPHRASE_<SITE>`, else the file named by
+`FACTORY_KEY_PASSPHRASE_FILE` (outside FACTORY_HOME), else `FACTORY_KEY_PASSPHRASE`, else a random
+secret generated once into `secret_file` (0600) beside the keys. The generated secret is the
+embedded default: it keeps a single leaked key file useless, not a copied keys folder.
 `keys_dir/keyring.json` lists the public half of every generation and which one is current.
 
 The trust store (`trust_dir/<site>.json`) holds the public keys of the other sites, bootstrapped by
 `exchange_trust` (the embedded stand-in for a key ceremony) and afterwards changed only by signed
 key-update documents (`accept_key_update`) and local revocations (`trust_dir/revoked.json`).
-Old generations are kept: packages sealed before a rotation still open until they expire.
+A site name from anywhere else (a package header, a document) is only ever looked up among the
+configured partners (`peer`), never joined into a path. Old generations are kept: a partner's
+rotated-out key still verifies messages for `rotation_grace_hours` after this site accepted the
+rotation (its own clock), then never again; own old keys keep verifying this site's audit log.
 
 Key ids are the first 16 hex digits of SHA-256 over the public key (DER SubjectPublicKeyInfo for
 ECDSA; the raw X25519 and ML-KEM public keys for the KEM pair).
@@ -21,14 +27,15 @@ import base64
 import hashlib
 import os
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x25519
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.config import SITES
+from pipelines.config import SITES, conf_dir, read_yaml
 from pipelines.fileio import file_lock, read_json, write_atomic, write_json
 from pipelines.workspace import SitePaths
 
@@ -46,6 +53,47 @@ class KeysMissing(TrustError):
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+class TrustSettings(BaseModel):
+    """Limits a recipient applies to what partners send (`conf/trust.yaml`; every key optional)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rotation_grace_hours: float = Field(default=24, ge=0)
+    max_package_lifetime_days: float = Field(default=30, gt=0)
+    max_clock_skew_seconds: float = Field(default=300, ge=0)
+    max_sequence_jump: int = Field(default=1000, ge=1)
+
+    @property
+    def rotation_grace(self) -> timedelta:
+        return timedelta(hours=self.rotation_grace_hours)
+
+    @property
+    def max_package_lifetime(self) -> timedelta:
+        return timedelta(days=self.max_package_lifetime_days)
+
+    @property
+    def max_clock_skew(self) -> timedelta:
+        return timedelta(seconds=self.max_clock_skew_seconds)
+
+
+_SETTINGS: dict[tuple[str, int], TrustSettings] = {}
+
+
+def settings() -> TrustSettings:
+    """The trust limits of `conf/trust.yaml` (defaults when the file is absent), re-read when it changes."""
+    path = conf_dir() / "trust.yaml"
+    try:
+        stamp = (str(path), path.stat().st_mtime_ns)
+    except FileNotFoundError:
+        return TrustSettings()
+    if stamp not in _SETTINGS:
+        try:
+            _SETTINGS[stamp] = TrustSettings(**read_yaml("trust.yaml"))
+        except (ValidationError, TypeError) as error:
+            raise TrustError(f"{path} is not valid: {error}") from None
+    return _SETTINGS[stamp]
 
 
 def iso(moment: datetime) -> str:
@@ -72,37 +120,107 @@ def kem_key_id_of(x_pub: x25519.X25519PublicKey, m_pub: mlkem.MLKEM768PublicKey)
 # ---------------------------------------------------------------- secret and private key files
 
 
-def site_secret(paths: SitePaths) -> bytes:
-    """The passphrase that encrypts this site's private keys (env var, else the generated file)."""
-    env = os.environ.get(f"FACTORY_SECRET_{paths.site.upper()}")
-    if env:
-        return env.encode()
+PASSPHRASE_FILE_ENV = "FACTORY_KEY_PASSPHRASE_FILE"
+PASSPHRASE_ENV = "FACTORY_KEY_PASSPHRASE"
+
+
+def site_passphrase_env(paths: SitePaths) -> str:
+    return f"{PASSPHRASE_ENV}_{paths.site.upper()}"
+
+
+def read_passphrase_file(paths: SitePaths, file: Path) -> bytes:
+    """The passphrase in `file`, which must lie outside FACTORY_HOME (a copied site folder must not
+    carry it) and hold a non-empty first line."""
+    file = Path(file).expanduser()
+    if file.resolve().is_relative_to(paths.home):
+        raise TrustError(f"the key passphrase file {file} is inside FACTORY_HOME ({paths.home}); "
+                         "keep it outside (a mounted secret, a file only the service user can read)")
+    try:
+        value = file.read_bytes().splitlines()[0].strip() if file.stat().st_size else b""
+    except OSError as error:
+        raise TrustError(f"cannot read the key passphrase file {file}: {error.strerror}") from None
+    if not value:
+        raise TrustError(f"the key passphrase file {file} is empty")
+    return value
+
+
+def configured_passphrases(paths: SitePaths) -> list[tuple[str, bytes]]:
+    """Every key passphrase the environment offers for this site, in priority order, as (source, value)."""
+    found = []
+    if value := os.environ.get(site_passphrase_env(paths)):
+        found.append((site_passphrase_env(paths), value.encode()))
+    if file := os.environ.get(PASSPHRASE_FILE_ENV):
+        found.append((f"{PASSPHRASE_FILE_ENV}={file}", read_passphrase_file(paths, Path(file))))
+    if value := os.environ.get(PASSPHRASE_ENV):
+        found.append((PASSPHRASE_ENV, value.encode()))
+    return found
+
+
+def _passphrases(paths: SitePaths) -> list[bytes]:
+    """Every passphrase this site has: the configured ones, then the secret generated beside the keys."""
+    found = [value for _, value in configured_passphrases(paths)]
     if paths.secret_file.exists():
+        found.append(paths.secret_file.read_bytes().strip())
+    return found
+
+
+def site_secret(paths: SitePaths) -> bytes:
+    """The passphrase of this site's private keys.
+
+    Of the passphrases the site has (`configured_passphrases`, then the generated secret), the one
+    that decrypts its current signing key (so a site keeps working while `change_passphrase` moves it
+    from one to another); the first when there is only one. With neither keys nor a configured
+    passphrase, a secret is generated once beside the keys; a site that has keys never gets a new
+    one (it fails loudly instead of making a secret that decrypts nothing)."""
+    found = _passphrases(paths)
+    if not found:
+        if keyring_path(paths).exists():
+            raise TrustError(
+                f"site {paths.site!r} has keys but no passphrase: set {site_passphrase_env(paths)}, "
+                f"{PASSPHRASE_FILE_ENV} or {PASSPHRASE_ENV} (or restore {paths.secret_file})"
+            )
+        paths.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with file_lock(paths.keys_dir / ".lock-secret"):
+            if not paths.secret_file.exists():
+                write_atomic(paths.secret_file, secrets.token_hex(32).encode() + b"\n", mode=0o600)
         return paths.secret_file.read_bytes().strip()
-    paths.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with file_lock(paths.keys_dir / ".lock-secret"):
-        if not paths.secret_file.exists():
-            write_atomic(paths.secret_file, secrets.token_hex(32).encode() + b"\n", mode=0o600)
-    return paths.secret_file.read_bytes().strip()
+    if len(found) > 1 and keyring_path(paths).exists():
+        current = _gen_dir(paths, keyring(paths)["current"]) / "signing.pem"
+        for value in found:
+            if _decrypts(current, value):
+                return value
+    return found[0]
 
 
 def _gen_dir(paths: SitePaths, generation: int) -> Path:
     return paths.keys_dir / f"gen-{generation:04d}"
 
 
-_CACHE: dict[tuple[str, int], Any] = {}
+_CACHE: dict[tuple[str, int], tuple[Any, bytes]] = {}  # (file, mtime) -> (private key, its passphrase)
+
+
+def _decrypts(path: Path, secret: bytes) -> bool:
+    try:
+        _load_private(path, secret)
+        return True
+    except (TrustError, OSError):
+        return False
 
 
 def _load_private(path: Path, secret: bytes) -> Any:
     stamp = (str(path), path.stat().st_mtime_ns)
-    if stamp not in _CACHE:
-        try:
-            _CACHE[stamp] = ser.load_pem_private_key(path.read_bytes(), secret)
-        except (ValueError, TypeError) as error:
-            raise TrustError(
-                f"cannot decrypt {path}: wrong site secret (FACTORY_SECRET_* or {path.parent.parent}/secret)?"
-            ) from error
-    return _CACHE[stamp]
+    cached = _CACHE.get(stamp)
+    if cached is not None and cached[1] == secret:
+        return cached[0]
+    try:
+        key = ser.load_pem_private_key(path.read_bytes(), secret)
+    except (ValueError, TypeError) as error:
+        raise TrustError(
+            f"cannot decrypt {path}: wrong key passphrase ({PASSPHRASE_ENV}_<SITE>, {PASSPHRASE_FILE_ENV}, "
+            f"{PASSPHRASE_ENV} or {path.parent.parent}/secret)?"
+        ) from error
+    _CACHE[stamp] = (key, secret)
+    return key
 
 
 def ensure_generation(paths: SitePaths, generation: int, secret: bytes) -> dict[str, Any]:
@@ -208,8 +326,32 @@ def _public(record: dict[str, Any]) -> ec.EllipticCurvePublicKey:
 # ---------------------------------------------------------------- trust store
 
 
+def peer(paths: SitePaths, site: Any) -> str:
+    """`site` if it is one of this site's configured partners (never this site itself), else TrustError.
+
+    Every name that came from outside (a header's sender, a model's signer, a key-update document)
+    passes here before it selects anything; the answer is a name from `pipelines.config.SITES`."""
+    for known in SITES:
+        if known != paths.site and site == known:
+            return known
+    if isinstance(site, str) and site == paths.site:
+        raise TrustError(f"{paths.site!r} is this site itself, not a partner")
+    shown = repr(site[:64]) if isinstance(site, str) else f"of type {type(site).__name__}"
+    partners = ", ".join(s for s in SITES if s != paths.site)
+    raise TrustError(f"site {shown} is not a configured partner of {paths.site!r} ({partners})")
+
+
+def _known(paths: SitePaths, site: Any) -> str:
+    """This site or a configured partner (own keys answer for this site's own signatures)."""
+    if isinstance(site, str) and site == paths.site:
+        return paths.site
+    return peer(paths, site)
+
+
 def trust_path(paths: SitePaths, site: str) -> Path:
-    return paths.trust_dir / f"{site}.json"
+    """The trust-store file of partner `site` (looked up among the configured partners)."""
+    files = {other: paths.trust_dir / f"{other}.json" for other in SITES if other != paths.site}
+    return files[peer(paths, site)]
 
 
 def revoked_path(paths: SitePaths) -> Path:
@@ -225,8 +367,8 @@ def revoked(paths: SitePaths) -> dict[str, dict[str, Any]]:
 
 
 def records(paths: SitePaths, site: str) -> list[dict[str, Any]]:
-    """Every known key generation of `site` as seen from `paths.site` (own keyring or trust store)."""
-    if site == paths.site:
+    """Every known key generation of `site` (this site: its keyring; a partner: the trust store)."""
+    if _known(paths, site) == paths.site:
         return keyring(paths)["generations"]
     try:
         return read_json(trust_path(paths, site))["keys"]
@@ -235,8 +377,8 @@ def records(paths: SitePaths, site: str) -> list[dict[str, Any]]:
 
 
 def trusted_record(paths: SitePaths, site: str) -> dict[str, Any]:
-    """The current key generation of `site` (raises TrustError when the site is not trusted)."""
-    current = [r for r in records(paths, site) if r["superseded_at"] is None]
+    """The current key generation of partner `site` (raises TrustError when the site is not trusted)."""
+    current = [r for r in records(paths, peer(paths, site)) if r["superseded_at"] is None]
     if not current:
         raise TrustError(f"site {site!r} is not in the trust store of {paths.site!r}")
     return max(current, key=lambda r: r["generation"])
@@ -245,28 +387,51 @@ def trusted_record(paths: SitePaths, site: str) -> dict[str, Any]:
 def public_signing_key(paths: SitePaths, site: str, key_id: str | None = None) -> ec.EllipticCurvePublicKey:
     """The public signing key of `site` (current, or the generation with `key_id`), not revoked."""
     if key_id is None:
-        key_id = trusted_record(paths, site)["signing_key_id"]
+        key_id = (current_record(paths) if _known(paths, site) == paths.site
+                  else trusted_record(paths, site))["signing_key_id"]
     return check_signing_key(paths, site, key_id)
+
+
+def retired_at(paths: SitePaths, site: str, record: dict[str, Any]) -> datetime | None:
+    """When a superseded key of `site` stops verifying fresh messages at this site (None: current key).
+
+    Decided from this site's own record: when it accepted the rotation (`superseded_accepted_at`,
+    its clock) or, for keys it got already superseded at the trust exchange, `superseded_at`; plus
+    the configured grace."""
+    if not record.get("superseded_at"):
+        return None
+    since = record.get("superseded_accepted_at") or record["superseded_at"]
+    return parse_time(since) + settings().rotation_grace
 
 
 def check_signing_key(
     paths: SitePaths, site: str, key_id: str, signed_at: datetime | None = None
 ) -> ec.EllipticCurvePublicKey:
-    """Return the key `key_id` of `site` if `paths.site` trusts it for something signed at `signed_at`.
+    """Return the key `key_id` of `site` (this site or a partner) if `paths.site` trusts it.
 
-    A superseded (rotated-out) key stays valid for what it signed before the rotation.
+    With `signed_at` (a fresh message: a package, a partner's audit head) a superseded key must also
+    have signed before its rotation, as the message claims, and the rotation must be recent by this
+    site's record (`retired_at`): a stolen old key cannot sign anything acceptable after that, whatever
+    time it writes into the message. Without `signed_at` (this site's own audit log) old keys count.
     """
+    site = _known(paths, site)
     known = records(paths, site)
     if not known:
         raise TrustError(f"unknown sender {site!r}: not in the trust store of {paths.site!r}")
     record = next((r for r in known if r["signing_key_id"] == key_id), None)
     if record is None:
-        raise TrustError(f"unknown signing key {key_id} for {site!r} in the trust store of {paths.site!r}")
+        shown = key_id[:32] if isinstance(key_id, str) else type(key_id).__name__
+        raise TrustError(f"unknown signing key {shown} for {site!r} in the trust store of {paths.site!r}")
     if key_id in revoked(paths):
         raise TrustError(f"signing key {key_id} of {site!r} is revoked at {paths.site!r}")
     superseded = record.get("superseded_at")
-    if superseded and signed_at is not None and signed_at > parse_time(superseded):
-        raise TrustError(f"signing key {key_id} of {site!r} was rotated out at {superseded}")
+    if superseded and signed_at is not None:
+        if signed_at > parse_time(superseded):
+            raise TrustError(f"signing key {key_id} of {site!r} was rotated out at {superseded}")
+        retired = retired_at(paths, site, record)
+        if now() > retired:
+            raise TrustError(f"signing key {key_id} of {site!r} was rotated out at {superseded} and retired at "
+                             f"{iso(retired)} (grace after {paths.site} accepted the rotation)")
     return _public(record)
 
 

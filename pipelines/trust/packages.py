@@ -7,21 +7,36 @@ key. The chunk index and a final flag are in the nonce and, with the package id,
 data, so reordered, dropped or added chunks fail authentication; the header also carries the exact
 size, chunk count and BLAKE3 digest of the content. Memory is a few chunk buffers whatever the size.
 
-Opening checks, in order: the envelope (format, sender trusted and key not revoked, signature,
-recipient, expiry), replay (package id consumed) and sequence (must be newer than the last opened
-on that channel), key unwrap, exact length, every chunk, the digest; for `content_type="model"`
-also the model signature. Plaintext goes to a staging folder beside the output and is moved into
-place only when everything verified.
+Opening checks, in order: the envelope (form and fields, sender a configured partner trusted here
+with a key neither revoked nor retired, signature, recipient, times), replay (package id consumed)
+and sequence (newer than the last opened on its channel, by at most `max_sequence_jump`; a channel
+is sender + `channel`, so kinds delivered out of order do not shadow each other), key unwrap, exact
+length, every chunk, the digest; for `content_type="model"` also the model signature; last the
+sender's audit head (kept as a witness, `audit.witness`). Plaintext goes to a staging folder
+(`.opening-*`, locked while in use) beside the output and is moved into place only when everything
+verified; `clean_stale_staging` removes what a killed process left.
+
+A directory travels as a tar stream that is unpacked here member by member, not by `tarfile`'s
+extraction (whose safety filter depends on the interpreter's patch level): only regular files and
+folders, plain relative names, every folder opened without following links, every file created
+new (O_EXCL | O_NOFOLLOW), the resolved destination checked to stay under the staging folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
+import re
+import shutil
+import stat
 import struct
 import tarfile
 import tempfile
+import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,11 +48,20 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pipelines.fileio import atomic_path, read_json, update_json
 from pipelines.trust import audit, envelope, keys
 from pipelines.trust.envelope import DEFAULT_KEM, KEMS, PackageRejected
-from pipelines.workspace import SitePaths
+from pipelines.workspace import SAFE_NAME, SitePaths, UnsafeName, safe_name
 
 CHUNK_SIZE = 1 << 20
 MIN_CHUNK, MAX_CHUNK = 1 << 10, 16 << 20
 TAG = 16  # bytes an AES-GCM tag adds to each chunk
+STAGING_PREFIX = ".opening-"
+# Directory packages: limits on the tar stream a partner sends.
+MAX_MEMBERS = 10_000
+MAX_MEMBER_PATH = 1024  # characters of a member's relative name
+MAX_MEMBER_DEPTH = 32
+MAX_MEMBER_HEADERS = 32 * 1024  # bytes tarfile may read to parse one member's headers (PAX, long names)
+MAX_PAX = 4096  # bytes of PAX records one member may carry
+TAR_BUFFER = 256 * 1024  # tarfile's read size when unpacking
+_COMPONENT = re.compile(r"^[^\x00-\x1f\x7f/\\]{1,255}$")
 
 
 class SealError(ValueError):
@@ -178,19 +202,30 @@ def _empty_state() -> dict[str, dict]:
     return {"sent": {}, "received": {}, "consumed": {}}
 
 
+def _channel(party: str, header: dict[str, Any]) -> str:
+    """The state key of a channel: the other party and the header's `channel` (a kind of content)."""
+    return f"{party}/{header['channel']}"
+
+
 def _check_fresh(state: dict[str, Any], site: str, header: dict[str, Any]) -> None:
     if header["package_id"] in state.get("consumed", {}):
         raise PackageRejected(f"package {header['package_id']} was already opened at {site} (replay)")
-    last = state["received"].get(header["sender"], 0)
+    channel = f"{header['sender']}->{site} ({header['channel']})"
+    last = state["received"].get(_channel(header["sender"], header), 0)
     if header["sequence"] <= last:
         raise PackageRejected(
-            f"stale sequence number {header['sequence']} on channel {header['sender']}->{site}: "
-            f"sequence {last} was already opened"
+            f"stale sequence number {header['sequence']} on channel {channel}: sequence {last} was already opened"
+        )
+    jump = keys.settings().max_sequence_jump
+    if header["sequence"] > last + jump:
+        raise PackageRejected(
+            f"sequence number {header['sequence']} on channel {channel} jumps more than {jump} past "
+            f"the last one opened ({last})"
         )
 
 
 def _record_opened(state: dict[str, Any], header: dict[str, Any]) -> None:
-    state["received"][header["sender"]] = header["sequence"]
+    state["received"][_channel(header["sender"], header)] = header["sequence"]
     # An id is kept until its package expires: after that the package is refused as expired, and a
     # replay always has a stale sequence number; the id only gives the plainer replay message.
     now = keys.now()
@@ -205,6 +240,164 @@ def _saved_state(paths: SitePaths) -> dict[str, Any]:
         return read_json(_state_file(paths))
     except FileNotFoundError:
         return _empty_state()
+
+
+# ---------------------------------------------------------------- directory members
+
+
+def member_problem(name: Any) -> str | None:
+    """Why `name` cannot be a member of a directory package (None when it is a plain relative name)."""
+    if not isinstance(name, str) or not name:
+        return "an empty name"
+    if len(name) > MAX_MEMBER_PATH:
+        return f"a name longer than {MAX_MEMBER_PATH} characters"
+    if name.startswith("/"):
+        return "an absolute name"
+    parts = name.split("/")
+    if len(parts) > MAX_MEMBER_DEPTH:
+        return f"more than {MAX_MEMBER_DEPTH} levels"
+    for part in parts:
+        if part in ("", ".", ".."):
+            return f"a {part or 'empty'!r} component"
+        if not _COMPONENT.match(part):
+            return "a component with a control character, a backslash or more than 255 characters"
+        try:
+            if len(part.encode("utf-8")) > 255:
+                return "a component longer than 255 bytes"
+        except UnicodeEncodeError:
+            return "a component that is not UTF-8"
+    return None
+
+
+def _add_tree(tar: tarfile.TarFile, folder: Path, prefix: str = "") -> None:
+    """Add the content of `folder` (regular files and folders only, links are not followed) to `tar`."""
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        arcname, info = prefix + entry.name, entry.stat(follow_symlinks=False)
+        if problem := member_problem(arcname):
+            raise SealError(f"cannot seal {entry.path}: {problem}")
+        if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
+            raise SealError(f"cannot seal {entry.path}: only regular files and folders travel in a package "
+                            "(no links, devices or pipes)")
+        member = tar.gettarinfo(entry.path, arcname)
+        member.uid = member.gid = 0
+        member.uname = member.gname = ""
+        if stat.S_ISDIR(info.st_mode):
+            tar.addfile(member)
+            _add_tree(tar, Path(entry.path), arcname + "/")
+        else:
+            with open(entry.path, "rb") as source:
+                tar.addfile(member, source)
+
+
+class _Metered(io.RawIOBase):
+    """The plaintext as `tarfile` reads it, with a cap on what it may read while parsing one member's
+    headers (a PAX header of gigabytes would otherwise be read into memory whole): its read buffer
+    (`bufsize`) plus MAX_MEMBER_HEADERS."""
+
+    def __init__(self, source: _Opener, bufsize: int):
+        super().__init__()
+        self.source, self.bufsize, self.count, self.limit = source, bufsize, 0, None
+
+    def expect_headers(self) -> None:
+        self.limit = self.count + self.bufsize + MAX_MEMBER_HEADERS
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        got = self.source.readinto(buffer)
+        self.count += got
+        if self.limit is not None and self.count > self.limit:
+            raise PackageRejected(f"a member's tar headers take more than {MAX_MEMBER_HEADERS} bytes")
+        return got
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    kinds = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device",
+             tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a FIFO", tarfile.GNUTYPE_SPARSE: "a sparse file"}
+    return kinds.get(member.type, f"of type {member.type!r}")
+
+
+def _check_member(member: tarfile.TarInfo, limit: int) -> None:
+    name = member.name
+    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
+        raise PackageRejected(f"directory package member {name[:100]!r} is {_member_kind(member)}; "
+                              "only regular files and folders are accepted")
+    if problem := member_problem(name):
+        raise PackageRejected(f"directory package member {name[:100]!r} has {problem}")
+    if sum(len(k) + len(v) for k, v in member.pax_headers.items()) > MAX_PAX:
+        raise PackageRejected(f"directory package member {name[:100]!r} carries more than {MAX_PAX} bytes of PAX records")
+    if member.isdir() and member.size != 0 or member.size < 0 or member.size > limit:
+        raise PackageRejected(f"directory package member {name[:100]!r} has an implausible size {member.size}")
+
+
+def _open_dir(name: str, parent: int) -> int:
+    """A descriptor of folder `name` under `parent`, created if missing; links are never followed."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o755, dir_fd=parent)
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    except OSError:  # a file of that name, or a link
+        raise PackageRejected(f"directory package member path {name[:100]!r} is not a folder") from None
+
+
+def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, staged: Path, root: int, buffer: memoryview) -> None:
+    parts = member.name.split("/")
+    destination = Path(os.path.realpath(staged.joinpath(*parts)))
+    if not destination.is_relative_to(staged):
+        raise PackageRejected(f"directory package member {member.name[:100]!r} resolves outside the target")
+    folder = os.dup(root)
+    try:
+        for part in parts[:-1] if not member.isdir() else parts:
+            inner = _open_dir(part, folder)
+            os.close(folder)
+            folder = inner
+        if member.isdir():
+            return
+        try:
+            fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o755 if member.mode & 0o100 else 0o644, dir_fd=folder)
+        except FileExistsError:
+            raise PackageRejected(f"directory package member {member.name[:100]!r} appears twice") from None
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as sink:
+                source = tar.extractfile(member)
+                written = 0
+                while got := source.readinto(buffer):
+                    sink.write(buffer[:got])
+                    written += got
+            if written != member.size:
+                raise PackageRejected(f"directory package member {member.name[:100]!r} is truncated")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(folder)
+
+
+def _extract(content: _Opener, staged: Path, header: dict[str, Any]) -> None:
+    """Unpack the tar stream into the new folder `staged`, member by member (see the module docstring)."""
+    staged.mkdir()
+    staged = Path(os.path.realpath(staged))
+    bufsize = min(header["chunk_size"], TAR_BUFFER)
+    meter = _Metered(content, bufsize)
+    meter.expect_headers()
+    buffer = memoryview(bytearray(bufsize))
+    root = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        with tarfile.open(fileobj=meter, mode="r|", bufsize=bufsize) as tar:
+            for count, member in enumerate(tar, start=1):
+                meter.limit = None
+                if count > MAX_MEMBERS:
+                    raise PackageRejected(f"directory package has more than {MAX_MEMBERS} members")
+                _check_member(member, header["content_size"])
+                _write_member(tar, member, staged, root, buffer)
+                meter.expect_headers()
+    except tarfile.TarError as error:
+        raise PackageRejected(f"package content is not a valid directory archive: {error}") from None
+    finally:
+        os.close(root)
+    content.drain()
 
 
 # ---------------------------------------------------------------- seal
@@ -223,17 +416,36 @@ def seal(
     kem: str = DEFAULT_KEM,
     actor: str | None = None,
     chunk_size: int = CHUNK_SIZE,
+    channel: str | None = None,
 ) -> dict:
-    """Seal the file or directory `src` for `recipient` into `out`; returns the signed header."""
+    """Seal the file or directory `src` for `recipient` into `out`; returns the signed header.
+
+    `channel` (default: `metadata["kind"]` when given, else `content_type`) names the sequence the
+    package takes: the recipient keeps one per sender and channel. The header also carries this
+    site's signed audit head (`audit.signed_head`) for the recipient to witness."""
     src, out = Path(src), Path(out)
     if kem not in KEMS:
         raise SealError(f"unknown KEM suite {kem!r}; choose one of {', '.join(KEMS)}")
     if not src.exists():
         raise SealError(f"nothing to seal: {src} does not exist")
+    if not (src.is_file() or src.is_dir()):
+        raise SealError(f"cannot seal {src}: only a regular file or a folder can be sealed")
+    try:
+        safe_name(src.name, "name of what is sealed")
+    except UnsafeName as error:
+        raise SealError(str(error)) from None
     if recipient == sender.site:
         raise SealError(f"{sender.site} cannot seal a package for itself")
     if not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
         raise SealError("chunk_size must be between 1 KiB and 16 MiB")
+    limits = keys.settings()
+    if expires_in > limits.max_package_lifetime:
+        raise SealError(f"expires_in {expires_in} exceeds the package lifetime limit of "
+                        f"{limits.max_package_lifetime_days:g} days (conf/trust.yaml)")
+    metadata = dict(metadata or {})
+    if channel is None:
+        kind = metadata.get("kind")
+        channel = kind if isinstance(kind, str) and SAFE_NAME.match(kind) else content_type
     try:
         record = keys.trusted_record(sender, recipient)
     except keys.TrustError as error:
@@ -241,19 +453,27 @@ def seal(
     if record["kem_key_id"] in keys.revoked(sender):
         raise SealError(f"the key {record['kem_key_id']} of {recipient!r} is revoked at {sender.site!r}")
     signer = keys.signing_key(sender)
-    with update_json(_state_file(sender), _empty_state()) as state:
-        sequence = state["sent"][recipient] = state["sent"].get(recipient, 0) + 1
 
     created = keys.now()
     header: dict[str, Any] = {
         "format": envelope.FORMAT, "package_id": uuid.uuid4().hex, "sender": sender.site, "recipient": recipient,
-        "sequence": sequence, "created": keys.iso(created), "expires": keys.iso(created + expires_in),
+        "sequence": 1, "channel": channel, "created": keys.iso(created), "expires": keys.iso(created + expires_in),
         "content_type": content_type, "purpose": purpose, "name": src.name,
         "layout": "tar" if src.is_dir() else "file", "chunk_size": chunk_size,
-        "content_size": 0, "chunks": 0, "content_digest": "blake3:" + "0" * 64,
+        "content_size": 0, "chunks": 1, "content_digest": "blake3:" + "0" * 64,
         "kem_suite": kem, "recipient_kem_key_id": record["kem_key_id"],
-        "sender_key_id": keys.signing_key_id(sender), "metadata": metadata or {},
+        "sender_key_id": keys.signing_key_id(sender), "metadata": metadata,
+        "audit_head": audit.signed_head(sender), "wrapped_key": "",
     }
+    if problem := envelope.header_problem(header):
+        raise SealError(f"cannot seal as asked: {problem}")
+    try:
+        envelope.canonical(header)
+    except ValueError as error:
+        raise SealError(f"metadata is not plain JSON: {error}") from None
+    with update_json(_state_file(sender), _empty_state()) as state:
+        key = _channel(recipient, header)
+        header["sequence"] = state["sent"][key] = state["sent"].get(key, 0) + 1
     content_key = AESGCM.generate_key(256)
     header["wrapped_key"] = envelope.wrap_key(content_key, header, record)
     reserved = envelope.reserve(header)
@@ -262,8 +482,7 @@ def seal(
         sealer = _Sealer(handle, content_key, header["package_id"], chunk_size)
         if src.is_dir():
             with tarfile.open(fileobj=sealer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                for child in sorted(src.iterdir()):
-                    tar.add(child, arcname=child.name)
+                _add_tree(tar, src)
         else:
             with src.open("rb") as source:
                 _copy(source, sealer, chunk_size)
@@ -275,8 +494,9 @@ def seal(
     audit.append(
         sender, action="package.sealed", actor=actor or f"svc-{sender.site}", object=header["package_id"],
         outcome="success",
-        details={k: header[k] for k in ("recipient", "sequence", "purpose", "content_type", "content_digest",
-                                         "content_size", "kem_suite", "expires")} | {"file": str(out)},
+        details={k: header[k] for k in ("recipient", "sequence", "channel", "purpose", "content_type",
+                                         "content_digest", "content_size", "kem_suite", "expires")}
+        | {"file": str(out), "audit_seq": header["audit_head"]["seq"]},
     )
     return header
 
@@ -288,7 +508,8 @@ def _reject(recipient: SitePaths, package: Path, error: PackageRejected, header:
             mode: str) -> None:
     details = {"reason": error.reason, "file": str(package), "mode": mode}
     if header:
-        details |= {k: header.get(k) for k in ("sender", "recipient", "sequence", "content_type", "purpose")}
+        details |= {k: header.get(k) for k in ("sender", "recipient", "sequence", "channel", "content_type",
+                                                "purpose")}
     audit.append(recipient, action="package.rejected", actor=actor or f"svc-{recipient.site}",
                  object=(header or {}).get("package_id", package.name), outcome="rejected", details=details)
 
@@ -302,13 +523,13 @@ def _open_file(package: Path) -> BinaryIO:
 
 def read_signed_header(recipient: SitePaths, package: Path) -> dict:
     """The package's header, its signature verified, without decrypting or replay checks (for audits
-    of what crossed a border, including packages already opened)."""
-    with Path(package).open("rb") as handle:
+    of what crossed a border, including packages already opened). PackageRejected otherwise."""
+    with _open_file(Path(package)) as handle:
         return envelope.read(recipient, handle)[0]
 
 
 def verify_package(recipient: SitePaths, package: Path, *, actor: str | None = None) -> dict:
-    """Check everything `open_package` checks, writing no plaintext and consuming nothing."""
+    """Check everything `open_package` checks but the audit head, writing no plaintext and consuming nothing."""
     package = Path(package)
     header = None
     try:
@@ -322,36 +543,58 @@ def verify_package(recipient: SitePaths, package: Path, *, actor: str | None = N
     return header
 
 
-def _safe_name(name: Any) -> str:
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise PackageRejected(f"package names an unsafe output name {name!r}")
-    return name
+@contextlib.contextmanager
+def _staging(parent: Path) -> Iterator[Path]:
+    """A new private folder in `parent`, locked (flock) while in use and removed after, lock held:
+    `clean_stale_staging` removes only folders whose lock nobody holds."""
+    folder = Path(tempfile.mkdtemp(dir=parent, prefix=STAGING_PREFIX))
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)
+
+
+def _witness_head(recipient: SitePaths, header: dict[str, Any]) -> None:
+    """Keep the sender's audit head (issue 15 finding 5): an older head than one already witnessed is
+    fine (packages can arrive out of order); any other refusal refuses the package."""
+    head = header["audit_head"]
+    if head.get("site") != header["sender"]:
+        raise PackageRejected(f"the audit head in the package is of {str(head.get('site'))[:64]!r}, "
+                              f"not of the sender {header['sender']}")
+    try:
+        audit.witness(recipient, head)
+    except audit.StaleHead:
+        pass
+    except audit.AuditError as error:
+        raise PackageRejected(f"the sender's audit head is refused: {error}") from None
 
 
 def open_package(recipient: SitePaths, package: Path, out_dir: Path, *, actor: str | None = None) -> dict:
     """Verify and decrypt `package` into `out_dir/<name>`; consumes the package. Returns the header
-    plus `path` (where the content landed). On any failure nothing under `out_dir` changes."""
+    plus `path` (where the content landed). On any failure nothing under `out_dir` changes; a failure
+    that comes from the file is a PackageRejected, audited as `package.rejected`."""
     package, out_dir = Path(package), Path(out_dir)
     header = None
     staging_parent = out_dir if out_dir.is_dir() else next(p for p in out_dir.parents if p.is_dir())
     try:
-        with _open_file(package) as handle, tempfile.TemporaryDirectory(dir=staging_parent,
-                                                                        prefix=".opening-") as staging:
+        with _open_file(package) as handle, _staging(staging_parent) as staging:
             header, offset = envelope.read(recipient, handle)
-            target = out_dir / _safe_name(header["name"])
+            target = out_dir / header["name"]
             if target.exists() or target.is_symlink():
                 raise FileExistsError(f"{target} already exists; open into another folder")
             _check_fresh(_saved_state(recipient), recipient.site, header)
             content = _content(recipient, handle, header, offset)
-            staged = Path(staging) / target.name
+            staged = staging / header["name"]
             if header["layout"] == "file":
-                with staged.open("xb") as sink:
-                    _copy(content, sink, header["chunk_size"])
+                _write_file(content, staged, header["chunk_size"])
             else:
-                _extract(content, staged)
-            _fsync_tree(staged)
+                _extract(content, staged, header)
             if header["content_type"] == "model":
                 _check_model_signature(recipient, header, staged)
+            _witness_head(recipient, header)
             with update_json(_state_file(recipient), _empty_state()) as state:
                 _check_fresh(state, recipient.site, header)
                 out_dir.mkdir(parents=True, exist_ok=True)
@@ -363,39 +606,88 @@ def open_package(recipient: SitePaths, package: Path, out_dir: Path, *, actor: s
     audit.append(
         recipient, action="package.opened", actor=actor or f"svc-{recipient.site}", object=header["package_id"],
         outcome="success",
-        details={k: header[k] for k in ("sender", "sequence", "purpose", "content_type", "content_digest",
-                                         "content_size")} | {"path": str(target)},
+        details={k: header[k] for k in ("sender", "sequence", "channel", "purpose", "content_type",
+                                         "content_digest", "content_size")} | {"path": str(target)},
     )
     return header | {"path": str(target)}
 
 
-def _extract(content: _Opener, staged: Path) -> None:
-    """Unpack the tar stream (filter 'data': no absolute paths, links or devices that escape)."""
-    staged.mkdir()
+def _write_file(content: _Opener, staged: Path, chunk_size: int) -> None:
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
-        with tarfile.open(fileobj=content, mode="r|") as tar:
-            tar.extractall(staged, filter="data")
-    except tarfile.TarError as error:
-        raise PackageRejected(f"package content is not a valid directory archive: {error}") from None
-    content.drain()
-
-
-def _fsync_tree(path: Path) -> None:
-    """Make the opened content durable before the package is recorded as consumed."""
-    for item in path.rglob("*") if path.is_dir() else [path]:
-        if item.is_file() and not item.is_symlink():
-            fd = os.open(item, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        with os.fdopen(fd, "wb", closefd=False) as sink:
+            _copy(content, sink, chunk_size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_model_signature(recipient: SitePaths, header: dict, staged: Path) -> None:
     from pipelines.trust import signing
 
-    signer = header.get("metadata", {}).get("model_signer", header["sender"])
+    try:
+        signer = keys.peer(recipient, header["metadata"].get("model_signer", header["sender"]))
+    except keys.TrustError as error:
+        raise PackageRejected(f"model signer refused: {error}") from None
     try:
         signing.verify_model_dir(staged, paths=recipient, signer_site=signer)
     except signing.SignatureError as error:
         raise PackageRejected(f"model signature does not verify: {error}") from None
+
+
+# ---------------------------------------------------------------- leftovers of killed processes
+
+_ATOMIC_TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # pipelines.fileio.atomic_path's temp files
+
+
+def _unlocked(folder: Path) -> bool:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # also releases the lock
+
+
+def clean_stale_staging(paths: SitePaths, *, min_age: float = 10.0, tmp_age: float = 3600.0) -> list[Path]:
+    """Remove what killed processes left in the site's `state/` and `inbox/` folders (three levels
+    deep): `.opening-*` staging folders (decrypted content) whose lock nobody holds and that are at
+    least `min_age` seconds old, and `atomic_path` temp files older than `tmp_age` seconds. Call it
+    when a step starts at the site. Records an audit entry when it removed anything; returns what."""
+    removed: list[Path] = []
+    now = time.time()
+    for top in (paths.state_dir, paths.inbox):
+        if not top.is_dir():
+            continue
+        for folder, subfolders, files in os.walk(top):
+            depth = len(Path(folder).relative_to(top).parts)
+            for name in list(subfolders):
+                path = Path(folder) / name
+                if name.startswith(STAGING_PREFIX) or depth >= 2:
+                    subfolders.remove(name)
+                if not name.startswith(STAGING_PREFIX):
+                    continue
+                try:
+                    info = path.lstat()
+                except FileNotFoundError:  # its owner just removed it
+                    continue
+                if stat.S_ISDIR(info.st_mode) and now - info.st_mtime >= min_age and _unlocked(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+            for name in files:
+                path = Path(folder) / name
+                if _ATOMIC_TMP.match(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        info = path.lstat()
+                        if stat.S_ISREG(info.st_mode) and now - info.st_mtime >= tmp_age:
+                            path.unlink()
+                            removed.append(path)
+    if removed:
+        audit.append(paths, action="staging.cleaned", actor=f"svc-{paths.site}", object=paths.site,
+                     outcome="success", details={"count": len(removed), "removed": [str(p) for p in removed[:20]]})
+    return removed

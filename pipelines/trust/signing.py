@@ -54,8 +54,9 @@ def verify_model_dir(
     paths: SitePaths | None = None,
     signer_site: str | None = None,
 ) -> None:
-    """Verify `model_dir/model.sig` against a PEM public key file, or against the current key of
-    `signer_site` in the trust store of `paths`. Raises SignatureError saying what failed."""
+    """Verify `model_dir/model.sig` against a PEM public key file, or against the keys `paths` holds
+    for `signer_site` (this site or a configured partner: a name from a model's metadata or a package
+    is looked up, never made into a path). Raises SignatureError saying what failed."""
     model_dir = Path(model_dir).resolve()
     signature = model_dir / SIGNATURE_FILE
     if not signature.is_file():
@@ -67,7 +68,11 @@ def verify_model_dir(
             if paths is None or signer_site is None:
                 raise ValueError("pass public_key_pem, or paths and signer_site")
             gone = keys.revoked(paths)
-            usable = [r for r in keys.records(paths, signer_site) if r["signing_key_id"] not in gone]
+            try:
+                known = keys.records(paths, signer_site)
+            except keys.TrustError as error:
+                raise SignatureError(f"signer refused: {error}") from None
+            usable = [r for r in known if r["signing_key_id"] not in gone]
             if not usable:
                 raise SignatureError(f"{paths.site!r} trusts no (unrevoked) signing key of {signer_site!r}")
             candidates = []

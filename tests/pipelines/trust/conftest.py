@@ -15,8 +15,10 @@ from pipelines.workspace import SitePaths
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "factory"
     monkeypatch.setenv("FACTORY_HOME", str(home))
+    for variable in ("FACTORY_KEY_PASSPHRASE", "FACTORY_KEY_PASSPHRASE_FILE"):
+        monkeypatch.delenv(variable, raising=False)
     for site in SITES:
-        monkeypatch.delenv(f"FACTORY_SECRET_{site.upper()}", raising=False)
+        monkeypatch.delenv(f"FACTORY_KEY_PASSPHRASE_{site.upper()}", raising=False)
         keys.ensure_site_keys(SitePaths.of(site, home))
     keys.exchange_trust(home)
     return home

@@ -47,15 +47,14 @@ def test_half_written_run_is_completed_without_replacing_keys(tmp_path):
 
 
 def test_secret_from_environment_is_used_and_not_written(tmp_path, monkeypatch):
-    monkeypatch.setenv("FACTORY_SECRET_ORIGIN", "correct horse battery staple")
+    monkeypatch.setenv("FACTORY_KEY_PASSPHRASE_ORIGIN", "correct horse battery staple")
     paths = SitePaths.of("origin", tmp_path)
     keys.ensure_site_keys(paths)
     assert not paths.secret_file.exists()
     pem = (paths.keys_dir / "gen-0001" / "signing.pem").read_bytes()
     ser.load_pem_private_key(pem, b"correct horse battery staple")
-    monkeypatch.setenv("FACTORY_SECRET_ORIGIN", "wrong")
-    keys._CACHE.clear()
-    with pytest.raises(keys.TrustError, match="wrong site secret"):
+    monkeypatch.setenv("FACTORY_KEY_PASSPHRASE_ORIGIN", "wrong")
+    with pytest.raises(keys.TrustError, match="wrong key passphrase"):
         keys.ensure_site_keys(paths)
 
 

@@ -257,7 +257,7 @@ def test_open_rejects_stale_sequence_number(tmp_path, supplier, origin, snapshot
     _seal(supplier, "origin", src, tmp_path / "2.pkg")
     packages.open_package(origin, tmp_path / "2.pkg", tmp_path / "second")
     reason = _rejected(origin, tmp_path / "1.pkg", tmp_path / "out", snapshot)
-    assert reason == "stale sequence number 1 on channel supplier->origin: sequence 2 was already opened"
+    assert reason == "stale sequence number 1 on channel supplier->origin (dataset): sequence 2 was already opened"
 
 
 def test_open_rejects_a_file_that_is_not_a_package(tmp_path, origin, snapshot):
