@@ -44,4 +44,9 @@ def get_step(name: str) -> StepFunction:
 
 
 def run_step(step_name: str, ctx: StepContext, /, **params: Any) -> dict[str, Any]:
-    return get_step(step_name)(ctx, **params)
+    """Run a step; first remove what a killed step of this site left half-written (plaintext staging)."""
+    from pipelines.trust.packages import clean_stale_staging
+
+    function = get_step(step_name)
+    clean_stale_staging(ctx.paths)
+    return function(ctx, **params)

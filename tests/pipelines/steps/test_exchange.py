@@ -228,3 +228,20 @@ def test_received_model_with_unsafe_name_is_refused_and_nothing_written(home, m1
     assert sorted(p for p in home.rglob("evil*")) == outside
     reason = json.loads((origin.paths.inbox / "rejected" / f"{package.name}.reason.json").read_text())["reason"]
     assert "not a plain name" in reason
+
+
+def test_any_step_first_removes_plaintext_a_killed_open_left(home):
+    """A step killed while opening leaves decrypted content in `.opening-*`; the next step at that
+    site removes it before doing anything else."""
+    import os
+    import time
+
+    origin = _ctx(home, "origin")
+    leftover = origin.paths.state_dir / "open-killed" / ".opening-abc123"
+    leftover.mkdir(parents=True)
+    (leftover / "plaintext.parquet").write_bytes(b"secret rows")
+    old = time.time() - 60
+    os.utime(leftover, (old, old))
+    with pytest.raises(StepError):
+        run_step("receive_dataset", origin, kind="nothing-pending", name="nothing")
+    assert not leftover.exists()
