@@ -16,6 +16,8 @@ from pipelines.config import SITES
 from pipelines.workspace import SitePaths, WorkspaceError
 
 SITE = click.Choice(SITES)
+AS_SITE = click.option("--as", "site", type=SITE, required=True, help="the site that receives")
+IN_FILE = click.option("--in", "src", type=click.Path(path_type=Path), required=True)
 
 
 def _fail(prefix: str, message: str) -> None:
@@ -78,7 +80,7 @@ def seal_command(sender: str, recipient: str, src: Path, out: Path, purpose: str
 
 @package.command("open")
 @click.option("--as", "site", type=SITE, required=True, help="the recipient site opening the package")
-@click.option("--in", "src", type=click.Path(path_type=Path), required=True)
+@IN_FILE
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="folder to put the content in")
 @_guarded
 def open_command(site: str, src: Path, out: Path) -> None:
@@ -90,8 +92,8 @@ def open_command(site: str, src: Path, out: Path) -> None:
 
 
 @package.command("verify")
-@click.option("--as", "site", type=SITE, required=True)
-@click.option("--in", "src", type=click.Path(path_type=Path), required=True)
+@AS_SITE
+@IN_FILE
 @_guarded
 def verify_command(site: str, src: Path) -> None:
     """Verify a package completely without writing plaintext or consuming it."""
@@ -141,8 +143,8 @@ def keys_rotate(site: str, out_dir: Path | None) -> None:
 
 
 @keys.command("accept")
-@click.option("--as", "site", type=SITE, required=True)
-@click.option("--in", "src", type=click.Path(path_type=Path), required=True)
+@AS_SITE
+@IN_FILE
 @_guarded
 def keys_accept(site: str, src: Path) -> None:
     """Take another site's key-update document into SITE's trust store."""
