@@ -7,9 +7,10 @@ pydantic, and cached per process. `FACTORY_CONF` points at another folder.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -31,9 +32,39 @@ class Partition(_Strict):
     purposes: tuple[str, ...] = ()
 
 
+class Carrier(_Strict):
+    """How sealed packages reach this site and leave it (pipelines.carrier); every key optional."""
+
+    # https: partners push to this site's inbox service; media: they export to removable media.
+    transport: Literal["https", "media"] = "https"
+    # Where partners reach the inbox service (env FACTORY_PARTNER_INBOX_<SITE> overrides it).
+    inbox_url: str | None = Field(default=None, pattern=r"^https://[^/?#\s]+/?$")
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=8460, ge=0, le=65535)
+    # Client addresses the inbox service admits (empty: any; in Kubernetes the NetworkPolicy does this).
+    partner_cidrs: tuple[str, ...] = ()
+    max_package_bytes: int = Field(default=4 << 30, gt=0)
+    max_connections: int = Field(default=16, ge=1)
+    timeout_seconds: float = Field(default=60, gt=0)
+    retry_base_seconds: float = Field(default=5, gt=0)
+    retry_max_seconds: float = Field(default=3600, gt=0)
+    # This site's own Airflow API, for the inbox asset events (env FACTORY_AIRFLOW_URL[_<SITE>]);
+    # None: packages are stored and nothing is posted. The user defaults to the site's service identity.
+    airflow_url: str | None = Field(default=None, pattern=r"^https?://[^?#\s]+$")
+    airflow_user: str | None = None
+
+    @field_validator("partner_cidrs")
+    @classmethod
+    def _networks(cls, cidrs: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in cidrs:
+            ipaddress.ip_network(cidr)  # ValueError names the bad range
+        return cidrs
+
+
 class Site(_Strict):
     display_name: str
     data_partitions: dict[str, Partition]
+    carrier: Carrier = Carrier()
     # The policy bundle this site trusts (pipelines.policy.pin): "auto" = the pin in the site's home
     # (written by `factory init`, changed by `factory policy pin`), else the project's policies/ folder;
     # "sha256:<hex>" = that digest too (a home pin must then agree with it).

@@ -101,6 +101,11 @@ class SitePaths:
         return self.root / "inbox"
 
     @property
+    def outbox(self) -> Path:
+        """Sealed packages this site sends and their delivery state (pipelines.carrier.outbox)."""
+        return self.root / "outbox"
+
+    @property
     def audit_log(self) -> Path:
         return self.root / "audit.log"
 
