@@ -8,7 +8,7 @@ the `model_release` gate, signed, sealed.
 """
 
 from airflow.sdk import dag
-from factory_plugin.flows import DEFAULT_ARGS, inbox_asset, site_enabled, tags, training_flow
+from factory_plugin.flows import DEFAULT_ARGS, site_enabled, tags, training_flow
 from factory_plugin.steps import step_task
 
 from pipelines.policy import release_thresholds
@@ -24,7 +24,7 @@ def stage_1_initial_training():
                                test_sets={"supplier_test": "test"}, parity_set="test",
                                min_accuracy=release_thresholds("export"), after=[validated])
     step_task("release_model", site=SITE, model=registered, recipient="origin", purpose="collaboration",
-              kind="m1", outlets=[inbox_asset("origin", "m1")])
+              kind="m1")
 
 
 if site_enabled(SITE):

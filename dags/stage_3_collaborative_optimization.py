@@ -33,7 +33,7 @@ def stage_3_collaborative_optimization():
                                datasets=["train", "origin-shared"], test_sets={"supplier_test": "test"},
                                parity_set="test", after=[validated])
     step_task("release_model", site=SITE, model=registered, recipient="origin", purpose="collaboration",
-              kind="m3", outlets=[inbox_asset("origin", "m3")])
+              kind="m3")
 
 
 if site_enabled(SITE):

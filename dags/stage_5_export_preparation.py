@@ -64,7 +64,7 @@ def stage_5_export_preparation():
                               subject="Approve export of M5 (export control)?", body=body, after=[registered])
     step_task("release_model", site=SITE, model=registered, recipient="{{ params.destination }}", purpose="export",
               kind="m5", variant="{{ params.variant }}", approvals=[origin_ok, export_ok],
-              thresholds="{{ params.thresholds }}", outlets=[inbox_asset("destination", "m5")])
+              thresholds="{{ params.thresholds }}")
 
 
 if site_enabled(SITE):

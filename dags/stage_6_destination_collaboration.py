@@ -30,7 +30,7 @@ def stage_6_destination_collaboration():
                                datasets=["train", "origin-export", "destination-shared"],
                                test_sets={"supplier_test": "test"}, parity_set="test", after=[validated])
     step_task("release_model", site=SITE, model=registered, recipient="destination", purpose="collaboration",
-              kind="m6", outlets=[inbox_asset("destination", "m6")])
+              kind="m6")
 
 
 if site_enabled(SITE):

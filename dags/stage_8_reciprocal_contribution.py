@@ -29,7 +29,7 @@ def stage_8_reciprocal_contribution():
                                           "destination_contribution_holdout": "destination-contribution-holdout"},
                                parity_set="test", after=[split])
     step_task("release_model", site=SITE, model=registered, recipient="origin", purpose="collaboration",
-              kind="m8", outlets=[inbox_asset("origin", "m8")])
+              kind="m8")
 
 
 if site_enabled(SITE):

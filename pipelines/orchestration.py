@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from pipelines.config import PROJECT_ROOT, load_config
+from pipelines.config import PROJECT_ROOT, SITES, load_config
 from pipelines.workspace import SitePaths, WorkspaceError, factory_home
 
 console = Console(stderr=True)
@@ -126,6 +126,18 @@ def run_stages(stages: list[int], *, approve: bool, home: Path | None = None) ->
                 raise RunFailed(f"DAG {dag_id} is not loaded (FACTORY_SITE may exclude its site)")
             console.rule(f"stage {stage}: {dag_id}")
             run_dag(dags[dag_id], approve=approve, home=home)
+            deliver_embedded(home)
+
+
+def deliver_embedded(home: Path) -> None:
+    """Carry what each site's outbox holds to its recipient (media hand-over with every check), as the
+    carriers between three deployments would; the embedded run plays all three sites in one process."""
+    from pipelines.carrier.media import hand_over
+
+    for sender in SITES:
+        for recipient in SITES:
+            if recipient != sender and (result := hand_over(SitePaths.of(sender, home), SitePaths.of(recipient, home))):
+                console.print(f"carried {len(result['files'])} package(s) {sender} -> {recipient}")
 
 
 @click.command("run")

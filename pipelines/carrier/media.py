@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,14 @@ def import_media(paths: SitePaths, folder: Path) -> dict[str, Any]:
                  outcome="success", details={"sender": sender, "created": payload["created"],
                                              "results": [{k: r.get(k) for k in ("file", "status")} for r in results]})
     return {"sender": sender, "created": payload["created"], "files": results}
+
+
+def hand_over(sender: SitePaths, recipient: SitePaths) -> dict[str, Any] | None:
+    """The embedded carrier of `factory run --embedded` and tests, where one process plays every
+    site: the sender's pending packages for `recipient` go through a medium (a temp folder) with
+    every check of `transfer export/import`. None when nothing is pending."""
+    if not any(r["recipient"] == recipient.site for r in outbox.pending(sender)):
+        return None
+    with tempfile.TemporaryDirectory(prefix="factory-medium-") as medium:
+        export_media(sender, Path(medium) / "medium", recipient=recipient.site)
+        return import_media(recipient, Path(medium) / "medium")

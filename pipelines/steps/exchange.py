@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from pipelines.data.schema import LABEL_COLUMN
 from pipelines.fileio import atomic_path, read_json, update_json, write_json
 from pipelines.learning import registry
 from pipelines.steps import StepContext, StepError, step
-from pipelines.workspace import SitePaths, UnsafeName, safe_name
+from pipelines.workspace import UnsafeName, safe_name
 
 PACKAGE_SUFFIX = ".sfp"
 MODEL_STAGES = frozenset(f"M{n}" for n in range(1, 9))
@@ -98,18 +98,21 @@ def split_holdout(ctx: StepContext, *, dataset: str | dict, fraction: float = 1 
     return {"dataset_id": out["train"], "train": out["train"], "holdout": out["holdout"]}
 
 
-def _inbox_target(recipient: str, kind: str, home: Path) -> Path:
-    inbox = SitePaths.of(recipient, home).inbox
-    inbox.mkdir(parents=True, exist_ok=True)
-    return inbox / f"{kind}-{uuid.uuid4().hex[:12]}{PACKAGE_SUFFIX}"
-
-
 def _already_sent(ctx: StepContext, key: str) -> dict[str, Any] | None:
+    """What an earlier run of this release sealed, if its package is still in the outbox."""
     record = _records(ctx, "sent").get(key)
     if record and Path(record["package"]).exists():
         print(f"already sent: {record['package']}")
         return record
     return None
+
+
+def _seal_to_outbox(ctx: StepContext, recipient: str, src: Path, **seal_options: Any) -> tuple[dict, Path]:
+    """Seal for `recipient` into this site's own outbox; a carrier delivers it (pipelines.carrier)."""
+    from pipelines.carrier.outbox import seal_to_outbox
+
+    header, delivery = seal_to_outbox(ctx.paths, recipient, src, **seal_options)
+    return header, ctx.paths.outbox / delivery["file"]
 
 
 def _verified_approvals(ctx: StepContext, gate: str, answers: Any) -> list[dict[str, Any]]:
@@ -151,7 +154,6 @@ def release_dataset(ctx: StepContext, *, dataset: str | dict, recipient: str, pu
     from pipelines.data.catalog import content_path, load_dataset
     from pipelines.data.lineage import lineage_entries
     from pipelines.data.sanitize import read_report
-    from pipelines.trust.packages import seal
 
     frame, version = load_dataset(ctx.paths, dataset_ref(dataset), action="share", purpose=purpose)
     key = f"{kind}:{version.md5}:{recipient}"
@@ -171,12 +173,11 @@ def release_dataset(ctx: StepContext, *, dataset: str | dict, recipient: str, pu
         "approvals": _verified_approvals(ctx, "data_release", approvals),
     }
     _gate(ctx, "data_release", document)
-    target = _inbox_target(recipient, kind, ctx.paths.home)
-    header = seal(ctx.paths, recipient, content_path(ctx.paths, version), target, purpose=purpose,
-                  content_type="dataset",
-                  metadata={"kind": kind, "dataset": version.id, "md5": version.md5, "flags": version.flags,
-                            "owner": version.owner, "rows": len(frame), "approvals": document["approvals"],
-                            "lineage": lineage_entries(ctx.paths, [version.id])})
+    header, target = _seal_to_outbox(
+        ctx, recipient, content_path(ctx.paths, version), purpose=purpose, content_type="dataset",
+        metadata={"kind": kind, "dataset": version.id, "md5": version.md5, "flags": version.flags,
+                  "owner": version.owner, "rows": len(frame), "approvals": document["approvals"],
+                  "lineage": lineage_entries(ctx.paths, [version.id])})
     record = {"package": str(target), "package_id": header["package_id"], "dataset_id": version.id,
               "recipient": recipient, "kind": kind}
     _remember(ctx, "sent", key, record)
@@ -187,8 +188,9 @@ def release_dataset(ctx: StepContext, *, dataset: str | dict, recipient: str, pu
 def _pending_packages(ctx: StepContext, kind: str) -> list[Path]:
     """Unopened packages of `kind` in the inbox, newest first."""
     done = {r["package"] for r in _records(ctx, "received").values()}
-    return sorted((p for p in ctx.paths.inbox.glob(f"{kind}-*{PACKAGE_SUFFIX}") if str(p) not in done),
-                  key=lambda p: p.stat().st_mtime, reverse=True)
+    named = re.compile(rf"^{re.escape(kind)}-[0-9a-f]{{12,32}}{re.escape(PACKAGE_SUFFIX)}$")
+    return sorted((p for p in ctx.paths.inbox.iterdir() if named.match(p.name) and str(p) not in done),
+                  key=lambda p: p.stat().st_mtime, reverse=True) if ctx.paths.inbox.is_dir() else []
 
 
 def _reject(ctx: StepContext, package: Path, reason: str) -> None:
@@ -309,7 +311,6 @@ def release_model(ctx: StepContext, *, model: str | dict, recipient: str, purpos
                   thresholds: dict[str, float] | None = None) -> dict[str, Any]:
     """model_release gate, then seal the signed model directory for `recipient` into its inbox."""
     from pipelines.trust import audit
-    from pipelines.trust.packages import seal
 
     ref = registry.resolve_model(ctx.paths, model if isinstance(model, str) else f"{model['name']}/{model['version']}",
                                  variant=variant)
@@ -322,11 +323,11 @@ def release_model(ctx: StepContext, *, model: str | dict, recipient: str, purpos
         if value is None or value < floor:
             raise StepError(f"{ref.uri} {metric} {value} is below this run's threshold {floor}")
     _gate(ctx, "model_release", document)
-    target = _inbox_target(recipient, kind, ctx.paths.home)
     with _release_dir(ctx, ref, document["approvals"]) as release:
-        header = seal(ctx.paths, recipient, release, target, purpose=purpose, content_type="model",
-                      metadata={"kind": kind, "model": ref.uri, "stage": ref.metadata["stage"],
-                                "variant": ref.metadata.get("variant"), "approvals": document["approvals"]})
+        header, target = _seal_to_outbox(
+            ctx, recipient, release, purpose=purpose, content_type="model",
+            metadata={"kind": kind, "model": ref.uri, "stage": ref.metadata["stage"],
+                      "variant": ref.metadata.get("variant"), "approvals": document["approvals"]})
     audit.append(ctx.paths, action="model.released", actor=_requester(ctx), object=ref.uri, outcome="success",
                  details={"recipient": recipient, "purpose": purpose, "package_id": header["package_id"],
                           "approvals": document["approvals"]})

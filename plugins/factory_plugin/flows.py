@@ -110,7 +110,7 @@ def data_release_flow(*, site: str, dataset: str, recipient: str, purpose: str, 
                              required_role="compliance_officer", subject=f"Release {dataset} data to {recipient}?",
                              body=body, after=[validated])
     return step_task("release_dataset", site=site, dataset=sanitized, recipient=recipient, purpose=purpose,
-                     kind=kind, approvals=approved, validation=validated, outlets=[inbox_asset(recipient, kind)])
+                     kind=kind, approvals=approved, validation=validated)
 
 
 def dataset_intake(*, site: str, kind: str, name: str):

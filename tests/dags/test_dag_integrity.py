@@ -97,6 +97,27 @@ def _asset_uris(condition) -> set[str]:
     return {condition.uri}
 
 
+def _carried(dag) -> set[str]:
+    """The inbox assets a DAG's releases lead to: a release seals into the sender's outbox and the
+    recipient's inbox service posts `factory://<recipient>/inbox/<kind>` in the recipient's Airflow."""
+    uris = set()
+    for task in dag.tasks:
+        args = getattr(task, "op_args", ())
+        if len(args) == 3 and args[0] in ("release_model", "release_dataset"):
+            recipient = args[2]["recipient"]
+            if recipient.startswith("{{ params."):  # a trigger parameter: its default
+                recipient = dag.params.get_param(recipient.removeprefix("{{ params.").removesuffix(" }}")).value
+            uris.add(f"factory://{recipient}/inbox/{args[2]['kind']}")
+    return uris
+
+
+def test_release_tasks_emit_no_asset_event_for_another_site():
+    """The sender's Airflow never claims a package arrived elsewhere: only the recipient's inbox says so."""
+    for dag in _bag(DAGS).dags.values():
+        for task in dag.tasks:
+            assert not [a for a in task.outlets if "/inbox/" in a.uri], f"{dag.dag_id}.{task.task_id}"
+
+
 def test_stage_order_of_conf_lists_every_stage_dag_in_an_order_their_triggers_allow():
     from pipelines.config import load_config
 
@@ -113,7 +134,7 @@ def test_stage_order_of_conf_lists_every_stage_dag_in_an_order_their_triggers_al
             assert not triggers or triggers & produced, (
                 f"{dag_id} waits for {sorted(triggers)}, which no DAG listed before it produces"
             )
-            produced |= {asset.uri for task in dag.tasks for asset in task.outlets}
+            produced |= {asset.uri for task in dag.tasks for asset in task.outlets} | _carried(dag)
 
 
 def test_factory_site_restricts_loaded_dags(monkeypatch):

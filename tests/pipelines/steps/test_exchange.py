@@ -46,40 +46,52 @@ def _inbox(home: Path, site: str) -> list[Path]:
     return sorted(SitePaths.of(site, home).inbox.glob("*.sfp"))
 
 
+def _outbox(home: Path, site: str) -> list[Path]:
+    return sorted(SitePaths.of(site, home).outbox.glob("*.sfp"))
+
+
+def _carry(home: Path, sender: str, recipient: str) -> dict:
+    from pipelines.carrier.media import hand_over
+
+    return hand_over(SitePaths.of(sender, home), SitePaths.of(recipient, home))
+
+
 def _actions(paths: SitePaths, action: str) -> list[dict]:
     return [entry for entry in audit.entries(paths) if entry["action"] == action]
 
 
 def test_release_model_seals_signed_model_for_recipient_once(home, m1):
+    """The sender writes only to its own outbox; nothing appears in the recipient's home."""
     supplier = _ctx(home, "supplier")
-    before = set(_inbox(home, "origin"))
+    before, inbox_before = set(_outbox(home, "supplier")), set(_inbox(home, "origin"))
     record = run_step("release_model", supplier, model=m1, recipient="origin", purpose="collaboration", kind="m1")
     package = Path(record["package"])
-    assert set(_inbox(home, "origin")) - before == {package}
+    assert set(_outbox(home, "supplier")) - before == {package}
+    assert set(_inbox(home, "origin")) == inbox_before
     assert record["model"] == f"{m1['name']}/{m1['version']}" and record["recipient"] == "origin"
     released = [e for e in _actions(supplier.paths, "model.released") if e["details"]["package_id"] == record["package_id"]]
     assert len(released) == 1 and released[0]["details"]["recipient"] == "origin"
     # A re-run of the finished step returns the same package instead of sealing a second one.
     again = run_step("release_model", supplier, model=m1, recipient="origin", purpose="collaboration", kind="m1")
-    assert again == record and set(_inbox(home, "origin")) - before == {package}
+    assert again == record and set(_outbox(home, "supplier")) - before == {package}
 
 
 def test_release_model_below_run_threshold_seals_nothing(home, m1):
     supplier = _ctx(home, "supplier")
-    before = set(_inbox(home, "destination"))
+    before = set(_outbox(home, "supplier"))
     with pytest.raises(StepError, match="below this run's threshold"):
         run_step("release_model", supplier, model=m1, recipient="destination", purpose="collaboration",
                  kind="m1-strict", thresholds={"supplier_test": 1.01})
-    assert set(_inbox(home, "destination")) == before
+    assert set(_outbox(home, "supplier")) == before
 
 
 def test_release_model_denied_by_gate_seals_nothing(home, m1):
     """An export without licence evidence, approvals or watermark is denied by model_release."""
     supplier = _ctx(home, "supplier")
-    before = set(_inbox(home, "destination"))
+    before = set(_outbox(home, "supplier"))
     with pytest.raises(StepError, match="model_release gate denied"):
         run_step("release_model", supplier, model=m1, recipient="destination", purpose="export", kind="m5")
-    assert set(_inbox(home, "destination")) == before
+    assert set(_outbox(home, "supplier")) == before
     denials = [e for e in _actions(supplier.paths, "policy.decision") if e["outcome"] == "deny"]
     assert denials, "the denial is in the supplier's audit log"
 
@@ -87,6 +99,7 @@ def test_release_model_denied_by_gate_seals_nothing(home, m1):
 def test_receive_model_verifies_registers_and_evaluates_where_the_data_lives(home, m1):
     supplier, origin = _ctx(home, "supplier"), _ctx(home, "origin")
     sent = run_step("release_model", supplier, model=m1, recipient="origin", purpose="collaboration", kind="m1")
+    _carry(home, "supplier", "origin")
     record = run_step("receive_model", origin, kind="m1", test_sets={"origin_test": "test"})
     assert record["package_id"] == sent["package_id"] and record["from"] == "supplier"
     assert 0.0 <= record["metrics"]["origin_test"] <= 1.0
@@ -96,7 +109,7 @@ def test_receive_model_verifies_registers_and_evaluates_where_the_data_lives(hom
     assert run_step("receive_model", origin, kind="m1", test_sets={"origin_test": "test"}) == record
 
 
-def test_receive_model_refuses_tampered_package_and_registers_nothing(home, m1, tmp_path):
+def test_package_tampered_in_transit_is_refused_and_nothing_registered(home, m1, tmp_path):
     supplier, destination = _ctx(home, "supplier"), _ctx(home, "destination")
     sent = run_step("release_model", supplier, model=m1, recipient="destination", purpose="collaboration",
                     kind="m1-tamper")
@@ -105,7 +118,10 @@ def test_receive_model_refuses_tampered_package_and_registers_nothing(home, m1, 
     data[-100] ^= 0x01
     package.write_bytes(bytes(data))
     models_before = sorted(p for p in destination.paths.models_dir.rglob("*")) if destination.paths.models_dir.exists() else []
-    with pytest.raises(Exception, match="(?i)tamper|modified|authentic|verify|corrupt"):
+    (row,) = _carry(home, "supplier", "destination")["files"]
+    assert row["status"] == "refused" and row["reason"]
+    assert not [p for p in _inbox(home, "destination") if "m1-tamper" in p.name]
+    with pytest.raises(StepError, match="no acceptable m1-tamper package"):
         run_step("receive_model", destination, kind="m1-tamper", test_sets={"destination_test": "test"})
     models_after = sorted(p for p in destination.paths.models_dir.rglob("*")) if destination.paths.models_dir.exists() else []
     assert models_after == models_before
@@ -148,13 +164,13 @@ def test_release_refuses_forged_approval_and_seals_nothing(home, m1, forged):
     from pipelines.approvals import ApprovalRefused
 
     supplier, origin = _ctx(home, "supplier"), _ctx(home, "origin")
-    before = set(_inbox(home, "destination"))
+    before = set(_outbox(home, "supplier"))
     refusals = len(_actions(origin.paths, "approval.answered"))
     invalid = len(_actions(supplier.paths, "approval.answered"))
     with pytest.raises(ApprovalRefused, match="no recorded response|not sealed|not a configured site"):
         run_step("release_model", supplier, model=m1, recipient="destination", purpose="collaboration",
                  kind="m1-forged", approvals=[forged])
-    assert set(_inbox(home, "destination")) == before
+    assert set(_outbox(home, "supplier")) == before
     if forged.get("owner_site") == "origin":  # audited where the seal was checked
         assert [e["outcome"] for e in _actions(origin.paths, "approval.answered")[refusals:]] == ["forged"]
     else:  # a plain dict or a path names no site to check at: audited by the releasing site
@@ -191,6 +207,7 @@ def test_junk_in_the_inbox_is_moved_aside_and_intake_goes_on(home, m1):
 
     supplier, origin = _ctx(home, "supplier"), _ctx(home, "origin")
     sent = run_step("release_model", supplier, model=m1, recipient="origin", purpose="collaboration", kind="m1-junk")
+    _carry(home, "supplier", "origin")
     junk = origin.paths.inbox / "m1-junk-000000000000.sfp"
     junk.write_bytes(b"SFP" + b"[" * 200_000)
     future = time.time() + 3600
