@@ -73,7 +73,7 @@ kind_labels := {
 	"strings": "an array of strings",
 	"level": "one of public, restricted, confidential, secret",
 	"decision": "\"approve\" or \"reject\"",
-	"purpose": "\"collaboration\" or \"export\"",
+	"purpose": "\"collaboration\", \"export\" or \"review\"",
 }
 
 # METADATA
@@ -110,7 +110,7 @@ kind_ok(v, "level") if is_number(levels[v])
 
 kind_ok(v, "decision") if v in {"approve", "reject"}
 
-kind_ok(v, "purpose") if v in {"collaboration", "export"}
+kind_ok(v, "purpose") if v in {"collaboration", "export", "review"}
 
 # METADATA
 # description: The fields every approval carries.

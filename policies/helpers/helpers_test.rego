@@ -43,6 +43,7 @@ test_kind_ok_decision_and_purpose if {
 	data.factory.helpers.kind_ok("reject", "decision")
 	not data.factory.helpers.kind_ok("abstain", "decision")
 	data.factory.helpers.kind_ok("export", "purpose")
+	data.factory.helpers.kind_ok("review", "purpose")
 	not data.factory.helpers.kind_ok("research", "purpose")
 }
 

@@ -4,7 +4,7 @@
 #   May this model leave the site that trained it for the recipient?
 #   Input: {model: {id, site, metrics: {name: value}, watermark: {verified},
 #   signature: {verified}, lineage: [{dataset_id, owner, local_only, export_authorized,
-#   releasable_to}]}, recipient, purpose: "collaboration"|"export", requested_by,
+#   releasable_to}]}, recipient, purpose: "collaboration"|"export"|"review", requested_by,
 #   approvals: [{user, site, roles, decision}], end_use (optional)}.
 #
 #   Every release: a non-empty lineage with no local-only source, every source owned by
@@ -13,6 +13,9 @@
 #   verified watermark and signature where required), no rejection and no self-approval among the approvals.
 #   Collaboration releases need no officer approval here: the data owner's officer
 #   approved the data release that brought the data to the sender.
+#   Review (a model sent to a data owner so that its officer can evaluate it on the owner's
+#   own test data before deciding on an export) goes only to a site that owns a source in
+#   the model's lineage; it needs no approval (the review is what leads to one).
 #   Export adds: every source export-authorized; a licence of the recipient that covers
 #   the purpose (and the end use when given) and has not expired
 #   (data.factory.export_licences); approvals by distinct users, a compliance_officer of
@@ -173,6 +176,15 @@ deny contains msg if {
 deny contains msg if {
 	well_formed
 	some msg in data.factory.helpers.self_approval_reasons(input.approvals, input.requested_by)
+}
+
+deny contains msg if {
+	well_formed
+	input.purpose == "review"
+	not input.recipient in {s.owner | some s in model.lineage}
+	msg := sprintf("%s owns no source in the lineage of model %s; only a data owner of a model may review it", [
+		input.recipient, model.id,
+	])
 }
 
 deny contains msg if {

@@ -126,6 +126,36 @@ test_denies_empty_lineage if {
 	denied_for(with_lineage(collaboration, []), "model digits-cnn/3 has an empty lineage")
 }
 
+# --- review by a data owner (before an export is decided)
+
+review := object.union(export, {"recipient": "origin", "purpose": "review", "approvals": []})
+
+test_allows_review_by_a_data_owner_in_the_lineage if {
+	model_release.decision == {"allow": true, "reasons": []} with input as review
+}
+
+test_denies_review_by_a_site_owning_no_source if {
+	denied_for(
+		with_lineage(review, [supplier_train, object.union(origin_subset, {"owner": "destination"})]),
+		"origin owns no source in the lineage of model digits-cnn-export/3; only a data owner of a model may review it",
+	)
+}
+
+test_denies_review_of_model_with_local_only_source if {
+	denied_for(
+		with_lineage(review, [supplier_train, origin_subset, origin_private]),
+		"model digits-cnn-export/3 was trained on local-only dataset origin/private@1 of origin and may not leave supplier",
+	)
+}
+
+test_denies_review_of_unsigned_model if {
+	denied_for(with_model(review, {"signature": {"verified": false}}), "the signature of model digits-cnn-export/3 is not verified (required for review)")
+}
+
+test_denies_review_with_rejection if {
+	denied_for(object.union(review, {"approvals": [object.union(origin_officer, {"decision": "reject"})]}), "origin_officer (origin) rejected the request")
+}
+
 # --- exports
 
 test_allows_export_to_destination if {
@@ -297,7 +327,7 @@ test_export_needs_officer_of_every_foreign_owner if {
 test_denies_unknown_purpose if {
 	d := model_release.decision with input as object.union(export, {"purpose": "research"})
 	not d.allow
-	d.reasons == ["field purpose must be \"collaboration\" or \"export\", got \"research\""]
+	d.reasons == ["field purpose must be \"collaboration\", \"export\" or \"review\", got \"research\""]
 }
 
 test_denies_missing_watermark if {
