@@ -43,21 +43,6 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def supplier(home: Path) -> SitePaths:
-    return SitePaths.of("supplier", home)
-
-
-@pytest.fixture
-def origin(home: Path) -> SitePaths:
-    return SitePaths.of("origin", home)
-
-
-@pytest.fixture
-def destination(home: Path) -> SitePaths:
-    return SitePaths.of("destination", home)
-
-
-@pytest.fixture
 def conf_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`conf_with(site, **carrier)`: use a copy of conf/ whose `site` has these carrier settings
     (conf is read once per folder, so each call makes a new copy)."""

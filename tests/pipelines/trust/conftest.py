@@ -24,21 +24,6 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-@pytest.fixture
-def supplier(home: Path) -> SitePaths:
-    return SitePaths.of("supplier", home)
-
-
-@pytest.fixture
-def origin(home: Path) -> SitePaths:
-    return SitePaths.of("origin", home)
-
-
-@pytest.fixture
-def destination(home: Path) -> SitePaths:
-    return SitePaths.of("destination", home)
-
-
 def _snapshot(folder: Path) -> dict[str, bytes] | None:
     if not folder.exists():
         return None
