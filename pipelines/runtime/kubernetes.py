@@ -40,6 +40,7 @@ class SiteObjects:
     dvc_remote_claim: str
     dvc_config: str
     keys_secret: str
+    partners_config: str
     mlflow_url: str
     opa_url: str
 
@@ -54,6 +55,7 @@ class SiteObjects:
             dvc_remote_claim=f"{prefix}-dvc-remote",
             dvc_config=f"{prefix}-dvc",
             keys_secret=f"{prefix}-keys",
+            partners_config=f"{prefix}-partners",
             mlflow_url=f"http://{prefix}-mlflow:5000",
             opa_url=f"http://{prefix}-opa:8181",
         )
@@ -139,7 +141,8 @@ def pod_operator_for_step(
         k8s.V1VolumeMount(name="site-keys", mount_path=str(paths.keys_dir), read_only=True),
         k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
     ]
-    env_from: list[Any] = []
+    # the partners' inbox URLs (FACTORY_PARTNER_INBOX_<SITE>): where this site's outbox is pushed
+    env_from: list[Any] = [k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(name=names.partners_config))]
     if dvc_remote == "pvc":
         volumes.append(
             k8s.V1Volume(
@@ -151,7 +154,7 @@ def pod_operator_for_step(
         )
         mounts.append(k8s.V1VolumeMount(name="dvc-remote", mount_path=str(paths.dvc_remote)))
     else:
-        env_from = [
+        env_from += [
             k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(name=names.dvc_config)),
             k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=names.dvc_config)),
         ]

@@ -213,6 +213,9 @@ def test_chart_provides_what_step_pods_refer_to(chart, site):
     egress = by_kind(objects, "NetworkPolicy")[f"factory-{site}-step-egress"]
     assert egress["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert pod["spec"]["serviceAccountName"] == names.service_account
+    # where a release step's outbox is pushed: the partners' inbox URLs of the chart's values
+    env_from = [e["configMapRef"]["name"] for e in pod["spec"]["containers"][0]["envFrom"] if "configMapRef" in e]
+    assert names.partners_config in env_from and names.partners_config in by_kind(objects, "ConfigMap")
     assert load_config().stages.kubernetes.service_account == chart.values["step"]["serviceAccountName"]
 
 
