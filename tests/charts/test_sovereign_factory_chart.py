@@ -445,7 +445,7 @@ def test_inbox_behind_an_ingress_also_admits_the_controller_and_nothing_else(cha
     assert all(rule["ports"] == [{"protocol": "TCP", "port": 8443}] for rule in rules)
 
 
-def test_inbox_reaches_only_its_own_airflow_api_and_dns(chart):
+def test_inbox_reaches_only_its_own_airflow_api_the_partner_inboxes_and_dns(chart):
     objects = render(chart, {"site": "destination", "partners": partners_of("destination")})
     policies = by_kind(objects, "NetworkPolicy")
     egress = policies["factory-destination-inbox"]["spec"]["egress"]
@@ -453,8 +453,11 @@ def test_inbox_reaches_only_its_own_airflow_api_and_dns(chart):
         "to": [{"podSelector": {"matchLabels": {"tier": "airflow", "component": "api-server"}}}],
         "ports": [{"protocol": "TCP", "port": 8080}],
     }
-    assert egress[1]["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
-    assert len(egress) == 2
+    # its pusher delivers the outbox to each partner's inbox, on that inbox's port only
+    assert egress[1:3] == [{"to": [{"ipBlock": {"cidr": RANGES[p]}}], "ports": [{"protocol": "TCP", "port": 8443}]}
+                           for p in SITES if p != "destination"]
+    assert egress[3]["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert len(egress) == 4
     # and the Airflow API server admits the inbox
     api = policies["factory-destination-inbox-to-airflow"]["spec"]
     assert api["podSelector"]["matchLabels"] == {"tier": "airflow", "component": "api-server"}
@@ -472,10 +475,14 @@ def test_inbox_serves_with_the_site_keys_read_only_on_the_step_workspace(chart, 
     same keys Secret over the site's keys folder (read-only), so `factory inbox serve` finds its key."""
     objects = render(chart, {"site": site, "partners": partners_of(site)})
     pod = inbox_pod(objects, site)["spec"]
-    (container,) = pod["containers"]
+    container, pusher = pod["containers"]
     assert container["command"] + container["args"] == [
         "factory", "inbox", "serve", "--site", site, "--host", "0.0.0.0", "--port", "8443",
     ]  # fmt: skip
+    assert pusher["command"] + pusher["args"] == ["factory", "outbox", "push", "--site", site, "--interval", "10"]
+    assert pusher["volumeMounts"] == container["volumeMounts"] and pusher["securityContext"] == container["securityContext"]
+    pushes_to = {e["name"]: e.get("value") for e in pusher["env"]}
+    assert {f"FACTORY_PARTNER_INBOX_{p.upper()}" for p in SITES if p != site} <= pushes_to.keys()
     assert container["image"] == load_config().stages.kubernetes.image
 
     step = render_pod(pod_operator_for_step(task_id="t", step="evaluate", site=site))["spec"]
