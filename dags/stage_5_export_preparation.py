@@ -1,19 +1,21 @@
-"""Stage 5 — export model preparation at the supplier: one run is one **export variant**.
+"""Stage 5 — export model preparation at the supplier: one run is one **export variant** and one export request.
 
 Engineers trigger it with a destination, a variant name, the selector of the
 export-authorized subset to train on, and optionally stricter release thresholds
 (a run may raise a threshold, never lower it). The supplier trains **M5** on its
-own data and the origin's export-authorized data, registers the variant, and
-asks for two approvals: the origin's compliance officer and the supplier's
-export-control officer (neither the requester). The `model_release` export gate
-then checks lineage, licence, the policy data's thresholds and the model signature
-before M5 is sealed for the destination.
+own data and the origin's export-authorized data and registers the variant. It
+then records the export request (this run's id, the model and its digest, the
+destination, variant and thresholds) and sends M5 to the origin for review
+through the `model_release` gate (purpose `review`: only to a data owner in the
+model's lineage, signed model, no local-only source). The origin evaluates M5 on
+its own test data and its compliance officer decides (`stage_5_export_review`);
+the release to the destination follows at the supplier (`stage_5_export_release`)
+and takes its parameters from the recorded request.
 """
 
 from airflow.sdk import Param, dag
 from factory_plugin.flows import (
     DEFAULT_ARGS,
-    approval_step,
     dataset_intake,
     export_threshold_schema,
     inbox_asset,
@@ -49,21 +51,8 @@ def stage_5_export_preparation():
                                variant="{{ params.variant }}", subset="{{ params.subset }}",
                                subset_datasets=["origin-export"], test_sets={"supplier_test": "test"},
                                parity_set="test", after=[validated])
-    body = ("Export variant `{{ params.variant }}` of **M5** for **{{ params.destination }}**.\n\n"
-            "- Model: `{{ ti.xcom_pull(task_ids='training_flow.register_model') }}`\n"
-            "- Subset: `{{ params.subset }}`; stricter thresholds: `{{ params.thresholds }}`\n\n"
-            "The `model_release` export gate needs every lineage source export-authorized and releasable to the "
-            "destination, a valid export licence, metrics at or above the export thresholds of the policy data, "
-            "a verified model signature, and both approvals (origin compliance officer, supplier export-control "
-            "officer), neither by the requester.")
-    origin_ok = approval_step(group="origin", gate_name="model_release", owner_site="origin",
-                              required_role="compliance_officer", subject="Approve export of M5 (origin)?", body=body,
-                              after=[registered])
-    export_ok = approval_step(group="export_control", gate_name="model_release", owner_site=SITE,
-                              required_role="export_control_officer",
-                              subject="Approve export of M5 (export control)?", body=body, after=[registered])
-    step_task("release_model", site=SITE, model=registered, recipient="{{ params.destination }}", purpose="export",
-              kind="m5", variant="{{ params.variant }}", approvals=[origin_ok, export_ok],
+    step_task("request_review", site=SITE, model=registered, recipient="origin", kind="m5-review",
+              destination="{{ params.destination }}", variant="{{ params.variant }}",
               thresholds="{{ params.thresholds }}")
 
 

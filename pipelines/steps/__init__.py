@@ -20,7 +20,8 @@ StepFunction = Callable[..., dict[str, Any]]
 STEPS: dict[str, StepFunction] = {}
 
 # Modules that register steps; imported on first lookup.
-STEP_MODULES = ("pipelines.steps.training", "pipelines.steps.exchange", "pipelines.steps.monitoring")
+STEP_MODULES = ("pipelines.steps.training", "pipelines.steps.exchange", "pipelines.steps.review",
+                "pipelines.steps.monitoring")
 
 
 def step(name: str) -> Callable[[StepFunction], StepFunction]:

@@ -1,9 +1,12 @@
 """Steps that move data and models between sites: sanitize → validate → (approval) → gate → seal,
 and on the other side open → verify → register.
 
-Nothing leaves a site except through `release_dataset` / `release_model`, which
-evaluate the `data_release` / `model_release` gate themselves right before sealing:
-there is no path from a model or dataset to another site's inbox that skips a gate.
+Nothing leaves a site except through `release_dataset` / `release_checked_model`
+(the `release_model` step, and stage 5's review and export release in
+`pipelines.steps.review`), which evaluate the `data_release` / `model_release` gate
+themselves right before sealing: there is no path from a model or dataset to another
+site's outbox that skips a gate. (An approval document, a site's signed decision on a
+partner's request, is the one other thing a site sends: `review.send_approval`.)
 Both sides keep small JSON records in the site's state folder so a re-run of a
 finished step returns what it did instead of sending or registering twice.
 """
@@ -115,12 +118,14 @@ def _seal_to_outbox(ctx: StepContext, recipient: str, src: Path, **seal_options:
     return header, ctx.paths.outbox / delivery["file"]
 
 
-def _verified_approvals(ctx: StepContext, gate: str, answers: Any) -> list[dict[str, Any]]:
-    """The approvals for this release: each a sealed gate answer of this run, checked here.
+def _verified_approvals(ctx: StepContext, gate: str, answers: Any, *,
+                        requested_by: str | None = None) -> list[dict[str, Any]]:
+    """The approvals for this release: each a signed gate answer of this run, checked here.
 
     A step never takes an approval on another task's word: each answer must carry its owner
-    site's seal and pass the `approval` policy (pipelines.approvals)."""
-    from pipelines.approvals import ApprovalRefused, answer_site, verify_answer
+    site's signature (checked with this site's trust store) and pass the `approval` policy here
+    (pipelines.approvals); refusals are audited at this site."""
+    from pipelines.approvals import ApprovalRefused, answer_owner, verify_answer
     from pipelines.trust import audit
 
     if not answers:
@@ -128,13 +133,14 @@ def _verified_approvals(ctx: StepContext, gate: str, answers: Any) -> list[dict[
     approvals = []
     for answer in answers if isinstance(answers, list) else [answers]:
         try:
-            owner = answer_site(answer, ctx.paths.home)
-        except ApprovalRefused as refused:  # no site to audit at but this one
+            owner = answer_owner(answer)
+        except ApprovalRefused as refused:
             audit.append(ctx.paths, action="approval.answered", actor="unknown", object=gate, outcome="invalid",
                          details={"dag_id": ctx.dag_id, "run_id": ctx.run_id, "reason": str(refused)})
             raise
-        approvals.append(verify_answer(answer, gate_name=gate, owner_site=owner.site, requested_by=_requester(ctx),
-                                       site_paths=owner, dag_id=ctx.dag_id, run_id=ctx.run_id))
+        approvals.append(verify_answer(answer, gate_name=gate, owner_site=owner,
+                                       requested_by=requested_by or _requester(ctx), site_paths=ctx.paths,
+                                       dag_id=ctx.dag_id, run_id=ctx.run_id))
     return approvals
 
 
@@ -264,7 +270,14 @@ def receive_dataset(ctx: StepContext, *, kind: str, name: str) -> dict[str, Any]
 
 def release_document(ctx: StepContext, ref: registry.ModelRef, *, recipient: str, purpose: str,
                      approvals: Any = None) -> dict[str, Any]:
-    """The model_release gate input for a registered model (design section 6)."""
+    """The model_release gate input for a registered model (design section 6), its approvals
+    (signed gate answers of this run) checked here."""
+    return _release_input(ctx, ref, recipient=recipient, purpose=purpose,
+                          approvals=_verified_approvals(ctx, "model_release", approvals))
+
+
+def _release_input(ctx: StepContext, ref: registry.ModelRef, *, recipient: str, purpose: str,
+                   approvals: list[dict[str, Any]], requested_by: str | None = None) -> dict[str, Any]:
     from pipelines.trust.signing import verify_model_dir
 
     meta = ref.metadata
@@ -279,8 +292,8 @@ def release_document(ctx: StepContext, ref: registry.ModelRef, *, recipient: str
         "model": {"id": ref.uri, "site": ctx.site, "stage": meta["stage"], "metrics": metrics,
                   "watermark": {"verified": False},  # no watermarking yet: the export policy data decides
                   "signature": {"verified": signature_ok}, "lineage": meta.get("lineage", [])},
-        "recipient": recipient, "purpose": purpose, "requested_by": _requester(ctx),
-        "approvals": _verified_approvals(ctx, "model_release", approvals),
+        "recipient": recipient, "purpose": purpose, "requested_by": requested_by or _requester(ctx),
+        "approvals": approvals,
     }
 
 
@@ -309,15 +322,32 @@ def _release_dir(ctx: StepContext, ref: registry.ModelRef, approvals: list[dict[
 def release_model(ctx: StepContext, *, model: str | dict, recipient: str, purpose: str, kind: str,
                   variant: str | None = None, approvals: Any = None,
                   thresholds: dict[str, float] | None = None) -> dict[str, Any]:
-    """model_release gate, then seal the signed model directory for `recipient` into its inbox."""
-    from pipelines.trust import audit
-
+    """model_release gate, then seal the signed model directory for `recipient` into this site's outbox."""
     ref = registry.resolve_model(ctx.paths, model if isinstance(model, str) else f"{model['name']}/{model['version']}",
                                  variant=variant)
     key = f"{kind}:{ref.uri}:{recipient}"
     if sent := _already_sent(ctx, key):
         return sent
-    document = release_document(ctx, ref, recipient=recipient, purpose=purpose, approvals=approvals)
+    return release_checked_model(ctx, ref, recipient=recipient, purpose=purpose, kind=kind, key=key,
+                                 approvals=_verified_approvals(ctx, "model_release", approvals), thresholds=thresholds)
+
+
+def release_checked_model(ctx: StepContext, ref: registry.ModelRef, *, recipient: str, purpose: str, kind: str,
+                          key: str, approvals: list[dict[str, Any]], thresholds: dict[str, float] | None = None,
+                          requested_by: str | None = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's thresholds and the model_release gate, then seal `ref` for `recipient` into the outbox.
+
+    `approvals` must already be verified by the caller (`_verified_approvals`, or
+    `pipelines.approvals.verified_document` for a partner's signed decision); `requested_by`
+    (default: who runs this step) is who asked for the release; `metadata` travels in the package
+    header beside the model's; `key` names the release in the site's `sent` records (a re-run of a
+    finished release returns what it sealed)."""
+    from pipelines.trust import audit
+
+    if sent := _already_sent(ctx, key):
+        return sent
+    document = _release_input(ctx, ref, recipient=recipient, purpose=purpose, approvals=approvals,
+                              requested_by=requested_by)
     for metric, floor in (thresholds or {}).items():  # a run may raise a threshold, never lower it
         value = document["model"]["metrics"].get(metric)
         if value is None or value < floor:
@@ -326,11 +356,11 @@ def release_model(ctx: StepContext, *, model: str | dict, recipient: str, purpos
     with _release_dir(ctx, ref, document["approvals"]) as release:
         header, target = _seal_to_outbox(
             ctx, recipient, release, purpose=purpose, content_type="model",
-            metadata={"kind": kind, "model": ref.uri, "stage": ref.metadata["stage"],
+            metadata={**(metadata or {}), "kind": kind, "model": ref.uri, "stage": ref.metadata["stage"],
                       "variant": ref.metadata.get("variant"), "approvals": document["approvals"]})
-    audit.append(ctx.paths, action="model.released", actor=_requester(ctx), object=ref.uri, outcome="success",
-                 details={"recipient": recipient, "purpose": purpose, "package_id": header["package_id"],
-                          "approvals": document["approvals"]})
+    audit.append(ctx.paths, action="model.released", actor=document["requested_by"], object=ref.uri,
+                 outcome="success", details={"recipient": recipient, "purpose": purpose,
+                                             "package_id": header["package_id"], "approvals": document["approvals"]})
     record = {"package": str(target), "package_id": header["package_id"], "model": ref.uri,
               "recipient": recipient, "kind": kind}
     _remember(ctx, "sent", key, record)
@@ -364,12 +394,25 @@ def _checked_model(ctx: StepContext, header: dict[str, Any], model_dir: Path) ->
 def receive_model(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) -> dict[str, Any]:
     """Open the newest model package of `kind`, verify signature, provenance and BOM, register it and
     evaluate it on this site's test data."""
+    received = receive_model_package(ctx, kind=kind, test_sets=test_sets)
+    return _last_received(ctx, kind) if received is None else received[0]
+
+
+def receive_model_package(ctx: StepContext, *, kind: str, test_sets: dict[str, str],
+                          check: Callable[[dict[str, Any], dict[str, Any], Path], None] | None = None,
+                          ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Open, verify, register and evaluate the newest acceptable model package of `kind`: the
+    intake record (also kept in the site's `received` records) and the package header, or None
+    when no package is pending. `check(header, meta, model_dir)` may refuse a verified model for
+    reasons of its own (raising PackageRejected: the package is moved aside and the next one tried)."""
     from pipelines.data.repo import commit_tracked, site_lock
     from pipelines.steps.training import _test_metrics
     from pipelines.trust import audit
 
     def place(header: dict[str, Any], model_dir: Path) -> tuple[dict[str, Any], Path]:
         meta = _checked_model(ctx, header, model_dir)["meta"]
+        if check is not None:
+            check(header, meta, model_dir)
         target = ctx.paths.models_dir / meta["name"] / f"received-{header['package_id'][:12]}"
         with site_lock(ctx.paths):
             if target.exists():
@@ -380,7 +423,7 @@ def receive_model(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) -> 
 
     opened = _intake(ctx, kind, place)
     if opened is None:
-        return _last_received(ctx, kind)
+        return None
     header, (meta, target) = opened
     metrics = _test_metrics(ctx, target, test_sets)
     with site_lock(ctx.paths):
@@ -397,4 +440,4 @@ def receive_model(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) -> 
               "version": ref.version, "stage": meta["stage"], "metrics": metrics, "from": header["sender"]}
     _remember(ctx, "received", header["package_id"], record)
     print(f"received {meta['name']} from {header['sender']}; here: {metrics}")
-    return record
+    return record, header

@@ -1,8 +1,8 @@
-"""Approval gates: a person answers in Airflow's Required Actions; releases accept only sealed answers.
+"""Approval gates: a person answers in Airflow's Required Actions; releases accept only signed answers.
 
 `approval_gate(...)` builds the human-in-the-loop task, assigned to the owner site's users with
-the required role. When Airflow resumes it with the recorded answer, it seals that answer with
-the owner site's key (`pipelines.approvals`). Release steps take the sealed answers and
+the required role. When Airflow resumes it with the recorded answer, it signs that answer with
+the owner site's signing key (`pipelines.approvals`). Release steps take the signed answers and
 check each one themselves; `verified_approval(...)` is the same check for a task of its own.
 
 Nothing here imports Airflow at module import time: Airflow's plugin manager loads this file.
@@ -32,7 +32,7 @@ def _operator_class():
     from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOperator
 
     class FactoryApprovalOperator(ApprovalOperator):
-        """ApprovalOperator whose result is sealed by the site and whose Reject does not skip.
+        """ApprovalOperator whose result is signed by the site and whose Reject does not skip.
 
         The step after the gate must run on Reject too, so that the rejection is audited and the
         run fails with the officer's reason instead of ending quietly with skipped tasks.
@@ -70,7 +70,7 @@ def _operator_class():
                 "requested_by": self.requested_by,
                 "timedout": bool(answer.get("timedout")),
             }
-            record["seal"] = approvals.seal(SitePaths.of(self.owner_site), record)
+            record = approvals.sign_answer(SitePaths.of(self.owner_site), record)
             self.log.info("Answer %s by %s recorded for gate %s", record["chosen_options"],
                           record["responded_by"], self.gate_name)
             return record
@@ -158,7 +158,8 @@ def verified_approval(
 ) -> dict:
     """`pipelines.approvals.verify_answer` for the running task: a refusal fails the task without retry.
 
-    `ti_xcom_value` is the gate task's XCom return value; `dag_id`/`run_id` default to the running task's.
+    `ti_xcom_value` is the gate task's XCom return value; `site_paths` the site that checks it (refusals
+    are audited there, its pinned policy decides); `dag_id`/`run_id` default to the running task's.
     """
     from airflow.sdk.exceptions import AirflowFailException
 

@@ -72,18 +72,18 @@ def training_flow(*, site: str, stage: str, profile: str, datasets: list[str], t
 
 
 def approval_step(*, group: str, gate_name: str, owner_site: str, required_role: str, subject: str, body: str,
-                  after: list | None = None):
-    """An approval gate (HITL); returns its sealed answer for the release step to check.
+                  after: list | None = None, requested_by: str = "{{ dag_run.triggering_user_name or '' }}"):
+    """An approval gate (HITL); returns its signed answer for the release step to check.
 
     The release step never trusts the gate task's state or another task's word: it checks the
-    answer's seal, run and responder against the `approval` policy itself (a force-marked gate
-    has no answer; an XCom written through the API has no valid seal).
+    answer's signature, run and responder against the `approval` policy itself (a force-marked gate
+    has no answer; an XCom written through the API has no valid signature). `requested_by` (shown
+    to the officer) defaults to the user who triggered the run.
     """
     from factory_plugin.approvals import approval_gate
 
     gate = approval_gate(task_id=f"{group}_approval", gate_name=gate_name, owner_site=owner_site,
-                         required_role=required_role, subject=subject, body=body,
-                         requested_by="{{ dag_run.triggering_user_name or '' }}")
+                         required_role=required_role, subject=subject, body=body, requested_by=requested_by)
     for upstream in after or []:
         upstream >> gate
     return gate.output

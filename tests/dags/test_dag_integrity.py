@@ -99,11 +99,12 @@ def _asset_uris(condition) -> set[str]:
 
 def _carried(dag) -> set[str]:
     """The inbox assets a DAG's releases lead to: a release seals into the sender's outbox and the
-    recipient's inbox service posts `factory://<recipient>/inbox/<kind>` in the recipient's Airflow."""
+    recipient's inbox service posts `factory://<recipient>/inbox/<kind>` in the recipient's Airflow.
+    A release task is a step task whose parameters name a `recipient` and a `kind`."""
     uris = set()
     for task in dag.tasks:
         args = getattr(task, "op_args", ())
-        if len(args) == 3 and args[0] in ("release_model", "release_dataset"):
+        if len(args) == 3 and isinstance(args[2], dict) and {"recipient", "kind"} <= set(args[2]):
             recipient = args[2]["recipient"]
             if recipient.startswith("{{ params."):  # a trigger parameter: its default
                 recipient = dag.params.get_param(recipient.removeprefix("{{ params.").removesuffix(" }}")).value

@@ -1,4 +1,4 @@
-"""verified_approval without Airflow processes: sealed answers, forgeries, refusals, the audit log."""
+"""verified_approval without Airflow processes: signed answers, forgeries, refusals, the audit log."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 from factory_plugin.approvals import approval_gate, verified_approval
 
-from pipelines.approvals import seal
+from pipelines.approvals import sign_answer
 from pipelines.trust import audit
 from pipelines.trust.keys import ensure_site_keys
 from pipelines.workspace import SitePaths
@@ -22,12 +22,11 @@ def origin(tmp_path) -> SitePaths:
     return paths
 
 
-def sealed(paths: SitePaths, *, user="origin_officer", option="Approve", comment="ok", **override) -> dict:
+def signed(paths: SitePaths, *, user="origin_officer", option="Approve", comment="ok", **override) -> dict:
     record = {"gate": "data_release", "owner_site": "origin", "required_role": "compliance_officer", **RUN, "task_id": "release_approval",
               "chosen_options": [option], "comment": comment, "responded_by": user,
               "responded_at": "2026-12-02T06:00:00+00:00", "requested_by": "origin_engineer", **override}
-    record["seal"] = seal(paths, record)
-    return record
+    return sign_answer(paths, record)
 
 
 def check(paths: SitePaths, value, requested_by="origin_engineer"):
@@ -38,8 +37,8 @@ def answers(paths: SitePaths) -> list[dict]:
     return [entry for entry in audit.entries(paths) if entry["action"] == "approval.answered"]
 
 
-def test_sealed_approval_by_site_officer_returns_record_and_is_audited(origin):
-    record = check(origin, sealed(origin, comment="report read"))
+def test_signed_approval_by_site_officer_returns_record_and_is_audited(origin):
+    record = check(origin, signed(origin, comment="report read"))
     assert record == {"user": "origin_officer", "site": "origin", "roles": ["compliance_officer"],
                       "decision": "approve", "comment": "report read",
                       "responded_at": "2026-12-02T06:00:00+00:00"}
@@ -55,41 +54,80 @@ def test_force_marked_gate_without_response_is_refused(origin):
     assert answers(origin)[0]["outcome"] == "no_response"
 
 
-@pytest.mark.parametrize("change", [{"responded_by": "origin_officer", "chosen_options": ["Reject"]},
-                                    {"comment": "edited"}])
-def test_altered_or_unsealed_answer_is_refused(origin, change):
-    record = {**sealed(origin, user="origin_officer"), **change}
-    with pytest.raises(AirflowFailException, match="not sealed by site origin"):
+@pytest.mark.parametrize("change", [{"chosen_options": ["Reject"]}, {"comment": "edited"},
+                                    {"responded_by": "origin_auditor"}, {"signature": None},
+                                    {"signature": "bm90IGEgc2lnbmF0dXJl"}, {"signed_at": "2020-01-01T00:00:00Z"}])
+def test_altered_or_unsigned_answer_is_refused(origin, change):
+    record = {**signed(origin, user="origin_officer"), **change}
+    with pytest.raises(AirflowFailException, match="not signed by site origin|no recorded response"):
         check(origin, record)
+    assert answers(origin)[0]["outcome"] in ("forged", "no_response")
+
+
+def test_answer_signed_by_another_sites_key_is_refused(origin, tmp_path):
+    """The supplier's key (trusted for the supplier) does not sign for the origin."""
+    from pipelines.trust.keys import exchange_trust
+
+    supplier = SitePaths.of("supplier", tmp_path)
+    ensure_site_keys(supplier)
+    exchange_trust(tmp_path)
+    with pytest.raises(AirflowFailException, match="not signed by site origin .*unknown signing key"):
+        check(origin, signed(supplier))
     assert answers(origin)[0]["outcome"] == "forged"
 
 
-def test_answer_sealed_by_another_site_key_is_refused(origin, tmp_path):
+def test_answer_signed_by_an_untrusted_key_of_the_same_name_is_refused(origin, tmp_path):
     other = SitePaths.of("origin", tmp_path / "elsewhere")
-    with pytest.raises(AirflowFailException, match="not sealed"):
-        check(origin, sealed(other))
+    ensure_site_keys(other)
+    with pytest.raises(AirflowFailException, match="not signed by site origin"):
+        check(origin, signed(other))
+
+
+def test_answer_verifies_at_another_site_with_its_trust_store_only(origin, tmp_path):
+    """The supplier checks an origin answer with the origin's public key from its trust store,
+    audits it and evaluates the policy there: nothing of the origin's home is read."""
+    from pipelines.trust.keys import exchange_trust
+
+    supplier = SitePaths.of("supplier", tmp_path)
+    ensure_site_keys(supplier)
+    exchange_trust(tmp_path)
+    record = signed(origin)
+    hidden = origin.root.with_name("origin-away")
+    origin.root.rename(hidden)  # nothing of the origin's home exists while the supplier verifies
+    try:
+        approval = check(supplier, record)
+    finally:
+        hidden.rename(origin.root)
+    assert approval["user"] == "origin_officer" and approval["site"] == "origin"
+    assert [e["outcome"] for e in answers(supplier)] == ["approve"] and not answers(origin)
+
+
+def test_owner_site_that_is_not_configured_is_refused(origin):
+    with pytest.raises(AirflowFailException, match="not a configured site"):
+        verified_approval(ti_xcom_value=signed(origin), requested_by="origin_engineer", site_paths=origin,
+                          gate_name="data_release", owner_site="../origin", required_role="compliance_officer", **RUN)
 
 
 def test_answer_of_another_run_is_refused(origin):
     with pytest.raises(AirflowFailException, match="not this run"):
-        check(origin, sealed(origin, run_id="manual__other"))
+        check(origin, signed(origin, run_id="manual__other"))
 
 
 def test_requester_approving_own_request_is_refused(origin):
     with pytest.raises(AirflowFailException, match="origin_officer may not answer"):
-        check(origin, sealed(origin), requested_by="origin_officer")
+        check(origin, signed(origin), requested_by="origin_officer")
     (entry,) = answers(origin)
     assert entry["details"]["allowed"] is False and entry["details"]["reasons"]
 
 
 def test_officer_of_wrong_site_is_refused(origin):
     with pytest.raises(AirflowFailException, match="destination_officer may not answer"):
-        check(origin, sealed(origin, user="destination_officer"))
+        check(origin, signed(origin, user="destination_officer"))
 
 
 def test_rejection_names_user_and_comment_and_is_audited(origin):
     with pytest.raises(AirflowFailException, match="rejected by origin_officer: GPS columns remain"):
-        check(origin, sealed(origin, option="Reject", comment="GPS columns remain"))
+        check(origin, signed(origin, option="Reject", comment="GPS columns remain"))
     (entry,) = answers(origin)
     assert entry["outcome"] == "reject" and entry["details"]["comment"] == "GPS columns remain"
 

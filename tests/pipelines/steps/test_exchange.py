@@ -152,51 +152,56 @@ def test_release_dir_with_approvals_is_a_copy_with_its_own_provenance(home, m1):
 FORGED = [
     {"user": "origin_officer", "site": "origin", "roles": ["compliance_officer"], "decision": "approve"},
     {"gate": "model_release", "owner_site": "origin", "dag_id": "test", "run_id": "test-run",
-     "chosen_options": ["Approve"], "responded_by": "origin_officer", "seal": "0" * 64},
-    {"gate": "model_release", "owner_site": "../origin", "responded_by": "origin_officer", "seal": "0" * 64},
+     "chosen_options": ["Approve"], "responded_by": "origin_officer", "key_id": "0" * 16,
+     "signed_at": "2026-12-04T10:00:00Z", "signature": "AAAA"},
+    {"gate": "model_release", "owner_site": "../origin", "responded_by": "origin_officer", "signature": "AAAA"},
 ]
 
 
-@pytest.mark.parametrize("forged", FORGED, ids=["recheck-output", "bad-seal", "owner-path"])
+@pytest.mark.parametrize("forged", FORGED, ids=["recheck-output", "bad-signature", "owner-path"])
 def test_release_refuses_forged_approval_and_seals_nothing(home, m1, forged):
-    """An approval written through the API (a re-check's plain output, a made-up seal, a path as
-    owner) is refused by the release step itself; the refusal is audited and nothing is sealed."""
+    """An approval written through the API (a re-check's plain output, a made-up signature, a path as
+    owner) is refused by the release step itself; the refusal is audited where it was checked (the
+    releasing site) and nothing is sealed."""
     from pipelines.approvals import ApprovalRefused
 
     supplier, origin = _ctx(home, "supplier"), _ctx(home, "origin")
     before = set(_outbox(home, "supplier"))
-    refusals = len(_actions(origin.paths, "approval.answered"))
-    invalid = len(_actions(supplier.paths, "approval.answered"))
-    with pytest.raises(ApprovalRefused, match="no recorded response|not sealed|not a configured site"):
+    at_origin = len(_actions(origin.paths, "approval.answered"))
+    refusals = len(_actions(supplier.paths, "approval.answered"))
+    with pytest.raises(ApprovalRefused, match="not signed by site origin|not a configured site"):
         run_step("release_model", supplier, model=m1, recipient="destination", purpose="collaboration",
                  kind="m1-forged", approvals=[forged])
     assert set(_outbox(home, "supplier")) == before
-    if forged.get("owner_site") == "origin":  # audited where the seal was checked
-        assert [e["outcome"] for e in _actions(origin.paths, "approval.answered")[refusals:]] == ["forged"]
-    else:  # a plain dict or a path names no site to check at: audited by the releasing site
-        assert [e["outcome"] for e in _actions(supplier.paths, "approval.answered")[invalid:]] == ["invalid"]
+    expected = "forged" if forged.get("owner_site") == "origin" else "invalid"
+    assert [e["outcome"] for e in _actions(supplier.paths, "approval.answered")[refusals:]] == [expected]
+    assert len(_actions(origin.paths, "approval.answered")) == at_origin, "nothing is written at the origin"
 
 
-def test_release_accepts_a_sealed_answer_of_this_run(home, m1):
-    from pipelines.approvals import seal
+def test_release_accepts_an_answer_of_this_run_signed_by_its_owner_site(home, m1):
+    from pipelines.approvals import ApprovalRefused, sign_answer
 
     supplier, origin = _ctx(home, "supplier"), _ctx(home, "origin")
-    answer = {"gate": "model_release", "owner_site": "origin", "required_role": "compliance_officer",
-              "dag_id": supplier.dag_id, "run_id": supplier.run_id, "task_id": "origin_approval",
-              "chosen_options": ["Approve"], "comment": "metrics read", "responded_by": "origin_officer",
-              "responded_at": "2026-12-04T10:00:00+00:00"}
-    answer["seal"] = seal(origin.paths, answer)
+    answer = sign_answer(origin.paths, {
+        "gate": "model_release", "owner_site": "origin", "required_role": "compliance_officer",
+        "dag_id": supplier.dag_id, "run_id": supplier.run_id, "task_id": "origin_approval",
+        "chosen_options": ["Approve"], "comment": "metrics read", "responded_by": "origin_officer",
+        "responded_at": "2026-12-04T10:00:00+00:00"})
     record = run_step("release_model", supplier, model=m1, recipient="origin", purpose="collaboration",
                       kind="m1-approved", approvals=[answer])
     released = [e for e in _actions(supplier.paths, "model.released") if e["details"]["package_id"] == record["package_id"]]
     assert released[0]["details"]["approvals"][0]["user"] == "origin_officer"
-    # The same sealed answer replayed into another run is refused.
+    # The same signed answer replayed into another run is refused.
     other = StepContext(site="supplier", paths=supplier.paths, run_id="another-run", dag_id="test")
-    from pipelines.approvals import ApprovalRefused
-
     with pytest.raises(ApprovalRefused, match="not this run"):
         run_step("release_model", other, model=m1, recipient="destination", purpose="collaboration",
                  kind="m1-replayed", approvals=[answer])
+    # Signed by the supplier's own key but claiming the origin as owner: refused.
+    claimed = sign_answer(supplier.paths, {**{k: v for k, v in answer.items()
+                                              if k not in ("key_id", "signed_at", "signature")}})
+    with pytest.raises(ApprovalRefused, match="not signed by site origin"):
+        run_step("release_model", supplier, model=m1, recipient="destination", purpose="collaboration",
+                 kind="m1-claimed", approvals=[claimed])
 
 
 def test_junk_in_the_inbox_is_moved_aside_and_intake_goes_on(home, m1):
