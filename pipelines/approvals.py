@@ -295,7 +295,7 @@ def verified_document(document: Any, *, site_paths: SitePaths, owner_site: str, 
                "reasons": list(verdict.reasons), "key_id": document["key_id"]}
     if not verdict.allow:
         refuse(f"{_short(officer['user'])} may not decide it: {'; '.join(verdict.reasons) or 'denied'}",
-               document["decision"], actor=_short(officer["user"]))
+               "not_allowed", actor=_short(officer["user"]))
     _audit(site_paths, action="approval.document", actor=officer["user"], gate=gate_name,
            outcome=document["decision"], details=details)
     return {"user": officer["user"], "site": officer["site"], "roles": list(officer["roles"]),

@@ -141,23 +141,24 @@ def request_review(ctx: StepContext, *, model: str | dict, recipient: str, kind:
         "destination": destination, "variant": meta.get("variant") or registry.DEFAULT_VARIANT,
         "thresholds": thresholds, "requested_by": _requester(ctx), "reviewer": reviewer,
     }
-    with update_json(_requests_file(ctx), {}) as requests:
-        known = requests.get(ctx.run_id)
-        if known and {k: known[k] for k in request} != request:
-            raise StepError(f"export request {ctx.run_id} was made for {known['model']} to {known['destination']}; "
-                            "one run makes one request")
-        if not known:
-            requests[ctx.run_id] = {**request, "status": IN_REVIEW, "created": iso(now()),
-                                    "history": [{"status": IN_REVIEW, "at": iso(now()), "run_id": ctx.run_id}]}
-    if not known:
-        audit.append(ctx.paths, action="export.requested", actor=request["requested_by"], object=ctx.run_id,
-                     outcome="success", details={k: v for k, v in request.items() if k != "request_id"})
+    known = _records(ctx, REQUESTS).get(ctx.run_id)
+    if known and {k: known[k] for k in request} != request:
+        raise StepError(f"export request {ctx.run_id} was made for {known['model']} to {known['destination']}; "
+                        "one run makes one request")
     sent = release_checked_model(
         ctx, ref, recipient=reviewer, purpose="review", kind=kind, key=f"{kind}:{ctx.run_id}:{reviewer}",
         approvals=[], requested_by=request["requested_by"],
         metadata={"request": {k: v for k, v in request.items() if k != "reviewer"}})
+    # Recorded once the review is sealed: an answer can only name a request that reached its reviewer.
     with update_json(_requests_file(ctx), {}) as requests:
-        requests[ctx.run_id]["review_package"] = sent["package_id"]
+        if ctx.run_id not in requests:
+            requests[ctx.run_id] = {**request, "status": IN_REVIEW, "created": iso(now()),
+                                    "review_package": sent["package_id"],
+                                    "history": [{"status": IN_REVIEW, "at": iso(now()), "run_id": ctx.run_id}]}
+    if not known:
+        audit.append(ctx.paths, action="export.requested", actor=request["requested_by"], object=ctx.run_id,
+                     outcome="success", details={k: v for k, v in request.items() if k != "request_id"}
+                     | {"package_id": sent["package_id"]})
     print(f"export request {ctx.run_id}: {ref.uri} to {destination}, sent to {reviewer} for review")
     return {**sent, **request}
 
