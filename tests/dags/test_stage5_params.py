@@ -1,5 +1,7 @@
 """Export variants are triggered with params checked by a JSON schema: bad params are refused
-before anything runs, with the schema's message."""
+before anything runs, with the schema's message. The params belong to the supplier's preparation
+DAG, which records them with the export request; the origin's review and the supplier's release
+take no params (the release reads the recorded request)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,15 @@ import pytest
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 
 
-@pytest.fixture(scope="module")
-def stage5():
+def _dag(dag_id: str):
     from airflow.dag_processing.dagbag import DagBag
 
-    return DagBag(dag_folder=str(DAGS / "stage_5_export_preparation.py")).dags["stage_5_export_preparation"]
+    return DagBag(dag_folder=str(DAGS / f"{dag_id}.py")).dags[dag_id]
+
+
+@pytest.fixture(scope="module")
+def stage5():
+    return _dag("stage_5_export_preparation")
 
 
 @pytest.mark.parametrize("conf,message", [
@@ -42,3 +48,37 @@ def test_stricter_thresholds_and_defaults_are_accepted(stage5):
     params = ParamsDict(stage5.params)
     params.update({"variant": "night-v2", "thresholds": {"supplier_test": 0.95}, "subset": {"labels": [0, 1, 7]}})
     assert params.validate()["thresholds"] == {"supplier_test": 0.95}
+
+
+def test_the_params_go_into_the_export_request_sent_for_review(stage5):
+    request = stage5.get_task("request_review")
+    _, site, params = request.op_args
+    assert site == "supplier" and params["recipient"] == "origin" and params["kind"] == "m5-review"
+    assert {params[name] for name in ("destination", "variant", "thresholds")} == {
+        "{{ params.destination }}", "{{ params.variant }}", "{{ params.thresholds }}"}
+    assert "training_flow.register_model" in request.get_flat_relative_ids(upstream=True)
+
+
+@pytest.mark.parametrize("dag_id", ["stage_5_export_review", "stage_5_export_release"])
+def test_review_and_release_take_no_params(dag_id):
+    dag = _dag(dag_id)
+    assert not dict(dag.params), f"{dag_id} takes params {sorted(dag.params)}"
+
+
+def test_release_takes_its_parameters_from_the_request_and_needs_export_control():
+    dag = _dag("stage_5_export_release")
+    release = dag.get_task("release_export")
+    _, site, params = release.op_args
+    assert site == "supplier" and params["kind"] == "m5" and params["recipient"] == "destination"
+    assert not {"variant", "thresholds", "model"} & set(params)
+    upstream = release.get_flat_relative_ids(upstream=True)
+    assert {"receive_approval", "export_control_approval"} <= upstream
+    assert dag.get_task("export_control_approval").assigned_users == [{"id": "supplier_export_officer",
+                                                                       "name": "supplier_export_officer"}]
+
+
+def test_origin_officer_answers_at_the_origin():
+    dag = _dag("stage_5_export_review")
+    gate = dag.get_task("review_approval")
+    assert gate.owner_site == "origin" and [u["id"] for u in gate.assigned_users] == ["origin_officer"]
+    assert "site:origin" in dag.tags and dag.get_task("send_approval").op_args[2]["recipient"] == "supplier"
