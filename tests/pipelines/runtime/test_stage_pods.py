@@ -114,15 +114,20 @@ def test_every_step_pod_renders_its_params_as_a_json_object():
 
 
 def test_export_variant_params_and_task_outputs_reach_the_pod_as_objects():
-    dag = _kubernetes_dags()["stage_5_export_preparation"]
+    dags = _kubernetes_dags()
+    dag = dags["stage_5_export_preparation"]
     trigger = {"variant": "night-v2", "subset": {"labels": [0, 7]}, "thresholds": {"supplier_test": 0.95}}
     train = _rendered_params(dag.get_task("training_flow.train_model"), dag, **trigger)
     assert train["subset"] == {"labels": [0, 7]} and train["variant"] == "night-v2"
-    release = _rendered_params(dag.get_task("release_model"), dag, **trigger)
-    assert release["thresholds"] == {"supplier_test": 0.95}
+    request = _rendered_params(dag.get_task("request_review"), dag, **trigger)
+    assert request["thresholds"] == {"supplier_test": 0.95} and request["variant"] == "night-v2"
+    assert request["destination"] == "destination" and request["recipient"] == "origin"
+    assert request["model"] == {"pulled": "training_flow.register_model", "key": "return_value"}
+    release_dag = dags["stage_5_export_release"]
+    release = _rendered_params(release_dag.get_task("release_export"), release_dag)
+    assert release["request"] == {"pulled": "receive_approval", "key": "return_value"}
+    assert [a["pulled"] for a in release["approvals"]] == ["export_control_approval"]
     assert release["recipient"] == "destination"
-    assert release["model"] == {"pulled": "training_flow.register_model", "key": "return_value"}
-    assert [a["pulled"] for a in release["approvals"]] == ["origin_approval", "export_control_approval"]
 
 
 def test_a_task_output_taken_by_key_is_pulled_by_that_key(monkeypatch):
