@@ -61,10 +61,19 @@ class Carrier(_Strict):
         return cidrs
 
 
+class Deployment(_Strict):
+    """Where the site's own deployment listens on one machine (`factory up --site S`); a busy port is
+    replaced by a free one, and the one in use is written in the site's service record."""
+
+    airflow_port: int = Field(default=8080, ge=0, le=65535)
+    mlflow_port: int = Field(default=5000, ge=0, le=65535)
+
+
 class Site(_Strict):
     display_name: str
     data_partitions: dict[str, Partition]
     carrier: Carrier = Carrier()
+    deployment: Deployment = Deployment()
     # The policy bundle this site trusts (pipelines.policy.pin): "auto" = the pin in the site's home
     # (written by `factory init`, changed by `factory policy pin`), else the project's policies/ folder;
     # "sha256:<hex>" = that digest too (a home pin must then agree with it).
@@ -82,6 +91,9 @@ class ServiceIdentity(_Strict):
     id: str
     roles: tuple[str, ...]
     clearance: str
+    # Its user in the site's own Airflow: the inbox service posts "package arrived" asset events as
+    # this user, which needs the OP role.
+    airflow_role: str = "OP"
 
 
 class TrainingProfile(_Strict):
@@ -151,6 +163,10 @@ class FactoryConfig(_Strict):
             if user.id == user_id:
                 return user
         raise KeyError(f"unknown user {user_id!r}; users are listed in conf/users.yaml")
+
+    def site_users(self, site: str) -> tuple[User, ...]:
+        """The people of one site: the only users its own Airflow knows."""
+        return tuple(user for user in self.users if user.site == site)
 
     def partition(self, site: str, name: str) -> Partition:
         try:

@@ -1,8 +1,14 @@
-"""`factory run`: the collaboration headless, through Airflow itself (`dag.test()` in-process).
+"""`factory run`: the collaboration headless, stage by stage, in the order of conf/stages.yaml.
 
-Stages run in order. At an approval gate the run waits; with `--approve` each
-gate is answered through Airflow's REST API (in-process API app) as the officer
-configured for it in conf/, never by skipping or force-marking the gate.
+Two ways, one result:
+- against the running deployments (`factory up`; the default when one runs): each site's own
+  Airflow is driven through its REST API (`pipelines.service.collaboration`), packages travel
+  between sites through the carrier and their asset events start the next DAGs;
+- `--embedded` (development and tests): every DAG runs in this process with `dag.test()`, one
+  Airflow playing all three sites, and outboxes are handed over between DAGs.
+
+At an approval gate the run waits; with `--approve` each gate is answered through Airflow's REST
+API as the officer configured for it in conf/, never by skipping or force-marking the gate.
 """
 
 from __future__ import annotations
@@ -140,17 +146,54 @@ def deliver_embedded(home: Path) -> None:
                 console.print(f"carried {len(result['files'])} package(s) {sender} -> {recipient}")
 
 
+def drive_deployments(home: Path, states: dict[str, dict], stages: list[int], *, approve: bool,
+                      timeout: float) -> None:
+    """Run `stages` across the running deployments, through their REST APIs."""
+    from pipelines.service.collaboration import DriveFailed, drive
+
+    absent = [site for site in SITES if site not in states]
+    console.print(f"driving the deployments of {', '.join(states)} through their Airflow APIs"
+                  + (f" ({', '.join(absent)} not running here)" if absent else ""))
+    started = time.time()
+    try:
+        collaboration = drive(home, states, stages, approve=approve, timeout=timeout, say=console.print)
+    except DriveFailed as error:
+        raise RunFailed(str(error)) from None
+    console.print(f"stages {stages[0]}-{stages[-1]} done in {time.time() - started:.0f} s "
+                  f"({len(collaboration.answered)} gate(s) answered)")
+
+
 @click.command("run")
 @click.option("--stages", "stages_text", default="1-8", show_default=True, help="Stages to run, e.g. 1, 1-3, 1,4.")
 @click.option("--approve", is_flag=True, help="Answer each approval gate as the officer configured for it.")
-def run_command(stages_text: str, approve: bool) -> None:
+@click.option("--embedded", is_flag=True,
+              help="Run every DAG in this process with dag.test() (one Airflow for all sites; development and "
+                   "tests) instead of driving the running deployments.")
+@click.option("--timeout", type=float, default=1800.0, show_default=True,
+              help="Seconds to wait for one DAG run of a deployment to start or to finish.")
+@click.option("--report/--no-report", default=True, show_default=True,
+              help="Print the accuracy report of every site at the end.")
+def run_command(stages_text: str, approve: bool, embedded: bool, timeout: float, report: bool) -> None:
     """Run collaboration stages headless through Airflow, in order."""
     stages = parse_stages(stages_text)
+    home = factory_home()
+    states = {}
+    if not embedded:
+        from pipelines.service.processes import running_sites
+
+        states = running_sites(home)
+        if not states:
+            console.print("no site deployment is running (start them with `make run` or `factory up`): running "
+                          "embedded instead, every DAG in this process (`--embedded`)")
     try:
-        run_stages(stages, approve=approve)
+        if states:
+            drive_deployments(home, states, stages, approve=approve, timeout=timeout)
+        else:
+            run_stages(stages, approve=approve)
     except RunFailed as error:
         click.echo(f"run failed: {error}", err=True)
         sys.exit(1)
-    from pipelines.report import print_summary
+    if report:
+        from pipelines.report import print_summary
 
-    print_summary(factory_home())
+        print_summary(home)

@@ -114,6 +114,17 @@ class SitePaths:
         """Site-local bookkeeping that is not versioned data (consumed packages, locks, reports)."""
         return self.root / "state"
 
+    @property
+    def airflow_home(self) -> Path:
+        """The site's own AIRFLOW_HOME (`factory up --site`): its metadata DB, config, logs and the
+        passwords of its users (`passwords.json`, 0600)."""
+        return self.root / "airflow"
+
+    @property
+    def service_dir(self) -> Path:
+        """What `factory up --site` started for this site: its service record and process logs."""
+        return self.root / "service"
+
     def require(self) -> SitePaths:
         if not (self.repo / ".dvc").is_dir():
             raise WorkspaceError(
@@ -123,4 +134,6 @@ class SitePaths:
 
 
 def airflow_home(home: Path | None = None) -> Path:
+    """The AIRFLOW_HOME of the embedded development mode (`factory run --embedded`), where one
+    in-process Airflow plays all three sites; a site's own deployment uses `SitePaths.airflow_home`."""
     return (home or factory_home()) / "airflow"

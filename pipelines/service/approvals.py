@@ -18,6 +18,7 @@ import click
 import httpx
 
 from pipelines.approvals import APPROVE, REJECT
+from pipelines.config import load_config
 from pipelines.service.airflow_env import passwords_file
 from pipelines.service.processes import read_state
 from pipelines.workspace import factory_home
@@ -31,21 +32,44 @@ class ApprovalError(RuntimeError):
         self.status = status
 
 
-def default_url(home: Path | None = None) -> str:
-    """The API of the running `factory up` (its state file), else FACTORY_AIRFLOW_URL, else :8080."""
-    state = read_state(home)
+def user_site(user: str) -> str | None:
+    """The site whose Airflow knows `user` (conf/users.yaml), None for a name not configured there."""
+    try:
+        return load_config().user(user).site
+    except KeyError:
+        return None
+
+
+def default_url(user: str | None = None, home: Path | None = None) -> str:
+    """The Airflow API of `user`'s site: its running deployment (the site's service record), else
+    FACTORY_AIRFLOW_URL, else the site's port in conf/sites.yaml."""
+    site = user_site(user) if user else None
+    state = read_state(home, site) if site else None
     if state and state.get("url"):
         return state["url"]
-    return os.environ.get("FACTORY_AIRFLOW_URL", "http://localhost:8080")
+    if os.environ.get("FACTORY_AIRFLOW_URL"):
+        return os.environ["FACTORY_AIRFLOW_URL"]
+    port = load_config().sites[site].deployment.airflow_port if site else 8080
+    return f"http://localhost:{port}"
 
 
 def read_password(user: str, password_file: Path | None = None, home: Path | None = None) -> str:
-    """A user's password from `--password-file` (a JSON map or one bare password) or the generated file."""
-    path = Path(password_file) if password_file else passwords_file(home or factory_home())
+    """A user's password from `--password-file` (a JSON map or one bare password), else the file
+    generated in the home of the user's site (the embedded mode's file when that site has none)."""
+    if password_file:
+        path = Path(password_file)
+    else:
+        home = home or factory_home()
+        site = user_site(user)
+        path = passwords_file(home, site) if site else passwords_file(home)
+        if site and not path.exists() and passwords_file(home).exists():
+            path = passwords_file(home)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ApprovalError(f"no password file at {path}; start the factory with `factory up` first") from None
+        raise ApprovalError(f"no password file at {path}; start the site with `factory up` first") from None
+    except PermissionError:
+        raise ApprovalError(f"cannot read {path}: it belongs to the site's own account") from None
     try:
         table = json.loads(text)
     except ValueError:
@@ -181,7 +205,7 @@ _common = [
     click.option("--as", "user", required=True, help="the user answering (see conf/users.yaml)"),
     click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path),
                  help="JSON user→password map or a file holding the password (default: the generated one)"),
-    click.option("--url", help="Airflow API base URL (default: the running `factory up`)"),
+    click.option("--url", help="Airflow API base URL (default: the running deployment of the user's site)"),
 ]
 
 
@@ -201,7 +225,7 @@ def _with_common(function):
 def approve_command(user, password_file, url, dag_id, run_id, task_id, reject, comment) -> None:
     """Approve (or --reject) an approval gate waiting in Airflow."""
     try:
-        result = answer_gate(url or default_url(), user, read_password(user, password_file), dag_id, run_id,
+        result = answer_gate(url or default_url(user), user, read_password(user, password_file), dag_id, run_id,
                              task_id, approve=not reject, comment=comment)
     except ApprovalError as error:
         raise click.ClickException(str(error)) from None
@@ -215,7 +239,7 @@ def approve_command(user, password_file, url, dag_id, run_id, task_id, reject, c
 def approvals_command(user, password_file, url, as_json) -> None:
     """List the approval gates waiting for a user."""
     try:
-        waiting = pending_gates(url or default_url(), user, read_password(user, password_file), only_mine=True)
+        waiting = pending_gates(url or default_url(user), user, read_password(user, password_file), only_mine=True)
     except ApprovalError as error:
         raise click.ClickException(str(error)) from None
     if as_json:

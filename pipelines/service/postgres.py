@@ -1,12 +1,17 @@
-"""A PostgreSQL 15 cluster under FACTORY_HOME for `FACTORY_DB=postgres` (Airflow + per-site MLflow).
+"""A local PostgreSQL 15 cluster under FACTORY_HOME for `FACTORY_DB=postgres`: each site's
+deployment gets databases of its own (`airflow_<site>`, `mlflow_<site>`), owned by a login role of
+its own (`factory_<site>`, password generated into the site's home, 0600) that no other site's role
+may connect to.
 
 The cluster lives in `FACTORY_HOME/postgres/data`, listens on 127.0.0.1 only, and its
-superuser `factory` has a generated password (scram-sha-256, kept 0600 beside the cluster).
+superuser `factory` has a generated password (scram-sha-256, kept 0600 beside the cluster); only
+`factory up` uses it, to create the sites' roles and databases.
 Run as root, the server runs as the `postgres` system user (PostgreSQL refuses root).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -16,7 +21,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import SITES
+from pipelines.fileio import file_lock
+from pipelines.workspace import SitePaths
 
 PG_BIN = Path(os.environ.get("FACTORY_PG_BIN", "/usr/lib/postgresql/15/bin"))
 SUPERUSER = "factory"
@@ -154,33 +160,66 @@ class Cluster:
         if (self.data / "postmaster.pid").exists():
             self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", check=False)
 
-    def ensure_databases(self, port: int, names: list[str]) -> None:
-        import psycopg2
 
-        connection = psycopg2.connect(host="127.0.0.1", port=port, user=SUPERUSER, password=self.password(),
-                                      dbname="postgres")
-        connection.autocommit = True
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT datname FROM pg_database")
-                existing = {row[0] for row in cursor.fetchall()}
-                for name in names:
-                    if name not in existing:
-                        cursor.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            connection.close()
+def database_names(site: str) -> list[str]:
+    return [f"airflow_{site}", f"mlflow_{site}"]
 
 
-def database_names() -> list[str]:
-    return ["airflow", *(f"mlflow_{site}" for site in SITES)]
+def site_role(site: str) -> str:
+    return f"factory_{site}"
 
 
-def start_cluster(home: Path, port: int | None = None) -> tuple[Cluster, int, dict[str, str]]:
-    """Start the cluster, create the databases; return it, its port and the environment to export."""
+def _site_password(paths: SitePaths) -> str:
+    """The site's database password, generated once into its Airflow home (0600)."""
+    file = paths.airflow_home / "postgres.password"
+    if not file.exists():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(18))
+    return file.read_text().strip()
+
+
+def ensure_site_databases(cluster: Cluster, port: int, site: str, password: str) -> None:
+    """The site's role (login, this password) and its databases, owned by it, closed to everyone else."""
+    import psycopg2
+    from psycopg2 import sql
+
+    role = site_role(site)
+    connection = psycopg2.connect(host="127.0.0.1", port=port, user=SUPERUSER, password=cluster.password(),
+                                  dbname="postgres")
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+            verb = "ALTER" if cursor.fetchone() else "CREATE"
+            cursor.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD %s").format(sql.Identifier(role)), (password,))
+            cursor.execute("SELECT datname FROM pg_database")
+            existing = {row[0] for row in cursor.fetchall()}
+            for name in database_names(site):
+                if name not in existing:
+                    cursor.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name),
+                                                                                 sql.Identifier(role)))
+                cursor.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
+    finally:
+        connection.close()
+
+
+def start_cluster(home: Path, site: str, port: int | None = None) -> tuple[Cluster, int, dict[str, str]]:
+    """Start the cluster (if it is not running), create `site`'s role and databases; return the cluster,
+    its port and the environment the site's processes get (URLs with the site's own role only)."""
     cluster = Cluster(home)
-    port = cluster.start(port)
-    cluster.ensure_databases(port, database_names())
-    env = {"FACTORY_AIRFLOW_DB_URL": cluster.url(port, "airflow", "postgresql+psycopg2")}
-    for site in SITES:
-        env[f"FACTORY_MLFLOW_URI_{site.upper()}"] = cluster.url(port, f"mlflow_{site}")
+    with file_lock(home / "postgres.lock"):  # sites starting at once start one cluster
+        port = cluster.start(port)
+    paths = SitePaths.of(site, home)
+    password = _site_password(paths)
+    ensure_site_databases(cluster, port, site, password)
+    role = site_role(site)
+
+    def url(database: str, driver: str) -> str:
+        return f"{driver}://{role}:{password}@127.0.0.1:{port}/{database}"
+
+    env = {"FACTORY_AIRFLOW_DB_URL": url(f"airflow_{site}", "postgresql+psycopg2"),
+           f"FACTORY_MLFLOW_URI_{site.upper()}": url(f"mlflow_{site}", "postgresql")}
     return cluster, port, env

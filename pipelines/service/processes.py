@@ -1,4 +1,6 @@
-"""The record of what `factory up` started (`FACTORY_HOME/service.json`) and whether it still runs."""
+"""The record of what `factory up` started for one site (`<site home>/service/service.json`) and
+whether it still runs. Each site's deployment has a record of its own; `factory down --site S`
+reads only S's."""
 
 from __future__ import annotations
 
@@ -7,12 +9,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipelines.config import SITES
 from pipelines.fileio import write_json
-from pipelines.workspace import factory_home
+from pipelines.workspace import SitePaths
 
 
-def state_file(home: Path | None = None) -> Path:
-    return (home or factory_home()) / "service.json"
+def state_file(home: Path | None, site: str) -> Path:
+    return SitePaths.of(site, home).service_dir / "service.json"
 
 
 def alive(pid: int) -> bool:
@@ -49,17 +52,27 @@ def marked(pid: int, marker: str) -> bool:
         return False
 
 
-def read_state(home: Path | None = None) -> dict[str, Any] | None:
-    """The running service's record, or None when nothing it started is alive."""
-    path = state_file(home)
+def recorded_state(home: Path | None, site: str) -> dict[str, Any] | None:
+    """The site's service record as written, running or not (None when there is none or it is unreadable)."""
     try:
-        state = json.loads(path.read_text())
+        state = json.loads(state_file(home, site).read_text())
     except (OSError, ValueError):
         return None
-    if any(ours(process) for process in state.get("processes", [])):
+    return state if isinstance(state, dict) else None
+
+
+def read_state(home: Path | None, site: str) -> dict[str, Any] | None:
+    """The running deployment's record of `site`, or None when nothing it started is alive."""
+    state = recorded_state(home, site)
+    if state and any(ours(process) for process in state.get("processes", [])):
         return state
     return None
 
 
-def write_state(home: Path, state: dict[str, Any]) -> None:
-    write_json(state_file(home), state)
+def running_sites(home: Path | None) -> dict[str, dict[str, Any]]:
+    """The sites whose deployment runs on this machine, with their records."""
+    return {site: state for site in SITES if (state := read_state(home, site))}
+
+
+def write_state(home: Path | None, site: str, state: dict[str, Any]) -> None:
+    write_json(state_file(home, site), state)

@@ -1,17 +1,21 @@
-"""`factory up` / `factory down`: the factory as a service on one machine.
+"""`factory up` / `factory down`: each site a deployment of its own, on one machine.
 
-`up` starts Airflow 3 (api-server, scheduler, dag-processor, triggerer), one MLflow UI per site
-and, with `FACTORY_DB=postgres`, a PostgreSQL 15 cluster under FACTORY_HOME; it triggers a first
-collaboration run and prints URLs, users and passwords. Every process it starts gets its own
-process group and the marker `FACTORY_SERVICE_ID` in its environment, recorded in
-`FACTORY_HOME/service.json`; `down` (or Ctrl-C on `up`) stops exactly those.
+`up --site S` starts site S's deployment, everything in S's home (`FACTORY_HOME/sites/S`):
+its own Airflow (api-server, scheduler, dag-processor, triggerer; AIRFLOW_HOME and metadata
+database in the site's home, or with `FACTORY_DB=postgres` databases of its own in the local
+cluster), loading only S's DAGs (FACTORY_SITE) and knowing only S's users plus its service
+account; its own MLflow UI; its inbox service (`factory inbox serve`, which posts "package
+arrived" asset events to this Airflow) and its outbox pusher (`factory outbox push`).
+`up` without --site starts the three deployments one after another and triggers stage 1 at the
+supplier. Every process gets its own process group and the deployment's marker
+`FACTORY_SERVICE_ID` in its environment, recorded with its start time in the site's service
+record (`<site home>/service/service.json`); `down [--site S]` (or Ctrl-C on `up`) stops exactly those.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -25,17 +29,34 @@ from typing import Any
 import click
 
 from pipelines.config import SITES, load_config
-from pipelines.service.processes import alive, marked, ours, read_state, start_ticks, state_file, write_state
+from pipelines.service.processes import (
+    alive,
+    marked,
+    ours,
+    read_state,
+    recorded_state,
+    running_sites,
+    start_ticks,
+    state_file,
+    write_state,
+)
 from pipelines.workspace import SitePaths, WorkspaceError, factory_home
 
 FIRST_DAG = "stage_1_initial_training"
+FIRST_SITE = "supplier"
 FIRST_DAG_USER = "supplier_engineer"
 AIRFLOW_PROCESSES = ("api-server", "scheduler", "dag-processor", "triggerer")
+PUSH_INTERVAL = 2.0
 
 
 def _bin(name: str) -> str:
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
+
+
+def factory_command() -> list[str]:
+    """The `factory` CLI of this installation (the same interpreter as this process)."""
+    return [sys.executable, "-m", "pipelines.cli"]
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -51,15 +72,19 @@ def free_port(preferred: int | None = None) -> int:
         return sock.getsockname()[1]
 
 
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
 # --- processes -----------------------------------------------------------------------------------
 
-def _spawn(name: str, command: list[str], env: dict[str, str], logs: Path) -> dict[str, Any]:
+def _spawn(name: str, command: list[str], env: dict[str, str], logs: Path, cwd: Path) -> dict[str, Any]:
     log_path = logs / f"{name}.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True, cwd=env["FACTORY_HOME"])
+                                   stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
     return {"name": name, "pid": process.pid, "pgid": process.pid, "started": start_ticks(process.pid),
-            "log": str(log_path), "command": command}
+            "started_at": time.time(), "log": str(log_path), "command": command}
 
 
 def _group_members(pgids: set[int]) -> list[int]:
@@ -80,13 +105,24 @@ def _marked_pids(marker: str) -> list[int]:
     return pids
 
 
-def stop_service(home: Path, state: dict[str, Any], *, quiet: bool = False, timeout: float = 20.0) -> None:
-    """Stop every process the service started: their groups, then any stray marked process, then Postgres."""
+def deployment_pids(state: dict[str, Any]) -> list[int]:
+    """Every live process of a deployment: those it started, their groups, and any marked process
+    that left its group (Airflow task processes)."""
+    processes = state.get("processes", [])
+    found = [p["pid"] for p in processes if ours(p)] + _group_members({p["pgid"] for p in processes if ours(p)})
+    if state.get("service_id"):
+        found += _marked_pids(state["service_id"])
+    return sorted({pid for pid in found if alive(pid)})
+
+
+def stop_deployment(home: Path, site: str, state: dict[str, Any], *, quiet: bool = False,
+                    timeout: float = 20.0) -> None:
+    """Stop every process the site's deployment started: their groups, then any stray marked process."""
     marker = state.get("service_id", "")
     say = (lambda *_: None) if quiet else click.echo
     groups = [process for process in state.get("processes", []) if ours(process)]
     for process in groups:
-        say(f"stopping {process['name']} (pid {process['pid']})")
+        say(f"{site}: stopping {process['name']} (pid {process['pid']})")
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process["pgid"], signal.SIGTERM)
 
@@ -100,14 +136,20 @@ def stop_service(home: Path, state: dict[str, Any], *, quiet: bool = False, time
     for pid in remaining():  # stragglers: hung servers, task processes that left their group
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    if state.get("postgres"):
-        from pipelines.service.postgres import Cluster
+    current = recorded_state(home, site)
+    if current and current.get("service_id") == marker:
+        state_file(home, site).unlink(missing_ok=True)
 
+
+def _stop_postgres_if_unused(home: Path, say=click.echo) -> None:
+    if running_sites(home):
+        return
+    from pipelines.service.postgres import Cluster
+
+    cluster = Cluster(home)
+    if (cluster.data / "postmaster.pid").exists():
         say("stopping postgres")
-        Cluster(home).stop()
-    with contextlib.suppress(FileNotFoundError):
-        if json.loads(state_file(home).read_text()).get("service_id") == marker:
-            state_file(home).unlink()
+        cluster.stop()
 
 
 # --- waiting, triggering -------------------------------------------------------------------------
@@ -127,6 +169,13 @@ def _progress(text: str) -> None:
 def _done(text: str) -> None:
     click.echo(("\r" if sys.stdout.isatty() else "") + text + (" " * 20 if sys.stdout.isatty() else ""))
 
+
+def _check_alive(processes: list[dict[str, Any]] | None) -> None:
+    for process in processes or []:
+        if not ours(process):
+            raise click.ClickException(f"{process['name']} exited during start; see {process['log']}")
+
+
 def _wait_http(url: str, timeout: float, label: str, processes: list[dict[str, Any]] | None = None) -> float:
     """Poll `url` until it answers 200; show progress; return the seconds it took."""
     import httpx
@@ -140,16 +189,27 @@ def _wait_http(url: str, timeout: float, label: str, processes: list[dict[str, A
                 return elapsed
         except httpx.HTTPError:
             pass
-        for process in processes or []:
-            if not ours(process):
-                raise click.ClickException(f"{process['name']} exited during start; see {process['log']}")
+        _check_alive(processes)
         if elapsed > timeout:
             raise click.ClickException(f"{label} did not answer at {url} within {timeout:.0f} s")
         _progress(f"waiting for {label} ... {elapsed:.0f} s")
         time.sleep(1.0)
 
 
-def trigger_first_run(url: str, passwords: dict[str, str], *, wait: float = 120.0) -> str | None:
+def _wait_tcp(host: str, port: int, timeout: float, label: str, processes: list[dict[str, Any]]) -> None:
+    """Wait until something accepts connections on host:port (the inbox service speaks only mutual TLS)."""
+    started = time.monotonic()
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=2.0):
+            return
+        _check_alive(processes)
+        if time.monotonic() - started > timeout:
+            raise click.ClickException(f"{label} does not listen on {host}:{port} after {timeout:.0f} s; "
+                                       f"see {processes[0]['log']}")
+        time.sleep(0.5)
+
+
+def trigger_first_run(url: str, passwords: dict[str, str], *, wait: float = 180.0) -> str | None:
     """Trigger stage 1 as the supplier engineer once the DAG is parsed; None (and a note) if it is not."""
     import httpx
 
@@ -166,7 +226,7 @@ def trigger_first_run(url: str, passwords: dict[str, str], *, wait: float = 120.
             elapsed = time.monotonic() - started
             if elapsed > wait:
                 _done(f"{FIRST_DAG} is not loaded (no such DAG in the DAGs folder yet, or it failed to "
-                           "parse: see the dag-processor log); nothing triggered")
+                      "parse: see the supplier's dag-processor log); nothing triggered")
                 return None
             _progress(f"waiting for the DAG {FIRST_DAG} to be parsed ... {elapsed:.0f} s")
             time.sleep(2.0)
@@ -176,13 +236,13 @@ def trigger_first_run(url: str, passwords: dict[str, str], *, wait: float = 120.
             _done(f"triggering {FIRST_DAG} failed: HTTP {response.status_code} {response.text[:300]}")
             return None
         run_id = response.json()["dag_run_id"]
-        _done(f"triggered {FIRST_DAG} as {FIRST_DAG_USER}: run {run_id}")
+        _done(f"triggered {FIRST_DAG} at the supplier as {FIRST_DAG_USER}: run {run_id}")
         return run_id
 
 
-def _ensure_workspace(home: Path) -> None:
+def _ensure_workspace(home: Path, sites: list[str]) -> None:
     missing = []
-    for site in SITES:
+    for site in sites:
         try:
             SitePaths.of(site, home).require()
         except WorkspaceError:
@@ -195,118 +255,34 @@ def _ensure_workspace(home: Path) -> None:
     init_workspace(home)
 
 
-def _print_summary(state: dict[str, Any], passwords: dict[str, str]) -> None:
+def _print_summary(state: dict[str, Any]) -> None:
+    from pipelines.service.airflow_env import airflow_users
+
+    site = state["site"]
     click.echo("")
-    click.echo(f"Airflow UI      {state['url']}   (Browse → Required Actions for approvals)")
-    for site, url in state.get("mlflow", {}).items():
-        click.echo(f"MLflow {site:<12} {url}")
+    click.echo(f"{site} ({load_config().sites[site].display_name}): its own deployment, home {state['site_home']}")
+    click.echo(f"  Airflow UI   {state['url']}   (Browse → Required Actions for approvals)")
+    if state.get("mlflow"):
+        click.echo(f"  MLflow UI    {state['mlflow']}")
+    if state.get("inbox"):
+        click.echo(f"  inbox        {state['inbox']}   (mutual TLS; partners push sealed packages here)")
     if state.get("postgres"):
-        click.echo(f"PostgreSQL      127.0.0.1:{state['postgres']['port']} (cluster under {state['home']}/postgres)")
-    click.echo("")
-    click.echo(f"{'user':<26}{'site':<13}{'roles':<26}{'airflow':<9}password")
-    for user in load_config().users:
-        click.echo(f"{user.id:<26}{user.site:<13}{','.join(user.roles):<26}{user.airflow_role:<9}"
-                   f"{passwords.get(user.id, '?')}")
-    click.echo(f"(passwords from {state['passwords_file']}, mode 0600)")
-    click.echo("")
-    click.echo("Stop with Ctrl-C here, or `make stop` / `factory down` from another shell.")
+        click.echo(f"  PostgreSQL   127.0.0.1:{state['postgres']['port']}, databases {', '.join(state['postgres']['databases'])}")
+    identity = load_config().service_identities[site].id
+    users = [f"{user} ({role}{', service account' if user == identity else ''})" for user, role in airflow_users(site)]
+    click.echo(f"  users        {', '.join(users)}")
+    click.echo(f"  passwords    {state['passwords_file']}   (mode 0600)")
 
 
-# --- commands ------------------------------------------------------------------------------------
+# --- starting one deployment -----------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _start_lock(home: Path):
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / "service.lock", "w") as handle:
+def _start_lock(home: Path, site: str):
+    folder = SitePaths.of(site, home).service_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "start.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
-
-
-def start_service(
-    home: Path,
-    *,
-    port: int | None,
-    host: str,
-    mlflow: bool,
-    dags_folder: Path | None,
-    timeout: float,
-    init: bool = True,
-) -> dict[str, Any]:
-    """Start everything (the caller holds the start lock); return the service record."""
-    from pipelines.service.airflow_env import airflow_environment, passwords_file
-
-    started = time.monotonic()
-    marker = uuid.uuid4().hex
-    logs = home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    base_env = {**os.environ, "FACTORY_HOME": str(home), "FACTORY_SERVICE_ID": marker}
-    state: dict[str, Any] = {"service_id": marker, "home": str(home), "processes": [], "started_at": time.time(),
-                             "supervisor_pid": os.getpid()}
-    try:
-        if os.environ.get("FACTORY_DB", "sqlite").lower() in ("postgres", "postgresql"):
-            from pipelines.service.postgres import PostgresError, start_cluster
-
-            click.echo("starting PostgreSQL 15 ...")
-            try:
-                _, pg_port, pg_env = start_cluster(home)
-            except PostgresError as error:
-                raise click.ClickException(str(error)) from None
-            state["postgres"] = {"port": pg_port}
-            write_state(home, state)
-            base_env.update(pg_env)
-            os.environ.update(pg_env)  # `factory init` below creates the MLflow stores in Postgres too
-        if init:
-            _ensure_workspace(home)
-        api_port = free_port(port)
-        if port and api_port != port:
-            click.echo(f"port {port} is busy; using {api_port}")
-        env = {**base_env, **airflow_environment(home, port=api_port, dags_folder=dags_folder,
-                                                 db_url=base_env.get("FACTORY_AIRFLOW_DB_URL"))}
-        if not env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite"):
-            env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", None)  # SQLite's, from a caller's env
-        env.setdefault("AIRFLOW__CORE__PARALLELISM", "8")
-        env.setdefault("AIRFLOW__API__WORKERS", "1")
-        state["url"] = f"http://localhost:{api_port}"
-        state["passwords_file"] = str(passwords_file(home))
-        click.echo("migrating the Airflow database (airflow db migrate) ...")
-        migrate = subprocess.run([_bin("airflow"), "db", "migrate"], env=env, capture_output=True, text=True,
-                                 cwd=str(home))
-        if migrate.returncode != 0:
-            (logs / "db-migrate.log").write_text(migrate.stdout + migrate.stderr)
-            raise click.ClickException(f"airflow db migrate failed; see {logs / 'db-migrate.log'}")
-        if env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite:///"):
-            _sqlite_wal(Path(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].removeprefix("sqlite:///")))
-        commands = {
-            "api-server": [_bin("airflow"), "api-server", "--host", host, "--port", str(api_port), "--workers", "1"],
-            "scheduler": [_bin("airflow"), "scheduler"],
-            "dag-processor": [_bin("airflow"), "dag-processor"],
-            "triggerer": [_bin("airflow"), "triggerer"],
-        }
-        for name, command in commands.items():
-            state["processes"].append(_spawn(name, command, env, logs))
-        if mlflow:
-            state["mlflow"] = {}
-            for site in SITES:
-                paths = SitePaths.of(site, home)
-                paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
-                mlflow_port = free_port(api_port + 1 + SITES.index(site))
-                uri = base_env.get(f"FACTORY_MLFLOW_URI_{site.upper()}") or paths.mlflow_uri
-                command = [_bin("mlflow"), "server", "--backend-store-uri", uri,
-                           "--default-artifact-root", paths.mlflow_artifacts.as_uri(),
-                           "--host", host, "--port", str(mlflow_port), "--workers", "1"]
-                # The server's job runner (huey consumers for GenAI jobs) costs ~1 GB per site; unused here.
-                mlflow_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-                state["processes"].append(_spawn(f"mlflow-{site}", command, mlflow_env, logs))
-                state["mlflow"][site] = f"http://localhost:{mlflow_port}"
-        write_state(home, state)
-        _wait_http(f"{state['url']}/api/v2/monitor/health", timeout, "Airflow API and UI",
-                   [p for p in state["processes"] if p["name"] in AIRFLOW_PROCESSES])
-        state["seconds_to_ui"] = round(time.monotonic() - started, 1)
-        write_state(home, state)
-        return state
-    except BaseException:
-        stop_service(home, state, quiet=True)
-        raise
 
 
 def _sqlite_wal(path: Path) -> None:
@@ -317,96 +293,257 @@ def _sqlite_wal(path: Path) -> None:
         connection.execute("PRAGMA journal_mode=WAL")
 
 
-def _supervise(home: Path, state: dict[str, Any]) -> None:
-    """Stay in the foreground until Ctrl-C, `factory down`, or an Airflow process dies."""
+def start_deployment(
+    home: Path,
+    site: str,
+    *,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    mlflow: bool = True,
+    carrier: bool = True,
+    dags_folder: Path | None = None,
+    timeout: float = 300.0,
+    push_interval: float = PUSH_INTERVAL,
+    wait: bool = True,
+) -> dict[str, Any]:
+    """Start `site`'s deployment (the caller holds its start lock); return its service record.
+
+    With `wait=False` the processes are started and `wait_ready` waits for them later (so several
+    deployments come up side by side)."""
+    from pipelines.carrier.settings import airflow_url_env, carrier_settings
+    from pipelines.service.airflow_env import airflow_environment, passwords_file
+
+    paths = SitePaths.of(site, home)
+    deployment = load_config().sites[site].deployment
+    marker = uuid.uuid4().hex
+    logs = paths.service_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    # Nothing of another deployment leaks in: no other site's database URL, no shared Airflow home.
+    base_env = {key: value for key, value in os.environ.items()
+                if not key.startswith(("FACTORY_MLFLOW_URI_", "FACTORY_AIRFLOW_DB_URL", "AIRFLOW_HOME"))}
+    base_env.update({"FACTORY_HOME": str(home), "FACTORY_SITE": site, "FACTORY_SERVICE_ID": marker})
+    state: dict[str, Any] = {"service_id": marker, "site": site, "home": str(home), "site_home": str(paths.root),
+                             "processes": [], "started_at": time.time(), "supervisor_pid": os.getpid(),
+                             "uid": os.getuid()}
+    try:
+        db_url = None
+        if os.environ.get("FACTORY_DB", "sqlite").lower() in ("postgres", "postgresql"):
+            from pipelines.service.postgres import PostgresError, database_names, start_cluster
+
+            click.echo(f"{site}: starting PostgreSQL 15 (databases of its own) ...")
+            try:
+                _, pg_port, pg_env = start_cluster(home, site)
+            except PostgresError as error:
+                raise click.ClickException(str(error)) from None
+            state["postgres"] = {"port": pg_port, "databases": database_names(site)}
+            base_env.update(pg_env)
+            db_url = pg_env["FACTORY_AIRFLOW_DB_URL"]
+        api_port = free_port(deployment.airflow_port if port is None else port)
+        if port and api_port != port:
+            click.echo(f"{site}: port {port} is busy; using {api_port}")
+        env = {**base_env, **airflow_environment(home, site=site, port=api_port, dags_folder=dags_folder,
+                                                 db_url=db_url)}
+        if not env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite"):
+            env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", None)  # SQLite's, from a caller's env
+        env.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
+        env.setdefault("AIRFLOW__API__WORKERS", "1")
+        state["url"] = f"http://localhost:{api_port}"
+        state["passwords_file"] = str(passwords_file(home, site))
+        write_state(home, site, state)
+        click.echo(f"{site}: migrating its Airflow database (airflow db migrate) ...")
+        migrate = subprocess.run([_bin("airflow"), "db", "migrate"], env=env, capture_output=True, text=True,
+                                 cwd=paths.root)
+        if migrate.returncode != 0:
+            (logs / "db-migrate.log").write_text(migrate.stdout + migrate.stderr)
+            raise click.ClickException(f"{site}: airflow db migrate failed; see {logs / 'db-migrate.log'}")
+        if env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite:///"):
+            _sqlite_wal(Path(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].removeprefix("sqlite:///")))
+        commands = {
+            "api-server": [_bin("airflow"), "api-server", "--host", host, "--port", str(api_port), "--workers", "1"],
+            "scheduler": [_bin("airflow"), "scheduler"],
+            "dag-processor": [_bin("airflow"), "dag-processor"],
+            "triggerer": [_bin("airflow"), "triggerer"],
+        }
+        for name, command in commands.items():
+            state["processes"].append(_spawn(name, command, env, logs, paths.root))
+        if mlflow:
+            paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+            mlflow_port = free_port(deployment.mlflow_port)
+            uri = base_env.get(f"FACTORY_MLFLOW_URI_{site.upper()}") or paths.mlflow_uri
+            command = [_bin("mlflow"), "server", "--backend-store-uri", uri,
+                       "--default-artifact-root", paths.mlflow_artifacts.as_uri(),
+                       "--host", host, "--port", str(mlflow_port), "--workers", "1"]
+            # The server's job runner (huey consumers for GenAI jobs) costs ~1 GB; unused here.
+            mlflow_env = {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+            state["processes"].append(_spawn("mlflow", command, mlflow_env, logs, paths.root))
+            state["mlflow"] = f"http://localhost:{mlflow_port}"
+        if carrier:
+            settings = carrier_settings(site)
+            # The inbox posts "package arrived" asset events to this deployment's Airflow, as the site's
+            # service account (its password is in this Airflow home's passwords.json: pipelines.carrier.events).
+            carrier_env = {**base_env, airflow_url_env(site): f"http://{_client_host(host)}:{api_port}"}
+            state["processes"].append(_spawn("inbox", [*factory_command(), "inbox", "serve", "--site", site],
+                                             carrier_env, logs, paths.root))
+            state["processes"].append(_spawn(
+                "outbox-pusher", [*factory_command(), "outbox", "push", "--site", site,
+                                  "--interval", f"{push_interval:g}"], carrier_env, logs, paths.root))
+            state["inbox"] = f"https://{_client_host(settings.listen_host)}:{settings.listen_port}"
+        write_state(home, site, state)
+        if wait:
+            wait_ready(home, state, timeout)
+        return state
+    except BaseException:
+        stop_deployment(home, site, state, quiet=True)
+        raise
+
+
+def wait_ready(home: Path, state: dict[str, Any], timeout: float) -> None:
+    """Wait for the deployment's Airflow API and inbox service; record how long it took."""
+    site = state["site"]
+    _wait_http(f"{state['url']}/api/v2/monitor/health", timeout, f"{site}: Airflow API and UI",
+               [p for p in state["processes"] if p["name"] in AIRFLOW_PROCESSES])
+    if state.get("inbox"):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(state["inbox"])
+        _wait_tcp(parts.hostname, parts.port, 60.0, f"{site}: inbox service",
+                  [p for p in state["processes"] if p["name"] == "inbox"])
+    state["ready_at"] = time.time()
+    state["seconds_to_ui"] = round(state["ready_at"] - state["started_at"], 1)
+    write_state(home, site, state)
+
+
+def _supervise(home: Path, states: dict[str, dict[str, Any]]) -> None:
+    """Stay in the foreground until Ctrl-C or `factory down`; a deployment whose Airflow process died
+    is stopped (the others go on). Exits 1 when one did."""
     def _terminate(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
-    warned: set[str] = set()
+    warned: set[tuple[str, str]] = set()
+    failed = False
+    live = dict(states)
     try:
-        while True:
+        while live:
             time.sleep(1.0)
-            current = read_state(home)
-            if not current or current.get("service_id") != state["service_id"]:
-                click.echo("the factory was stopped")
-                return
-            for process in state["processes"]:
-                if ours(process) or process["name"] in warned:
+            for site, state in list(live.items()):
+                current = read_state(home, site)
+                if not current or current.get("service_id") != state["service_id"]:
+                    click.echo(f"{site}: its deployment was stopped")
+                    live.pop(site)
                     continue
-                warned.add(process["name"])
-                if process["name"] in AIRFLOW_PROCESSES:
-                    click.echo(f"{process['name']} exited; see {process['log']}. Stopping the factory.")
-                    stop_service(home, state)
-                    sys.exit(1)
-                click.echo(f"{process['name']} exited; see {process['log']} (Airflow keeps running)")
+                for process in state["processes"]:
+                    if ours(process) or (site, process["name"]) in warned:
+                        continue
+                    warned.add((site, process["name"]))
+                    if process["name"] in AIRFLOW_PROCESSES:
+                        click.echo(f"{site}: {process['name']} exited; see {process['log']}. Stopping {site}.")
+                        stop_deployment(home, site, state)
+                        live.pop(site)
+                        failed = True
+                        break
+                    click.echo(f"{site}: {process['name']} exited; see {process['log']} (its Airflow keeps running)")
     except KeyboardInterrupt:
-        click.echo("\nstopping the factory ...")
-        stop_service(home, state)
+        click.echo("\nstopping ...")
+        for site, state in live.items():
+            stop_deployment(home, site, state)
+    _stop_postgres_if_unused(home)
+    if failed:
+        sys.exit(1)
 
+
+# --- commands ------------------------------------------------------------------------------------
 
 @click.command("up")
-@click.option("--port", type=int, default=lambda: int(os.environ.get("FACTORY_PORT", "8080")),
-              show_default="8080 or FACTORY_PORT", help="API/UI port (a free one if it is busy)")
+@click.option("--site", type=click.Choice(SITES), default=None,
+              help="start only this site's deployment (default: all three, one after another)")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="API/UI port of the site's Airflow, with --site (default: conf/sites.yaml deployment; "
+                   "0: any free port; a busy one is replaced)")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address the servers listen on")
 @click.option("--detach", is_flag=True, help="start and return instead of staying in the foreground")
-@click.option("--mlflow/--no-mlflow", default=True, show_default=True, help="an MLflow UI per site")
+@click.option("--mlflow/--no-mlflow", default=True, show_default=True, help="the site's MLflow UI")
+@click.option("--carrier/--no-carrier", default=True, show_default=True,
+              help="the site's inbox service and outbox pusher")
+@click.option("--push-interval", type=click.FloatRange(min=0.5), default=PUSH_INTERVAL, show_default=True,
+              help="seconds between the outbox pusher's passes")
 @click.option("--init/--no-init", "do_init", default=True, show_default=True,
               help="run `factory init` when the workspace is missing")
-@click.option("--trigger/--no-trigger", default=True, show_default=True,
-              help=f"trigger a first {FIRST_DAG} run")
+@click.option("--trigger/--no-trigger", default=None,
+              help=f"trigger a first {FIRST_DAG} run at the supplier (default: yes without --site)")
 @click.option("--dags-folder", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="DAGs to load instead of the project's dags/")
-@click.option("--timeout", type=float, default=300.0, show_default=True, help="seconds to wait for the UI")
-def up_command(port, host, detach, mlflow, do_init, trigger, dags_folder, timeout) -> None:
-    """Start the factory: Airflow UI with the factory's users, MLflow per site, a first run."""
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="seconds to wait for each UI")
+def up_command(site, port, host, detach, mlflow, carrier, push_interval, do_init, trigger, dags_folder,
+               timeout) -> None:
+    """Start the sites' deployments: per site its own Airflow, MLflow, users, inbox and pusher."""
     from pipelines.service.airflow_env import ensure_passwords
 
+    if port is not None and site is None:
+        raise click.UsageError("--port sets one site's port: use it with --site")
     home = factory_home()
-    with _start_lock(home):
-        running = read_state(home)
-        if running:
-            click.echo(f"the factory is already running at {running.get('url')} (started by pid "
-                       f"{running.get('supervisor_pid')}); stop it with `factory down`")
-            return
-        started = time.monotonic()
-        state = start_service(home, port=port, host=host, mlflow=mlflow, dags_folder=dags_folder,
-                              timeout=timeout, init=do_init)
-    passwords = ensure_passwords(home)
-    _print_summary(state, passwords)
-    if mlflow:
-        for site, url in state["mlflow"].items():
+    sites = [site] if site else list(SITES)
+    if do_init:
+        _ensure_workspace(home, sites)
+    started = time.time()
+    states: dict[str, dict[str, Any]] = {}
+    try:
+        for name in sites:
+            with _start_lock(home, name):
+                running = read_state(home, name)
+                if running:
+                    click.echo(f"{name} is already running at {running.get('url')} (started by pid "
+                               f"{running.get('supervisor_pid')}); stop it with `factory down --site {name}`")
+                    continue
+                states[name] = start_deployment(home, name, port=port, host=host, mlflow=mlflow, carrier=carrier,
+                                                dags_folder=dags_folder, timeout=timeout,
+                                                push_interval=push_interval, wait=False)
+        for state in states.values():
+            wait_ready(home, state, timeout)
+    except BaseException:
+        for name, state in states.items():
+            stop_deployment(home, name, state, quiet=True)
+        _stop_postgres_if_unused(home, say=lambda *_: None)
+        raise
+    for state in states.values():
+        _print_summary(state)
+    if states:
+        click.echo("")
+        click.echo("Stop with Ctrl-C here, or `make stop` / `factory down [--site S]` from another shell.")
+    for name, state in states.items():
+        if state.get("mlflow"):
             with contextlib.suppress(click.ClickException):
-                _wait_http(f"{url}/health", 120, f"MLflow {site}")
-    if trigger:
-        run_id = trigger_first_run(state["url"], passwords)
+                _wait_http(f"{state['mlflow']}/health", 120, f"{name}: MLflow UI")
+    if (trigger if trigger is not None else site is None) and FIRST_SITE in states:
+        supplier = states[FIRST_SITE]
+        run_id = trigger_first_run(supplier["url"], ensure_passwords(home, FIRST_SITE))
         if run_id:
-            state["first_run"] = {"dag_id": FIRST_DAG, "run_id": run_id,
-                                  "triggered_after_s": round(time.monotonic() - started, 1)}
-            write_state(home, state)
-            click.echo("the collaboration runs on by itself until its first approval gate, the origin's data "
-                       "release in stage 2: see `factory approvals --as origin_officer`")
-    if detach:
+            supplier["first_run"] = {"dag_id": FIRST_DAG, "run_id": run_id, "triggered_at": time.time(),
+                                     "triggered_after_s": round(time.time() - started, 1)}
+            write_state(home, FIRST_SITE, supplier)
+            click.echo("the collaboration runs on by itself, site to site through the carrier, until its first "
+                       "approval gate: the origin's data release in stage 2 (`factory approvals --as origin_officer`)")
+    if detach or not states:
         return
-    _supervise(home, state)
+    _supervise(home, states)
 
 
 @click.command("down")
-def down_command() -> None:
-    """Stop everything `factory up` started."""
+@click.option("--site", type=click.Choice(SITES), default=None, help="stop only this site's deployment")
+def down_command(site) -> None:
+    """Stop what `factory up` started (all sites' deployments, or one)."""
     home = factory_home()
-    path = state_file(home)
-    state = read_state(home)
-    if not state:
-        try:
-            stale = json.loads(path.read_text())
-        except (OSError, ValueError):
-            stale = None
-        if stale and stale.get("postgres"):
-            stop_service(home, stale)
-        path.unlink(missing_ok=True)
-        click.echo("the factory is not running")
-        return
-    stop_service(home, state)
-    click.echo("the factory is stopped")
+    stopped = []
+    for name in [site] if site else SITES:
+        state = read_state(home, name)
+        if state:
+            stop_deployment(home, name, state)
+            stopped.append(name)
+        else:
+            state_file(home, name).unlink(missing_ok=True)  # a stale record of processes long gone
+    _stop_postgres_if_unused(home)
+    if stopped:
+        click.echo(f"stopped: {', '.join(stopped)}")
+    else:
+        click.echo(f"{site or 'the factory'} is not running")

@@ -1,4 +1,5 @@
-"""A real factory service (Airflow processes started by `factory up`) for the service and browser tests."""
+"""A real site deployment (the origin's Airflow processes, started by `factory up --site origin`) for the
+service and browser tests."""
 
 from __future__ import annotations
 
@@ -19,15 +20,23 @@ ROOT = Path(__file__).resolve().parents[2]
 DAGS = Path(__file__).parent / "dags"
 FACTORY = [sys.executable, "-m", "pipelines.cli"]
 INITDB = Path("/usr/lib/postgresql/15/bin/initdb")
+SITE = "origin"
+OPERATOR = "origin_platform"  # the origin's OP user: reads runs and task instances in its Airflow
+
+
+def record_path(home: Path, site: str = SITE) -> Path:
+    from pipelines.service.processes import state_file
+
+    return state_file(home, site)
 
 
 class Service:
-    """A running service and a small REST client for it."""
+    """The origin's running deployment and a small REST client for it."""
 
     def __init__(self, home: Path, env: dict[str, str]):
         self.home = home
         self.env = env
-        self.state = json.loads((home / "service.json").read_text())
+        self.state = json.loads(record_path(home).read_text())
         self.url = self.state["url"]
         self.passwords = json.loads(Path(self.state["passwords_file"]).read_text())
         self.http = httpx.Client(base_url=self.url, timeout=90.0)
@@ -47,7 +56,7 @@ class Service:
     def wait_dag(self, dag_id: str, user: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while self.http.get(f"/api/v2/dags/{dag_id}", headers=self.headers(user)).status_code != 200:
-            assert time.monotonic() < deadline, f"{dag_id} not parsed; see {self.home}/logs/dag-processor.log"
+            assert time.monotonic() < deadline, f"{dag_id} not parsed; see {self.state['site_home']}/service/logs"
             time.sleep(2)
 
     def trigger(self, dag_id: str, user: str) -> str:
@@ -58,7 +67,7 @@ class Service:
 
     def ti(self, dag_id: str, run_id: str, task_id: str) -> dict:
         response = self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}",
-                                 headers=self.headers("admin"))
+                                 headers=self.headers(OPERATOR))
         return response.json() if response.status_code == 200 else {}
 
     def wait_parked(self, dag_id: str, run_id: str, task_id: str, *, stable: float = 6.0,
@@ -85,25 +94,22 @@ class Service:
         deadline = time.monotonic() + timeout
         while True:
             state = self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}",
-                                  headers=self.headers("admin")).json().get("state")
+                                  headers=self.headers(OPERATOR)).json().get("state")
             if state in ("success", "failed"):
                 return state
             assert time.monotonic() < deadline, f"run {run_id} still {state}"
             time.sleep(2)
 
     def pids(self) -> list[int]:
-        """Processes of this service still alive (by the marker `factory up` put in their environment)."""
-        from pipelines.service.processes import alive, ours
-        from pipelines.service.up import _group_members, _marked_pids
+        """Processes of this deployment still alive (by the marker `factory up` put in their environment)."""
+        from pipelines.service.up import deployment_pids
 
-        processes = self.state["processes"]
-        found = [p["pid"] for p in processes if ours(p)] + _group_members({p["pgid"] for p in processes})
-        return sorted({pid for pid in found + _marked_pids(self.state["service_id"]) if alive(pid)})
+        return deployment_pids(self.state)
 
 
 def _kill_leftovers(home: Path) -> None:
     try:
-        state = json.loads((home / "service.json").read_text())
+        state = json.loads(record_path(home).read_text())
     except (OSError, ValueError):
         return
     for process in state.get("processes", []):
@@ -127,8 +133,8 @@ def start_service(db: str, *extra: str) -> tuple[Service, callable]:
     from pipelines.workspace import SitePaths
 
     ensure_site_keys(SitePaths.of("origin", home))
-    command = [*FACTORY, "up", "--detach", "--no-mlflow", "--no-init", "--no-trigger",
-               "--dags-folder", str(DAGS), "--port", "0", *extra]
+    command = [*FACTORY, "up", "--site", SITE, "--detach", "--no-mlflow", "--no-carrier", "--no-init",
+               "--no-trigger", "--dags-folder", str(DAGS), "--port", "0", *extra]
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
     def stop() -> None:
@@ -144,7 +150,8 @@ def start_service(db: str, *extra: str) -> tuple[Service, callable]:
         assert down.returncode == 0, down.stdout + down.stderr
 
     if result.returncode != 0:
-        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (home / "logs").glob("*.log"))
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"
+                         for p in (home / "sites" / SITE / "service" / "logs").glob("*.log"))
         stop()
         pytest.fail(f"factory up failed:\n{result.stdout}\n{result.stderr}\n{logs}")
     return Service(home, env), stop

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pipelines.service.approvals import ApprovalError, answer_gate
+from pipelines.service.processes import state_file
 from pipelines.trust import audit
 from pipelines.workspace import SitePaths
 
@@ -49,7 +50,9 @@ def test_gate_refuses_wrong_answers_and_releases_after_officer_approval(service_
 
     run = runs["approve"]
     assert _refused(service, "origin_engineer", run) == 403
-    assert _refused(service, "destination_officer", run) == 403
+    # the destination's officer is no user of the origin's own Airflow at all
+    with pytest.raises(ApprovalError, match="login as destination_officer refused"):
+        answer_gate(service.url, "destination_officer", "any password", DAG, run, GATE, True)
     cli = service.factory("approve", "--as", "origin_engineer", "--url", service.url, "--dag", DAG, "--run", run,
                           "--task", GATE)
     assert cli.returncode == 1 and "not an assigned approver" in cli.stderr
@@ -66,11 +69,12 @@ def test_gate_refuses_wrong_answers_and_releases_after_officer_approval(service_
                                headers=service.headers("origin_engineer"), json={"new_state": "success"})
     assert force.status_code == 200, force.text
 
-    # a USER may also write the gate's XCom before force-marking it: the forged answer has no valid seal
+    # a USER may also write the gate's XCom before force-marking it: the forged answer has no valid signature
     run = runs["forged_xcom"]
     forged = {"gate": "data_release", "owner_site": "origin", "dag_id": DAG, "run_id": run, "task_id": GATE,
               "chosen_options": ["Approve"], "comment": "", "responded_by": "origin_officer",
-              "responded_at": "2026-01-01T00:00:00+00:00", "requested_by": "origin_engineer", "seal": "0" * 64}
+              "responded_at": "2026-01-01T00:00:00+00:00", "requested_by": "origin_engineer",
+              "signature": "bm90IGEgc2lnbmF0dXJl"}
     written = service.http.post(f"/api/v2/dags/{DAG}/dagRuns/{run}/taskInstances/{GATE}/xcomEntries",
                                 headers=service.headers("origin_engineer"),
                                 json={"key": "return_value", "value": forged, "map_index": -1})
@@ -120,12 +124,16 @@ def test_gate_refuses_wrong_answers_and_releases_after_officer_approval(service_
 @pytest.mark.service
 def test_second_up_says_so_and_down_stops_everything(service_factory):
     service = service_factory("sqlite")
-    again = service.factory("up", "--detach", "--no-mlflow", "--no-init", "--no-trigger")
+    again = service.factory("up", "--site", "origin", "--detach", "--no-mlflow", "--no-carrier", "--no-init",
+                            "--no-trigger")
     assert again.returncode == 0, again.stderr
     assert "already running" in again.stdout and service.url in again.stdout
-    assert service.pids(), "the service's processes are not found by their marker"
-    down = service.factory("down")
-    assert down.returncode == 0 and "stopped" in down.stdout
+    assert service.pids(), "the deployment's processes are not found by their marker"
+    other = service.factory("down", "--site", "supplier")
+    assert other.returncode == 0 and "supplier is not running" in other.stdout
+    assert service.pids(), "stopping another site stopped the origin"
+    down = service.factory("down", "--site", "origin")
+    assert down.returncode == 0 and "stopped: origin" in down.stdout
     assert not service.pids()
-    assert not (service.home / "service.json").exists()
+    assert not state_file(service.home, "origin").exists()
     assert "not running" in service.factory("down").stdout
