@@ -49,14 +49,15 @@ AIRFLOW_PROCESSES = ("api-server", "scheduler", "dag-processor", "triggerer")
 PUSH_INTERVAL = 2.0
 
 
-def _bin(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
+def _module(name: str) -> list[str]:
+    """`python -m NAME` with this process's interpreter: the same installation, and no console script
+    whose first line names an interpreter another user might not be able to run."""
+    return [sys.executable, "-m", name]
 
 
 def factory_command() -> list[str]:
     """The `factory` CLI of this installation (the same interpreter as this process)."""
-    return [sys.executable, "-m", "pipelines.cli"]
+    return _module("pipelines.cli")
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -351,7 +352,7 @@ def start_deployment(
         state["passwords_file"] = str(passwords_file(home, site))
         write_state(home, site, state)
         click.echo(f"{site}: migrating its Airflow database (airflow db migrate) ...")
-        migrate = subprocess.run([_bin("airflow"), "db", "migrate"], env=env, capture_output=True, text=True,
+        migrate = subprocess.run([*_module("airflow"), "db", "migrate"], env=env, capture_output=True, text=True,
                                  cwd=paths.root)
         if migrate.returncode != 0:
             (logs / "db-migrate.log").write_text(migrate.stdout + migrate.stderr)
@@ -359,10 +360,11 @@ def start_deployment(
         if env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite:///"):
             _sqlite_wal(Path(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].removeprefix("sqlite:///")))
         commands = {
-            "api-server": [_bin("airflow"), "api-server", "--host", host, "--port", str(api_port), "--workers", "1"],
-            "scheduler": [_bin("airflow"), "scheduler"],
-            "dag-processor": [_bin("airflow"), "dag-processor"],
-            "triggerer": [_bin("airflow"), "triggerer"],
+            "api-server": [*_module("airflow"), "api-server", "--host", host, "--port", str(api_port),
+                           "--workers", "1"],
+            "scheduler": [*_module("airflow"), "scheduler"],
+            "dag-processor": [*_module("airflow"), "dag-processor"],
+            "triggerer": [*_module("airflow"), "triggerer"],
         }
         for name, command in commands.items():
             state["processes"].append(_spawn(name, command, env, logs, paths.root))
@@ -370,7 +372,7 @@ def start_deployment(
             paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
             mlflow_port = free_port(deployment.mlflow_port)
             uri = base_env.get(f"FACTORY_MLFLOW_URI_{site.upper()}") or paths.mlflow_uri
-            command = [_bin("mlflow"), "server", "--backend-store-uri", uri,
+            command = [*_module("mlflow"), "server", "--backend-store-uri", uri,
                        "--default-artifact-root", paths.mlflow_artifacts.as_uri(),
                        "--host", host, "--port", str(mlflow_port), "--workers", "1"]
             # The server's job runner (huey consumers for GenAI jobs) costs ~1 GB; unused here.
