@@ -21,7 +21,7 @@ SITE = "supplier"
 BODY = (
     "{% set r = ti.xcom_pull(task_ids='receive_approval') %}"
     "Export request `{{ r['request_id'] }}`: **M5** variant `{{ r['variant'] }}` (`{{ r['model'] }}`, digest "
-    "`{{ r['digest'] }}`) to **{{ r['destination'] }}**; stricter thresholds `{{ r['thresholds'] }}`.\n\n"
+    "`{{ r['digest'] }}`) to **{{ r['destination'] }}**; stricter thresholds `{{ r['thresholds'] | tojson }}`.\n\n"
     "- **{{ r['from'] }}** approved it: decision of `{{ r['officer'] }}` ({{ r['comment'] or 'no comment' }}), "
     "signed by {{ r['from'] }} and verified here against this request and this model digest\n\n"
     "On your approval the `model_release` export gate needs every lineage source export-authorized and "

@@ -20,7 +20,7 @@ BODY = (
     "(export request `{{ r['request_id'] }}`).\n\n"
     "- Model: `{{ r['model'] }}` at {{ r['from'] }}, digest `{{ r['digest'] }}` (checked here); "
     "registered here as `{{ r['here'] }}`\n"
-    "- Stricter thresholds of this variant: `{{ r['thresholds'] }}`\n\n"
+    "- Stricter thresholds of this variant: `{{ r['thresholds'] | tojson }}`\n\n"
     "Accuracy on this site's test data, evaluated here (the test data does not leave this site), beside "
     "this site's own models:\n\n{{ r['evidence'] }}\n\n"
     "Your answer is signed by this site and sent to the supplier. The supplier releases M5 only on your "

@@ -201,7 +201,8 @@ def _comparison(ctx: StepContext, metric_keys: list[str]) -> dict[str, dict[str,
 
 
 def _evidence(review: dict[str, Any]) -> str:
-    """The review's metrics as a Markdown table: the model under review, then this site's M3 and M4."""
+    """The review's metrics as a Markdown table: the model under review, then this site's M3 and M4,
+    each with the difference of the reviewed model to it."""
     keys = sorted(review["metrics"])
     rows = [f"| model | {' | '.join(keys)} |", "|---|" + "---|" * len(keys),
             f"| **{review['stage']}** `{review['here']}` (under review) | "
@@ -210,7 +211,7 @@ def _evidence(review: dict[str, Any]) -> str:
         cells = []
         for k in keys:
             value = other["metrics"].get(k)
-            cells.append("" if value is None else f"{value:.4f} (gap {review['metrics'][k] - value:+.4f})")
+            cells.append("" if value is None else f"{value:.4f} ({review['stage']} {review['metrics'][k] - value:+.4f})")
         rows.append(f"| {stage} `{other['model']}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

@@ -24,7 +24,8 @@ def metrics(collaboration: Path) -> dict[str, dict[str, float]]:
 
 def test_report_has_every_stage_model(metrics):
     assert sorted(metrics) == ["M1", "M3", "M4", "M5", "M6", "M7", "M8"]
-    assert "origin_test" not in metrics["M5"] and "destination_test" not in metrics["M3"]  # sovereignty of test sets
+    assert "destination_test" not in metrics["M3"]  # sovereignty of test sets: M3 never reaches the destination
+    assert "origin_test" in metrics["M5"]  # the origin evaluated M5 for its review, on its own test data
 
 
 def test_stage1_model_is_registered_with_lineage(collaboration: Path, metrics):
@@ -138,14 +139,39 @@ def test_rerunning_finished_stages_duplicates_nothing(collaboration: Path):
 
 
 def test_each_export_variant_is_its_own_model_version_and_package(collaboration: Path):
-    from pipelines.orchestration import load_dags, run_dag
+    """A variant is one request: prepared at the supplier, reviewed at the origin, released by the supplier."""
+    from pipelines.orchestration import deliver_embedded, load_dags, run_dag
 
     destination = SitePaths.of("destination", collaboration)
     packages_before = set(destination.inbox.glob("m5-*.sfp"))
-    run_dag(load_dags()["stage_5_export_preparation"], approve=True, home=collaboration,
+    dags = load_dags()
+    run_dag(dags["stage_5_export_preparation"], approve=True, home=collaboration,
             conf={"variant": "night", "subset": {"labels": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]},
                   "thresholds": {"supplier_test": 0.92}})
+    for dag_id in ("stage_5_export_review", "stage_5_export_release"):
+        deliver_embedded(collaboration)
+        run_dag(dags[dag_id], approve=True, home=collaboration)
+    deliver_embedded(collaboration)
     night = resolve_model(SitePaths.of("supplier", collaboration), "M5", variant="night")
     assert night.name == "digits-cnn-m5-night"
     assert night.name != resolve_model(SitePaths.of("supplier", collaboration), "M5").name
     assert len(set(destination.inbox.glob("m5-*.sfp")) - packages_before) == 1
+    requests = json.loads((SitePaths.of("supplier", collaboration).state_dir / "export-requests.json").read_text())
+    (request,) = [r for r in requests.values() if r["variant"] == "night"]
+    assert request["status"] == "released" and request["thresholds"] == {"supplier_test": 0.92}
+    assert request["model"] == f"{night.name}/{night.version}"
+
+
+def test_export_was_decided_at_both_sites_with_signed_approvals(collaboration: Path):
+    """The origin reviewed M5 where its test data lives and its signed decision was verified at the
+    supplier; the released M5's provenance names both officers."""
+    from pipelines.trust import audit
+
+    supplier, origin = SitePaths.of("supplier", collaboration), SitePaths.of("origin", collaboration)
+    assert [e for e in audit.entries(origin) if e["action"] == "approval.sent" and e["outcome"] == "approve"]
+    verified = [e for e in audit.entries(supplier) if e["action"] == "approval.document"]
+    assert verified and all(e["actor"] == "origin_officer" for e in verified)
+    released = [e for e in audit.entries(supplier) if e["action"] == "model.released"
+                and e["details"]["purpose"] == "export"]
+    assert released and {(a["user"], a["site"]) for a in released[0]["details"]["approvals"]} == {
+        ("origin_officer", "origin"), ("supplier_export_officer", "supplier")}

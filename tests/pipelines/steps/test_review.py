@@ -306,3 +306,17 @@ def test_send_approval_refuses_an_answer_not_signed_here_and_sends_nothing(home,
     with pytest.raises(StepError, match="came from supplier; its decision goes back there, not to destination"):
         run_step("send_approval", origin, review=review, approval=forged, recipient="destination", kind="m5-approval")
     assert set(origin.paths.outbox.glob("m5-approval-*.sfp")) == before
+
+
+def test_evidence_shows_the_reviewed_model_beside_the_sites_own_models():
+    from pipelines.steps.review import _evidence
+
+    text = _evidence({"stage": "M5", "here": "digits-cnn-m5-default/1", "metrics": {"origin_test": 0.87},
+                      "comparison": {"M3": {"model": "digits-cnn-m3/1", "metrics": {"origin_test": 0.92}},
+                                     "M4": {"model": "digits-cnn-m4/2", "metrics": {}}}})
+    assert text.splitlines() == [
+        "| model | origin_test |", "|---|---|",
+        "| **M5** `digits-cnn-m5-default/1` (under review) | 0.8700 |",
+        "| M3 `digits-cnn-m3/1` | 0.9200 (M5 -0.0500) |",
+        "| M4 `digits-cnn-m4/2` |  |",
+    ]
