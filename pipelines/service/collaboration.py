@@ -28,9 +28,8 @@ from pipelines.workspace import SitePaths
 
 ACTIVE = ("queued", "running")
 FINISHED = ("success", "failed")
-# A gate is answered once it has waited this long with the same try (a freshly parked try can still
-# be failed and retried by Airflow; an answer given in that moment would be lost).
-GATE_SETTLE_SECONDS = 4.0
+# Seconds between a gate's HITL record and the exit of the task process that parked it (with margin).
+PARK_EXIT_SECONDS = 1.0
 
 
 class DriveFailed(RuntimeError):
@@ -73,6 +72,31 @@ class Deployment:
         self.operator = site_user(site, airflow_roles=("OP", "ADMIN"))
         self.http = httpx.Client(base_url=self.url, timeout=60.0)
         self._tokens: dict[str, str] = {}
+        self.heartbeats: list[float] = []  # distinct scheduler heartbeats seen, oldest first
+
+    def observe_scheduler(self) -> None:
+        """Note the scheduler's latest heartbeat (`/api/v2/monitor/health`)."""
+        try:
+            health = self.http.get("/api/v2/monitor/health").json()
+        except (httpx.HTTPError, ValueError):
+            return
+        beat = _timestamp((health.get("scheduler") or {}).get("latest_scheduler_heartbeat"))
+        if beat is not None and (not self.heartbeats or beat > self.heartbeats[-1]):
+            self.heartbeats.append(beat)
+            del self.heartbeats[:-4]
+
+    def settled(self, parked_at: float | None) -> bool:
+        """Has the scheduler taken in the exit of the process that parked a gate at `parked_at`?
+
+        Airflow 3.3.2 with the LocalExecutor fails a gate answered too early: the answer resumes the
+        task, the scheduler queues it again and only then reads the "success" of the process that
+        parked it, for the same try, and marks the resumed task failed ("Task killed!"). The scheduler
+        reads executor events in every loop and records a heartbeat at the end of a loop every
+        `scheduler_heartbeat_sec`, so two heartbeats after the process exit mean a whole loop read
+        its events after the exit."""
+        if parked_at is None:
+            return False
+        return len([beat for beat in self.heartbeats if beat > parked_at + PARK_EXIT_SECONDS]) >= 2
 
     def close(self) -> None:
         self.http.close()
@@ -138,7 +162,7 @@ class Collaboration:
         self.since = _now()  # runs queued from here on belong to this drive
         self.followed: set[tuple[str, str]] = set()
         self.answered: list[dict[str, Any]] = []
-        self.gates_seen: dict[tuple[str, str, str, int], tuple[Any, float]] = {}
+        self.gates_seen: dict[tuple[str, str, str, str, int], Any] = {}
         self.announced: set[tuple[str, str, str]] = set()
         self.first_gate_at: float | None = None
         self.gate_dags: set[str] = set()
@@ -163,6 +187,7 @@ class Collaboration:
     def tend_gates(self) -> None:
         """Answer (or announce) every settled gate of the selected stages' runs of this drive."""
         for deployment in self.deployments.values():
+            deployment.observe_scheduler()
             try:
                 gates = pending_gates(deployment.http, deployment.operator, deployment.password(deployment.operator))
             except ApprovalError as error:
@@ -171,13 +196,12 @@ class Collaboration:
                 if gate["dag_id"] not in self.gate_dags or not self._ours(deployment, gate["dag_id"], gate["run_id"]):
                     continue
                 key = (deployment.site, gate["dag_id"], gate["run_id"], gate["task_id"], gate["map_index"])
-                seen = self.gates_seen.get(key)
                 if self.first_gate_at is None:
                     self.first_gate_at = _now()
-                if not seen or seen[0] != gate["try_number"]:
-                    self.gates_seen[key] = (gate["try_number"], time.monotonic())
+                if self.gates_seen.get(key) != gate["try_number"]:  # a new try: look again next time
+                    self.gates_seen[key] = gate["try_number"]
                     continue
-                if time.monotonic() - seen[1] < GATE_SETTLE_SECONDS:
+                if self.approve and not deployment.settled(_timestamp(gate.get("created_at"))):
                     continue
                 self._answer(deployment, gate)
 

@@ -177,13 +177,15 @@ def _check_alive(processes: list[dict[str, Any]] | None) -> None:
             raise click.ClickException(f"{process['name']} exited during start; see {process['log']}")
 
 
-def _wait_http(url: str, timeout: float, label: str, processes: list[dict[str, Any]] | None = None) -> float:
-    """Poll `url` until it answers 200; show progress; return the seconds it took."""
+def _wait_http(url: str, timeout: float, label: str, processes: list[dict[str, Any]] | None = None,
+               since: float | None = None) -> float:
+    """Poll `url` until it answers 200; show progress; return the seconds since `since` (wall clock;
+    default: now)."""
     import httpx
 
-    started = time.monotonic()
+    started = time.time() if since is None else since
     while True:
-        elapsed = time.monotonic() - started
+        elapsed = time.time() - started
         try:
             if httpx.get(url, timeout=2.0).status_code == 200:
                 _done(f"{label}: up after {elapsed:.0f} s")
@@ -348,6 +350,9 @@ def start_deployment(
             env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", None)  # SQLite's, from a caller's env
         env.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
         env.setdefault("AIRFLOW__API__WORKERS", "1")
+        # A heartbeat every 2 s (default 5): `factory run --approve` answers a gate two heartbeats after it
+        # parked (pipelines.service.collaboration.Deployment.settled).
+        env.setdefault("AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC", "2")
         state["url"] = f"http://localhost:{api_port}"
         state["passwords_file"] = str(passwords_file(home, site))
         write_state(home, site, state)
@@ -402,8 +407,9 @@ def start_deployment(
 def wait_ready(home: Path, state: dict[str, Any], timeout: float) -> None:
     """Wait for the deployment's Airflow API and inbox service; record how long it took."""
     site = state["site"]
-    _wait_http(f"{state['url']}/api/v2/monitor/health", timeout, f"{site}: Airflow API and UI",
-               [p for p in state["processes"] if p["name"] in AIRFLOW_PROCESSES])
+    _wait_http(f"{state['url']}/api/v2/monitor/health", timeout + time.time() - state["started_at"],
+               f"{site}: Airflow API and UI", [p for p in state["processes"] if p["name"] in AIRFLOW_PROCESSES],
+               since=state["started_at"])
     if state.get("inbox"):
         from urllib.parse import urlsplit
 
