@@ -1,0 +1,82 @@
+"""What one site's deployment is configured with, without starting it: its Airflow home, users,
+passwords, DAG filter and ports, and how the CLI finds a running deployment."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import SITES, load_config
+from pipelines.service.airflow_env import airflow_environment, airflow_users, ensure_passwords, passwords_file
+from pipelines.service.approvals import default_url, read_password
+from pipelines.service.processes import read_state, running_sites, start_ticks, state_file, write_state
+from pipelines.workspace import SitePaths
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_site_airflow_knows_only_its_people_and_its_service_account(site):
+    config = load_config()
+    users = dict(airflow_users(site))
+    assert set(users) == {user.id for user in config.users if user.site == site} | {config.service_identities[site].id}
+    assert users[config.service_identities[site].id] == "OP"  # posting asset events needs OP
+    assert not any(user.startswith(tuple(f"{other}_" for other in SITES if other != site)) for user in users)
+
+
+def test_passwords_live_in_the_site_home_and_drop_users_of_other_sites(tmp_path):
+    path = passwords_file(tmp_path, "origin")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"origin_officer": "kept", "supplier_engineer": "not an origin user"}))
+    passwords = ensure_passwords(tmp_path, "origin")
+    assert path == SitePaths.of("origin", tmp_path).airflow_home / "passwords.json"
+    assert passwords["origin_officer"] == "kept" and "supplier_engineer" not in passwords
+    assert "svc-origin" in passwords and path.stat().st_mode & 0o777 == 0o600
+    assert json.loads(path.read_text()) == passwords
+
+
+def test_site_environment_points_airflow_at_the_site_home_and_its_dags_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACTORY_AIRFLOW_DB_URL", "postgresql://shared/airflow")  # never a site's database
+    env = airflow_environment(tmp_path, site="destination", port=18083)
+    home = SitePaths.of("destination", tmp_path).airflow_home
+    assert env["AIRFLOW_HOME"] == str(home) and env["FACTORY_SITE"] == "destination"
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == f"sqlite:///{home / 'airflow.db'}"
+    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] == str(home / "passwords.json")
+    assert env["AIRFLOW__API__BASE_URL"] == "http://localhost:18083"
+    assert "admin" not in env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"]  # the supplier's administrator
+    assert "svc-destination:OP" in env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(",")
+
+
+def test_each_site_has_its_own_ports():
+    sites = load_config().sites
+    ports = [port for site in SITES for port in (sites[site].deployment.airflow_port, sites[site].deployment.mlflow_port,
+                                                  sites[site].carrier.listen_port)]
+    assert len(ports) == len(set(ports)), ports
+
+
+def test_service_record_is_per_site_and_only_a_live_one_counts(tmp_path):
+    me = {"name": "probe", "pid": os.getpid(), "pgid": os.getpgid(0), "started": start_ticks(os.getpid())}
+    write_state(tmp_path, "origin", {"site": "origin", "url": "http://localhost:18082", "processes": [me]})
+    write_state(tmp_path, "supplier", {"site": "supplier", "url": "http://localhost:18081",
+                                       "processes": [{**me, "started": -1}]})  # a reused pid is not ours
+    assert state_file(tmp_path, "origin").parent == SitePaths.of("origin", tmp_path).service_dir
+    assert set(running_sites(tmp_path)) == {"origin"} and read_state(tmp_path, "supplier") is None
+    # `factory approve --as origin_officer` goes to the origin's own Airflow, with the origin's passwords
+    assert default_url("origin_officer", tmp_path) == "http://localhost:18082"
+    assert default_url("destination_officer", tmp_path) == (
+        f"http://localhost:{load_config().sites['destination'].deployment.airflow_port}")
+    ensure_passwords(tmp_path, "origin")
+    assert read_password("origin_officer", home=tmp_path) == json.loads(
+        passwords_file(tmp_path, "origin").read_text())["origin_officer"]
+
+
+def test_up_port_needs_a_site():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "up", "--port", "9999", "--no-init"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "use it with --site" in result.stderr
