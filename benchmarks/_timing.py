@@ -30,12 +30,12 @@ def warm_imports() -> None:
     get_step("train_model")
 
 
-def fresh_home(prefix: str) -> Path:
-    """A new FACTORY_HOME with the three sites built (not timed)."""
+def fresh_home(prefix: str, scale: int | None = None) -> Path:
+    """A new FACTORY_HOME with the three sites built (not timed); `scale` as `factory init --scale`."""
     from pipelines.init import init_workspace
 
     home = Path(tempfile.mkdtemp(prefix=prefix)) / "factory"
-    init_workspace(home)
+    init_workspace(home, scale=scale)
     return home
 
 

@@ -1,20 +1,53 @@
-"""The full eight-stage collaboration headless through Airflow (approvals answered through the
-REST API) versus the same training and evaluation steps called directly in one process.
+"""The full eight-stage collaboration through Airflow (approvals answered through the REST API)
+versus the same training and evaluation steps called directly in one process.
 
-Prints both wall times, the ratio, and the share of the Airflow run per kind of work.
+Two ways to run the collaboration:
+- embedded (default): every DAG in this process with `dag.test()`, one Airflow for the three sites;
+  prints the share of the run per kind of work (step functions timed in this process);
+- `--deployments`: the three sites' own deployments (`factory up`), driven through their REST APIs
+  as `factory run` does; prints the seconds from `factory up` to the first approval gate, the PSS
+  memory of the three deployments (after the run, and the peak sampled every 2 s), the share of the
+  run per kind of task (task instance durations from each site's Airflow), and the floor: an empty
+  Airflow task on the same deployment.
+`--scale N` (repeatable) builds the workspaces with `factory init --scale N`: one line of figures per scale.
+
     .venv/bin/python benchmarks/collaboration_overhead.py
+    .venv/bin/python benchmarks/collaboration_overhead.py --deployments --scale 1800 --scale 5000 --scale 10000
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
+import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import fresh_home, shares, step_timer, warm_imports  # noqa: E402
+from _timing import KIND_OF_STEP, fresh_home, shares, step_timer, warm_imports  # noqa: E402
+
+FACTORY = [sys.executable, "-m", "pipelines.cli"]
+STAGES = list(range(1, 9))
+FLOOR_DAG = '''"""Benchmark floor: one task that does nothing, on the same deployment as the stages."""
+from airflow.sdk import dag, task
+
+
+@dag(dag_id="floor_probe", schedule=None, catchup=False, tags=["benchmark"])
+def floor_probe():
+    @task
+    def nothing() -> None:
+        return None
+
+    nothing()
+
+
+floor_probe()
+'''
 
 # (site, stage, profile, datasets, test sets): the seven trained models, each on the data its site
 # holds before any exchange (so slightly fewer records than the collaborative runs see).
@@ -42,15 +75,15 @@ def direct(home: Path) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def embedded(scale: int | None) -> None:
     from pipelines.orchestration import run_stages
 
-    airflow_home, direct_home = fresh_home("bench-collab-af-"), fresh_home("bench-collab-direct-")
+    airflow_home, direct_home = fresh_home("bench-collab-af-", scale), fresh_home("bench-collab-direct-", scale)
     os.environ["FACTORY_HOME"] = str(airflow_home)
     warm_imports()
     with step_timer() as totals:
         start = time.perf_counter()
-        run_stages(list(range(1, 9)), approve=True, home=airflow_home)
+        run_stages(STAGES, approve=True, home=airflow_home)
         t_airflow = time.perf_counter() - start
     t_direct = direct(direct_home)
     print(f"training + evaluation called directly : {t_direct:8.2f} s")
@@ -59,6 +92,159 @@ def main() -> None:
     print("share of the Airflow run:")
     for kind, seconds in sorted(shares(totals, t_airflow).items(), key=lambda kv: -kv[1]):
         print(f"  {kind:32s} {seconds:8.2f} s  {100 * seconds / t_airflow:5.1f} %")
+
+
+# --- three deployments ------------------------------------------------------------------------------
+
+def _free_port_conf(folder: Path) -> Path:
+    """conf/ with free ports for every site (Airflow, MLflow: any; inbox: fixed, known to partners)."""
+    import yaml
+
+    from pipelines.config import SITES, conf_dir
+    from pipelines.service.up import free_port
+
+    shutil.copytree(conf_dir(), folder)
+    sites = yaml.safe_load((folder / "sites.yaml").read_text())
+    for site in SITES:
+        port = free_port()
+        entry = sites["sites"][site]
+        entry["deployment"] = {"airflow_port": 0, "mlflow_port": 0}
+        entry["carrier"] = entry.get("carrier", {}) | {"listen_port": port, "inbox_url": f"https://127.0.0.1:{port}"}
+    (folder / "sites.yaml").write_text(yaml.safe_dump(sites))
+    return folder
+
+
+def _dags_with_floor(folder: Path) -> Path:
+    from pipelines.config import PROJECT_ROOT
+
+    folder.mkdir()
+    for dag_file in (PROJECT_ROOT / "dags").glob("*.py"):
+        (folder / dag_file.name).symlink_to(dag_file)
+    (folder / "floor_probe.py").write_text(FLOOR_DAG)
+    return folder
+
+
+def _pss_mib(states: dict) -> float:
+    from pipelines.service.up import deployment_pids
+
+    total = 0
+    for state in states.values():
+        for pid in deployment_pids(state):
+            try:
+                total += sum(int(line.split()[1]) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                             if line.startswith("Pss:"))
+            except OSError:
+                pass
+    return total / 1024
+
+
+class PeakPss(threading.Thread):
+    def __init__(self, states: dict):
+        super().__init__(daemon=True)
+        self.states, self.peak, self.halt = states, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(2.0):
+            self.peak = max(self.peak, _pss_mib(self.states))
+
+
+def _kind(task_id: str) -> str:
+    name = task_id.rsplit(".", 1)[-1]
+    if name.endswith("_approval"):
+        return "approval gates (until answered)"
+    if name.startswith("validate_"):
+        return "validation + sanitization"
+    return KIND_OF_STEP.get(name, f"other tasks ({name})")
+
+
+def _task_shares(home: Path, states: dict, timings: list[dict]) -> tuple[dict[str, float], int]:
+    """Seconds per kind of task over the followed runs (task instance durations), and the task count."""
+    from pipelines.service.collaboration import Deployment
+
+    kinds: dict[str, float] = {}
+    count = 0
+    deployments = {site: Deployment(site, state, home) for site, state in states.items()}
+    for entry in timings:
+        for ti in deployments[entry["site"]].task_instances(entry["dag_id"], entry["run_id"]):
+            if ti.get("duration") is not None:
+                kinds[_kind(ti["task_id"])] = kinds.get(_kind(ti["task_id"]), 0.0) + ti["duration"]
+                count += 1
+    return kinds, count
+
+
+def _floor(home: Path, state: dict, runs: int = 5) -> tuple[float, float]:
+    """Median seconds of an empty task's run (trigger to done) and of the task itself, at one deployment."""
+    from pipelines.service.collaboration import Collaboration, Deployment, iso_seconds, site_user
+
+    deployment = Deployment(state["site"], state, home)
+    collaboration = Collaboration({state["site"]: deployment}, approve=False, timeout=300, say=lambda _: None)
+    collaboration.locate("floor_probe")
+    run_seconds, task_seconds = [], []
+    for _ in range(runs):
+        response = deployment.request("POST", "/api/v2/dags/floor_probe/dagRuns", site_user(state["site"], role="engineer"),
+                                      json={"logical_date": None, "conf": {}})
+        response.raise_for_status()
+        run_id = response.json()["dag_run_id"]
+        collaboration.follow(deployment, "floor_probe", run_id)
+        run = deployment.run("floor_probe", run_id)
+        run_seconds.append(iso_seconds(run["end_date"]) - iso_seconds(run["queued_at"]))
+        task_seconds += [ti["duration"] for ti in deployment.task_instances("floor_probe", run_id)]
+    return statistics.median(run_seconds), statistics.median(task_seconds)
+
+
+def deployments(scale: int | None) -> None:
+    from pipelines.service.collaboration import drive
+    from pipelines.service.processes import running_sites
+
+    home, direct_home = fresh_home("bench-collab-3d-", scale), fresh_home("bench-collab-direct-", scale)
+    os.environ["FACTORY_CONF"] = str(_free_port_conf(home.parent / "conf"))
+    os.environ["FACTORY_HOME"] = str(home)
+    dags = _dags_with_floor(home.parent / "dags")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW__", "AIRFLOW_HOME"))}
+    started = time.time()
+    up = subprocess.run([*FACTORY, "up", "--detach", "--no-trigger", "--dags-folder", str(dags)], env=env,
+                        capture_output=True, text=True)
+    if up.returncode:
+        sys.exit(f"factory up failed:\n{up.stdout}\n{up.stderr}")
+    t_up = time.time() - started
+    try:
+        states = running_sites(home)
+        peak = PeakPss(states)
+        peak.start()
+        start = time.perf_counter()
+        collaboration = drive(home, states, STAGES, approve=True, timeout=1800, say=lambda _: None)
+        t_run = time.perf_counter() - start
+        peak.halt.set()
+        pss_after = _pss_mib(states)
+        kinds, tasks = _task_shares(home, states, collaboration.timings)
+        floor_run, floor_task = _floor(home, states["supplier"])
+    finally:
+        subprocess.run([*FACTORY, "down"], env=env, capture_output=True, text=True)
+    t_direct = direct(direct_home)
+    first_gate = (collaboration.first_gate_at - started) if collaboration.first_gate_at else float("nan")
+    print(f"scale {scale or 'default'}: three deployments")
+    print(f"factory up (three deployments)        : {t_up:8.2f} s")
+    print(f"factory up to the first approval gate : {first_gate:8.2f} s")
+    print(f"PSS of the three deployments          : {pss_after:8.0f} MiB after the run, {peak.peak:.0f} MiB peak")
+    print(f"training + evaluation called directly : {t_direct:8.2f} s")
+    print(f"eight stages across the deployments   : {t_run:8.2f} s ({len(collaboration.timings)} DAG runs, "
+          f"{tasks} tasks, {len(collaboration.answered)} gates)")
+    print(f"ratio                                 : {t_run / t_direct:8.2f}x")
+    print(f"floor: an empty task at the supplier  : {floor_run:8.2f} s trigger to done, {floor_task:.2f} s in the task")
+    print("share of the run (task instance durations; runs at different sites may overlap):")
+    for kind, seconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:40s} {seconds:8.2f} s  {100 * seconds / t_run:5.1f} %")
+    rest = t_run - sum(kinds.values())
+    print(f"  {'between tasks (scheduling, carrier, events)':40s} {rest:8.2f} s  {100 * rest / t_run:5.1f} %")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--deployments", action="store_true", help="the three sites' own deployments")
+    parser.add_argument("--scale", type=int, action="append", help="factory init --scale N (repeatable)")
+    args = parser.parse_args()
+    for scale in args.scale or [None]:
+        (deployments if args.deployments else embedded)(scale)
 
 
 if __name__ == "__main__":

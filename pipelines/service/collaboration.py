@@ -40,7 +40,7 @@ def _now() -> float:
     return time.time()
 
 
-def _timestamp(text: str | None) -> float | None:
+def iso_seconds(text: str | None) -> float | None:
     if not text:
         return None
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
@@ -80,7 +80,7 @@ class Deployment:
             health = self.http.get("/api/v2/monitor/health").json()
         except (httpx.HTTPError, ValueError):
             return
-        beat = _timestamp((health.get("scheduler") or {}).get("latest_scheduler_heartbeat"))
+        beat = iso_seconds((health.get("scheduler") or {}).get("latest_scheduler_heartbeat"))
         if beat is not None and (not self.heartbeats or beat > self.heartbeats[-1]):
             self.heartbeats.append(beat)
             del self.heartbeats[:-4]
@@ -201,14 +201,14 @@ class Collaboration:
                 if self.gates_seen.get(key) != gate["try_number"]:  # a new try: look again next time
                     self.gates_seen[key] = gate["try_number"]
                     continue
-                if self.approve and not deployment.settled(_timestamp(gate.get("created_at"))):
+                if self.approve and not deployment.settled(iso_seconds(gate.get("created_at"))):
                     continue
                 self._answer(deployment, gate)
 
     def _ours(self, deployment: Deployment, dag_id: str, run_id: str) -> bool:
         if (deployment.site, run_id) in self.followed:
             return True
-        queued = _timestamp(deployment.run(dag_id, run_id).get("queued_at"))
+        queued = iso_seconds(deployment.run(dag_id, run_id).get("queued_at"))
         return queued is not None and queued >= self.since
 
     def _answer(self, deployment: Deployment, gate: dict[str, Any]) -> None:
@@ -240,7 +240,7 @@ class Collaboration:
         for run in deployment.runs(dag_id):
             if run["state"] in ACTIVE and (deployment.site, run["dag_run_id"]) not in self.followed:
                 self.say(f"{dag_id} at {deployment.site}: following run {run['dag_run_id']}, already under way")
-                self.since = min(self.since, _timestamp(run.get("queued_at")) or self.since)
+                self.since = min(self.since, iso_seconds(run.get("queued_at")) or self.since)
                 return run["dag_run_id"]
         engineer = site_user(deployment.site, role="engineer")
         response = deployment.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", engineer,
@@ -260,7 +260,7 @@ class Collaboration:
             for run in reversed(deployment.runs(dag_id)):  # oldest first
                 if (deployment.site, run["dag_run_id"]) in self.followed:
                     continue
-                queued = _timestamp(run.get("queued_at"))
+                queued = iso_seconds(run.get("queued_at"))
                 if run["state"] in ACTIVE or (queued is not None and queued >= self.since):
                     self.say(f"{dag_id} at {deployment.site}: run {run['dag_run_id']} ({run.get('run_type')})")
                     return run["dag_run_id"]
