@@ -31,6 +31,7 @@ from pipelines.workspace import UnsafeName, safe_name
 
 PACKAGE_SUFFIX = ".sfp"
 MODEL_STAGES = frozenset(f"M{n}" for n in range(1, 9))
+_ORDER = "recorded"  # position of a state record: what "the last one" means
 
 
 def dataset_ref(value: str | dict) -> str:
@@ -39,13 +40,17 @@ def dataset_ref(value: str | dict) -> str:
 
 
 def _records(ctx: StepContext, name: str) -> dict[str, Any]:
+    """A state record file, oldest first (JSON state is written key-sorted, so the order is kept apart)."""
     path = ctx.paths.state_dir / f"{name}.json"
-    return read_json(path) if path.exists() else {}
+    records = read_json(path) if path.exists() else {}
+    ordered = sorted(records.items(), key=lambda item: item[1].get(_ORDER, 0))
+    return {key: {k: v for k, v in value.items() if k != _ORDER} for key, value in ordered}
 
 
 def _remember(ctx: StepContext, name: str, key: str, value: dict[str, Any]) -> None:
     with update_json(ctx.paths.state_dir / f"{name}.json", {}) as records:
-        records[key] = value
+        order = records[key].get(_ORDER) if key in records else None
+        records[key] = {**value, _ORDER: order or 1 + max((r.get(_ORDER, 0) for r in records.values()), default=0)}
 
 
 def _requester(ctx: StepContext) -> str:
