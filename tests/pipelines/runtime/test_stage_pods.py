@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 DAGS = Path(__file__).resolve().parents[3] / "dags"
-WORKER_TASKS = ("approval", "check_approval")  # HITL gates and their checks run in the Airflow worker
+WORKER_TASKS = ("approval",)  # HITL gates run in the Airflow worker
 
 
 def _kubernetes_dags() -> dict:
