@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -95,24 +94,6 @@ def embedded(scale: int | None) -> None:
 
 
 # --- three deployments ------------------------------------------------------------------------------
-
-def _free_port_conf(folder: Path) -> Path:
-    """conf/ with free ports for every site (Airflow, MLflow: any; inbox: fixed, known to partners)."""
-    import yaml
-
-    from pipelines.config import SITES, conf_dir
-    from pipelines.service.up import free_port
-
-    shutil.copytree(conf_dir(), folder)
-    sites = yaml.safe_load((folder / "sites.yaml").read_text())
-    for site in SITES:
-        port = free_port()
-        entry = sites["sites"][site]
-        entry["deployment"] = {"airflow_port": 0, "mlflow_port": 0}
-        entry["carrier"] = entry.get("carrier", {}) | {"listen_port": port, "inbox_url": f"https://127.0.0.1:{port}"}
-    (folder / "sites.yaml").write_text(yaml.safe_dump(sites))
-    return folder
-
 
 def _dags_with_floor(folder: Path) -> Path:
     from pipelines.config import PROJECT_ROOT
@@ -195,9 +176,10 @@ def _floor(home: Path, state: dict, runs: int = 5) -> tuple[float, float]:
 def deployments(scale: int | None) -> None:
     from pipelines.service.collaboration import drive
     from pipelines.service.processes import running_sites
+    from pipelines.service.up import conf_with_free_ports
 
     home, direct_home = fresh_home("bench-collab-3d-", scale), fresh_home("bench-collab-direct-", scale)
-    os.environ["FACTORY_CONF"] = str(_free_port_conf(home.parent / "conf"))
+    os.environ["FACTORY_CONF"] = str(conf_with_free_ports(home.parent / "conf"))
     os.environ["FACTORY_HOME"] = str(home)
     dags = _dags_with_floor(home.parent / "dags")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW__", "AIRFLOW_HOME"))}

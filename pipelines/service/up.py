@@ -73,6 +73,27 @@ def free_port(preferred: int | None = None) -> int:
         return sock.getsockname()[1]
 
 
+def conf_with_free_ports(folder: Path) -> Path:
+    """A copy of conf/ in `folder` whose sites use free ports (Airflow and MLflow: any free one at
+    start; inbox: a fixed free one that the partners' inbox URLs name): three deployments beside
+    others on one machine (tests, benchmarks). Use it with FACTORY_CONF."""
+    import shutil
+
+    import yaml
+
+    from pipelines.config import conf_dir
+
+    shutil.copytree(conf_dir(), folder)
+    sites = yaml.safe_load((folder / "sites.yaml").read_text())
+    for site in SITES:
+        port = free_port()
+        entry = sites["sites"][site]
+        entry["deployment"] = {"airflow_port": 0, "mlflow_port": 0}
+        entry["carrier"] = entry.get("carrier", {}) | {"listen_port": port, "inbox_url": f"https://127.0.0.1:{port}"}
+    (folder / "sites.yaml").write_text(yaml.safe_dump(sites))
+    return folder
+
+
 def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from pipelines.config import SITES, conf_dir, load_config
-from pipelines.service.up import deployment_pids, free_port
+from pipelines.config import SITES, load_config
+from pipelines.service.up import conf_with_free_ports, deployment_pids
 from pipelines.workspace import SitePaths
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
@@ -85,14 +84,7 @@ def _as(site: str, *command: str, env: dict[str, str], timeout: float = 120, hom
 
 def _test_conf(folder: Path) -> Path:
     """conf/ with free ports: any free Airflow and MLflow port, fixed free inbox ports the partners know."""
-    shutil.copytree(conf_dir(), folder)
-    sites = yaml.safe_load((folder / "sites.yaml").read_text())
-    for site in SITES:
-        port = free_port()
-        entry = sites["sites"][site]
-        entry["deployment"] = {"airflow_port": 0, "mlflow_port": 0}
-        entry["carrier"] = entry.get("carrier", {}) | {"listen_port": port, "inbox_url": f"https://127.0.0.1:{port}"}
-    (folder / "sites.yaml").write_text(yaml.safe_dump(sites))
+    conf_with_free_ports(folder)
     for path in [folder, *folder.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     return folder
