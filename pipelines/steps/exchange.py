@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipelines.carrier.outbox import PACKAGE_SUFFIX
 from pipelines.config import load_config
 from pipelines.data.schema import LABEL_COLUMN
 from pipelines.fileio import atomic_path, read_json, update_json, write_json
@@ -29,7 +30,6 @@ from pipelines.learning import registry
 from pipelines.steps import StepContext, StepError, step
 from pipelines.workspace import UnsafeName, safe_name
 
-PACKAGE_SUFFIX = ".sfp"
 MODEL_STAGES = frozenset(f"M{n}" for n in range(1, 9))
 _ORDER = "recorded"  # position of a state record: what "the last one" means
 
