@@ -18,7 +18,9 @@ Two ways to run the collaboration:
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))  # factory_plugin.steps.STEP_FINISHED
 
 from _timing import KIND_OF_STEP, fresh_home, shares, step_timer, warm_imports  # noqa: E402
 
@@ -138,19 +141,62 @@ def _kind(task_id: str) -> str:
     return KIND_OF_STEP.get(name, f"other tasks ({name})")
 
 
-def _task_shares(home: Path, states: dict, timings: list[dict]) -> tuple[dict[str, float], int]:
-    """Seconds per kind of task over the followed runs (task instance durations), and the task count."""
+def _step_interval(log_file: Path) -> tuple[float, float] | None:
+    """(start, end) in epoch seconds of the step inside one task try, from the line
+    factory_plugin.steps logs when the step returns; None when it did not return."""
+    from factory_plugin.steps import STEP_FINISHED
+
+    from pipelines.service.collaboration import iso_seconds
+
+    finished = re.compile(re.escape(STEP_FINISHED).replace("%s", r"\S+").replace("%\\.3f", r"([0-9.]+)"))
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if "finished in" not in line:
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        match = finished.fullmatch(str(event.get("event", "")))
+        if match:
+            end = iso_seconds(event["timestamp"])
+            return end - float(match.group(1)), end
+    return None
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def _task_shares(home: Path, states: dict, timings: list[dict]) -> tuple[dict[str, float], dict[str, float], int]:
+    """Per kind of task: seconds of task instance durations and seconds inside the step functions
+    (from each task's log); and the intervals of every step on the run's timeline."""
     from pipelines.service.collaboration import Deployment
 
-    kinds: dict[str, float] = {}
-    count = 0
+    durations: dict[str, float] = {}
+    in_steps: dict[str, float] = {}
+    intervals: list[tuple[float, float]] = []
     deployments = {site: Deployment(site, state, home) for site, state in states.items()}
     for entry in timings:
-        for ti in deployments[entry["site"]].task_instances(entry["dag_id"], entry["run_id"]):
-            if ti.get("duration") is not None:
-                kinds[_kind(ti["task_id"])] = kinds.get(_kind(ti["task_id"]), 0.0) + ti["duration"]
-                count += 1
-    return kinds, count
+        deployment = deployments[entry["site"]]
+        for ti in deployment.task_instances(entry["dag_id"], entry["run_id"]):
+            if ti.get("duration") is None:
+                continue
+            kind = _kind(ti["task_id"])
+            durations[kind] = durations.get(kind, 0.0) + ti["duration"]
+            interval = _step_interval(deployment.log_path(ti))
+            if interval:
+                in_steps[kind] = in_steps.get(kind, 0.0) + interval[1] - interval[0]
+                intervals.append(interval)
+    return durations, in_steps, intervals
 
 
 def _floor(home: Path, state: dict, runs: int = 5) -> tuple[float, float]:
@@ -198,7 +244,7 @@ def deployments(scale: int | None) -> None:
         t_run = time.perf_counter() - start
         peak.halt.set()
         pss_after = _pss_mib(states)
-        kinds, tasks = _task_shares(home, states, collaboration.timings)
+        durations, in_steps, intervals = _task_shares(home, states, collaboration.timings)
         floor_run, floor_task = _floor(home, states["supplier"])
     finally:
         subprocess.run([*FACTORY, "down"], env=env, capture_output=True, text=True)
@@ -209,15 +255,16 @@ def deployments(scale: int | None) -> None:
     print(f"factory up to the first approval gate : {first_gate:8.2f} s")
     print(f"PSS of the three deployments          : {pss_after:8.0f} MiB after the run, {peak.peak:.0f} MiB peak")
     print(f"training + evaluation called directly : {t_direct:8.2f} s")
+    work = _union(intervals)
     print(f"eight stages across the deployments   : {t_run:8.2f} s ({len(collaboration.timings)} DAG runs, "
-          f"{tasks} tasks, {len(collaboration.answered)} gates)")
+          f"{len(intervals)} step tasks, {len(collaboration.answered)} gates)")
     print(f"ratio                                 : {t_run / t_direct:8.2f}x")
     print(f"floor: an empty task at the supplier  : {floor_run:8.2f} s trigger to done, {floor_task:.2f} s in the task")
-    print("share of the run (task instance durations; runs at different sites may overlap):")
-    for kind, seconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
-        print(f"  {kind:40s} {seconds:8.2f} s  {100 * seconds / t_run:5.1f} %")
-    rest = t_run - sum(kinds.values())
-    print(f"  {'between tasks (scheduling, carrier, events)':40s} {rest:8.2f} s  {100 * rest / t_run:5.1f} %")
+    print(f"inside step functions (union in time) : {work:8.2f} s  {100 * work / t_run:5.1f} % of the run")
+    print(f"orchestration (the rest)              : {t_run - work:8.2f} s  {100 * (t_run - work) / t_run:5.1f} % of the run")
+    print("per kind of task: task instance seconds, of which inside the step (runs at different sites may overlap):")
+    for kind, seconds in sorted(durations.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:40s} {seconds:8.2f} s  {in_steps.get(kind, 0.0):8.2f} s in the step")
 
 
 def main() -> None:

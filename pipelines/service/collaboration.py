@@ -156,7 +156,7 @@ class Collaboration:
     """Follows the stages' DAG runs across the deployments and answers their gates."""
 
     def __init__(self, deployments: dict[str, Deployment], *, approve: bool, timeout: float,
-                 say: Callable[[str], None], poll: float = 2.0, conf: dict[str, dict] | None = None):
+                 say: Callable[[str], None], poll: float = 0.5, conf: dict[str, dict] | None = None):
         self.deployments, self.approve, self.timeout, self.say, self.poll = deployments, approve, timeout, say, poll
         self.conf = conf or {}
         self.since = _now()  # runs queued from here on belong to this drive

@@ -371,9 +371,9 @@ def start_deployment(
             env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", None)  # SQLite's, from a caller's env
         env.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
         env.setdefault("AIRFLOW__API__WORKERS", "1")
-        # A heartbeat every 2 s (default 5): `factory run --approve` answers a gate two heartbeats after it
+        # A heartbeat every second (default 5): `factory run --approve` answers a gate two heartbeats after it
         # parked (pipelines.service.collaboration.Deployment.settled).
-        env.setdefault("AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC", "2")
+        env.setdefault("AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC", "1")
         state["url"] = f"http://localhost:{api_port}"
         state["passwords_file"] = str(passwords_file(home, site))
         write_state(home, site, state)
@@ -388,7 +388,8 @@ def start_deployment(
         commands = {
             "api-server": [*_module("airflow"), "api-server", "--host", host, "--port", str(api_port),
                            "--workers", "1"],
-            "scheduler": [*_module("airflow"), "scheduler"],
+            # The scheduler forks the task processes: it imports what steps use first (pipelines.service.preload).
+            "scheduler": [*_module("pipelines.service.preload"), "scheduler"],
             "dag-processor": [*_module("airflow"), "dag-processor"],
             "triggerer": [*_module("airflow"), "triggerer"],
         }

@@ -9,12 +9,18 @@ renders as JSON.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import time
 from typing import Any
 
 from airflow.sdk import task
 from airflow.sdk.definitions.xcom_arg import PlainXComArg, XComArg
+
+log = logging.getLogger(__name__)
+# The line every in-process step task logs when its step returns (benchmarks read the seconds from it).
+STEP_FINISHED = "step %s at %s finished in %.3f s"
 
 
 def runtime() -> str:
@@ -38,10 +44,13 @@ def run_local_step(step_name: str, site: str, step_params: dict[str, Any], **con
 
     from pipelines.steps import StepError, run_step
 
+    started = time.perf_counter()
     try:
-        return run_step(step_name, step_context(site, context), **step_params)
+        result = run_step(step_name, step_context(site, context), **step_params)
     except StepError as error:  # a quality bar or a gate said no: retrying cannot change that
         raise AirflowFailException(f"{step_name} at {site}: {error}") from error
+    log.info(STEP_FINISHED, step_name, site, time.perf_counter() - started)
+    return result
 
 
 # A parameter that is one Jinja expression, e.g. "{{ params.subset }}".

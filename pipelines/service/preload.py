@@ -1,0 +1,42 @@
+"""`python -m pipelines.service.preload scheduler`: `airflow scheduler`, with what steps import loaded first.
+
+The LocalExecutor forks its workers from the scheduler and each task process is forked from a worker
+(Airflow's default `fork` start method), so every module the scheduler imported before it started is
+already loaded in every task. Without this a task spends 2-5 s importing PyTorch, MLflow and Great
+Expectations before its step begins, which for most tasks is longer than the step. The pages are shared
+copy-on-write between the scheduler, its workers and the tasks (benchmarks/collaboration_overhead.py
+reports the deployments' PSS).
+
+Only modules are imported here: no configuration is read and no state is built, so a task still reads
+the site's conf, keys and stores when it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# The libraries steps import lazily (at module level only where a step module needs them), then the
+# step modules themselves.
+LIBRARIES = ("torch", "mlflow", "great_expectations", "onnxruntime", "onnx", "sklearn", "scipy.ndimage",
+             "model_signing", "dvc.repo", "cyclonedx.model.bom")
+
+
+def preload() -> None:
+    for name in LIBRARIES:
+        importlib.import_module(name)
+    from pipelines.steps import STEP_MODULES
+
+    for name in STEP_MODULES:
+        importlib.import_module(name)
+
+
+def main() -> None:
+    preload()
+    from airflow.__main__ import main as airflow_main
+
+    sys.exit(airflow_main())
+
+
+if __name__ == "__main__":
+    main()
