@@ -1,4 +1,4 @@
-"""Typed access to `conf/` (sites, users and roles, stage parameters).
+"""Typed access to `conf/` (sites, users and roles, stage parameters, model families).
 
 Configuration is data: everything here is read from YAML, validated once with
 pydantic, and cached per process. `FACTORY_CONF` points at another folder.
@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SITES = ("supplier", "origin", "destination")
@@ -123,6 +124,97 @@ class Stage(_Strict):
     dags: tuple[str, ...] = Field(min_length=1)
 
 
+class CnnHyper(_Strict):
+    """Convolutions (3x3, ReLU) of these widths, one 2x2 max-pool, a hidden dense layer."""
+
+    channels: tuple[int, ...] = Field(default=(16, 32), min_length=1, max_length=8)
+    hidden: int = Field(default=64, ge=1, le=4096)
+    dropout: float = Field(default=0.2, ge=0, lt=1)
+
+    @field_validator("channels")
+    @classmethod
+    def _widths(cls, channels: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 1 <= c <= 1024 for c in channels):
+            raise ValueError(f"channel widths must lie in 1..1024, got {list(channels)}")
+        return channels
+
+
+class ResnetHyper(_Strict):
+    """Residual stages (basic blocks of two 3x3 convolutions with GroupNorm): one width and block
+    count per stage, every stage after the first halving the resolution; global average pool."""
+
+    widths: tuple[int, ...] = Field(default=(16, 32, 64), min_length=1, max_length=6)
+    blocks: tuple[int, ...] = Field(default=(1, 1, 1), min_length=1, max_length=6)
+    groups: int = Field(default=4, ge=1, le=64)  # GroupNorm groups: no batch statistics (DP-friendly)
+
+    @model_validator(mode="after")
+    def _shape(self) -> ResnetHyper:
+        if len(self.widths) != len(self.blocks):
+            raise ValueError(f"resnet widths {list(self.widths)} and blocks {list(self.blocks)} differ in length")
+        if any(not 1 <= w <= 1024 for w in self.widths) or any(not 1 <= b <= 16 for b in self.blocks):
+            raise ValueError("resnet widths must lie in 1..1024 and blocks per stage in 1..16")
+        if any(w % self.groups for w in self.widths):
+            raise ValueError(f"GroupNorm groups {self.groups} must divide every width {list(self.widths)}")
+        return self
+
+
+class MlpHyper(_Strict):
+    """Dense layers of these widths (ReLU, dropout) over standardised input rows."""
+
+    hidden: tuple[int, ...] = Field(default=(64, 64), max_length=8)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+
+    @field_validator("hidden")
+    @classmethod
+    def _widths(cls, hidden: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 1 <= h <= 8192 for h in hidden):
+            raise ValueError(f"hidden widths must lie in 1..8192, got {list(hidden)}")
+        return hidden
+
+
+ARCHITECTURES: dict[str, type[_Strict]] = {"cnn": CnnHyper, "resnet": ResnetHyper, "mlp": MlpHyper}
+
+
+class ModelFamily(_Strict):
+    """One entry of conf/models.yaml `families:`, also recorded in each model's metadata.json."""
+
+    architecture: Literal["cnn", "resnet", "mlp"]
+    hyper: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hyper(cls, data: Any) -> Any:
+        """Check the hyper-parameters against the architecture's own schema and fill in its defaults."""
+        if isinstance(data, dict) and data.get("architecture") in ARCHITECTURES:
+            hyper = data.get("hyper") or {}
+            if not isinstance(hyper, dict):
+                raise ValueError(f"hyper must be a mapping, not {type(hyper).__name__}")
+            data = {**data, "hyper": ARCHITECTURES[data["architecture"]](**hyper).model_dump(mode="json")}
+        return data
+
+    def typed_hyper(self):
+        return ARCHITECTURES[self.architecture](**self.hyper)
+
+
+class ModelsConf(_Strict):
+    families: dict[str, ModelFamily] = Field(min_length=1)
+
+    @field_validator("families")
+    @classmethod
+    def _names(cls, families: dict[str, ModelFamily]) -> dict[str, ModelFamily]:
+        for name in families:  # family names become registered model names: <family>-m1 ...
+            if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", name):
+                raise ValueError(f"model family name {name!r}: lowercase letters, digits and '-' only")
+        return families
+
+    def family(self, name: str) -> ModelFamily:
+        try:
+            return self.families[name]
+        except KeyError:
+            raise KeyError(f"unknown model family {name!r}; conf/models.yaml defines "
+                           f"{', '.join(sorted(self.families))}") from None
+
+
 class StagesConf(_Strict):
     order: tuple[Stage, ...]
     seed: int
@@ -200,3 +292,13 @@ def _load(directory: str) -> FactoryConfig:
 
 def load_config() -> FactoryConfig:
     return _load(str(conf_dir()))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_models(directory: str) -> ModelsConf:
+    return ModelsConf(**read_yaml("models.yaml"))
+
+
+def load_models() -> ModelsConf:
+    """`conf/models.yaml`: the model families (architecture and hyper-parameters) stages can train."""
+    return _load_models(str(conf_dir()))

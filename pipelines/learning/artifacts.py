@@ -39,9 +39,13 @@ def load_weights(model_dir: Path) -> dict:
 
 
 def load_model(model_dir: Path):
-    from pipelines.learning.model import DigitsCNN
+    """The model of a model directory, rebuilt from its metadata.json (family, architecture, spec)
+    with its weights loaded; metadata without a family is the digits CNN."""
+    import json
 
-    model = DigitsCNN()
+    from pipelines.learning.families import model_from_metadata
+
+    model = model_from_metadata(json.loads((model_dir / "metadata.json").read_text()))
     model.load_state_dict(load_weights(model_dir))
     model.eval()
     return model

@@ -3,26 +3,33 @@
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipelines.fileio import atomic_path
-from pipelines.learning.model import DigitsCNN
 from pipelines.learning.train import logits_torch
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
-def export_onnx(model: DigitsCNN, path: Path) -> Path:
-    """Write the model as ONNX (batch dimension dynamic). The TorchScript exporter is used: it is
-    several times faster than the dynamo exporter for this model and gives the same graph."""
+def export_onnx(model: nn.Module, path: Path) -> Path:
+    """Write the model as ONNX: input `(batch, n_features)` float32 rows, output `(batch, classes)`
+    logits, batch dimension dynamic. The TorchScript exporter is used: it is several times faster
+    than the dynamo exporter for these models and gives the same graph."""
     model.eval()
-    with atomic_path(path) as tmp:
+    n_features = math.prod(model.input_shape)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # GroupNorm's batch-size check (an error only while training) is a Python branch the tracer
+        # warns about; the exported graph does not depend on it.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             model,
-            (torch.zeros(1, 64),),
+            (torch.zeros(1, n_features),),
             str(tmp),
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
@@ -51,6 +58,6 @@ def logits_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     return onnx_session(path).run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def parity_max_abs(model: DigitsCNN, path: Path, x: np.ndarray) -> float:
+def parity_max_abs(model: nn.Module, path: Path, x: np.ndarray) -> float:
     """Largest absolute logit difference between PyTorch and ONNX Runtime on `x`."""
     return float(np.max(np.abs(logits_torch(model, x) - logits_onnx(path, x))))

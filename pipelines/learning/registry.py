@@ -1,9 +1,11 @@
 """Each site's MLflow tracking store and model registry.
 
-Registered model names follow the stage: `digits-cnn-m1` ... `digits-cnn-m8`,
-export variants `digits-cnn-m5-<variant>`. A site registers the models it trains
-and the models it receives, so `resolve_model(paths, "M3")` answers "the latest
-M3 this site legitimately holds". A model version's artifact `model/` is a
+Registered model names follow the model family and the stage: `<family>-m1` ...
+`<family>-m8` (`digits-cnn-m1` for the digits demo), export variants
+`<family>-m5-<variant>`. A site registers the models it trains and the models it
+receives, so `resolve_model(paths, "M3")` answers "the latest M3 this site
+legitimately holds" (of the configured family, or of the one family that holds an
+M3 here). A model version's artifact `model/` is a
 directory: model.onnx, weights.safetensors, model_card.json, metadata.json and,
 once signed, model.sig, provenance.dsse.json, bom.cdx.json.
 """
@@ -22,6 +24,7 @@ from pipelines.workspace import SitePaths
 
 STAGE_MODELS = ("M1", "M2", "M3", "M4", "M5", "M6", "M7", "M8")
 DEFAULT_VARIANT = "default"
+_FAMILY = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 
 
@@ -29,11 +32,14 @@ class ModelNotFound(LookupError):
     pass
 
 
-def registered_name(stage: str, variant: str | None = None) -> str:
+def registered_name(stage: str, variant: str | None = None, *, family: str | None = None) -> str:
+    """The registered name of `stage`'s model of `family` (default: conf/stages.yaml model_family)."""
     stage = stage.upper()
     if stage not in STAGE_MODELS:
         raise ModelNotFound(f"unknown stage model {stage!r}; use M1..M8, NAME@ALIAS or NAME/VERSION")
-    family = load_config().stages.model_family
+    family = family or load_config().stages.model_family
+    if not _FAMILY.fullmatch(family):
+        raise ModelNotFound(f"model family {family!r} is not a family name (lowercase letters, digits, '-')")
     if stage == "M5":
         return f"{family}-m5-{variant or DEFAULT_VARIANT}"
     return f"{family}-{stage.lower()}"
@@ -95,15 +101,39 @@ def _to_ref(paths: SitePaths, version) -> ModelRef:
     )
 
 
-def resolve_model(paths: SitePaths, ref: str, *, variant: str | None = None) -> ModelRef:
-    """M1..M8 (latest version this site holds), NAME@ALIAS or NAME/VERSION."""
+def _stage_versions(mlflow_client, paths: SitePaths, stage: str, variant: str | None, family: str | None):
+    """The versions of the stage model: of `family` when given; else of the configured family, or,
+    where this site holds none of that, of the one other family of conf/models.yaml that it holds."""
+    from pipelines.config import load_models
+
+    if family:
+        name = registered_name(stage, variant, family=family)
+        return name, mlflow_client.search_model_versions(f"name='{name}'")
+    name = registered_name(stage, variant)
+    versions = mlflow_client.search_model_versions(f"name='{name}'")
+    if versions:
+        return name, versions
+    held = {}
+    for other in load_models().families:
+        other_name = registered_name(stage, variant, family=other)
+        if other_name != name:
+            found = mlflow_client.search_model_versions(f"name='{other_name}'")
+            if found:
+                held[other_name] = found
+    if len(held) > 1:
+        raise ModelNotFound(f"site {paths.site} holds {stage.upper()} of several model families "
+                            f"({', '.join(sorted(held))}) and none of the configured one ({name}): name the family")
+    return next(iter(held.items()), (name, []))
+
+
+def resolve_model(paths: SitePaths, ref: str, *, variant: str | None = None, family: str | None = None) -> ModelRef:
+    """M1..M8 (latest version this site holds; of `family` when given), NAME@ALIAS or NAME/VERSION."""
     from mlflow.exceptions import MlflowException
 
     mlflow_client = client(paths)
     try:
         if ref.upper() in STAGE_MODELS:
-            name = registered_name(ref, variant)
-            versions = mlflow_client.search_model_versions(f"name='{name}'")
+            name, versions = _stage_versions(mlflow_client, paths, ref, variant, family)
             if not versions:
                 raise ModelNotFound(f"site {paths.site} holds no {ref.upper()} ({name}) yet")
             return _to_ref(paths, max(versions, key=lambda v: int(v.version)))

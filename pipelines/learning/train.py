@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipelines.config import TrainingProfile
-from pipelines.learning.model import DigitsCNN
+from pipelines.data.spec import DIGITS, DataSpec
 
 # Collaboration modes the training step can take; federated rounds come later.
 COLLABORATION_MODES = ("centralized", "fine_tune")
@@ -18,7 +18,7 @@ COLLABORATION_MODES = ("centralized", "fine_tune")
 
 @dataclass
 class TrainResult:
-    model: DigitsCNN
+    model: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -33,23 +33,42 @@ def train(
     profile: TrainingProfile,
     *,
     seed: int,
+    family: str | None = None,
+    spec: DataSpec | None = None,
+    model: nn.Module | None = None,
     base_state: dict[str, torch.Tensor] | None = None,
     mode: str = "centralized",
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train a new model, or fine-tune `base_state` (transfer learning) when given."""
+    """Train a new model of `family` (default: conf/stages.yaml model_family) for rows of `spec`
+    (default: the digits demo), or fine-tune `base_state` (transfer learning) when given.
+
+    `model` trains that model instead of building one (fine-tuning builds it from the base's metadata)."""
+    from pipelines.learning.families import build_model, default_family
+
     if mode not in COLLABORATION_MODES:
         raise ValueError(f"unknown collaboration mode {mode!r}; known: {', '.join(COLLABORATION_MODES)}")
     if len(x) == 0:
         raise ValueError("no training records")
+    spec = spec or DIGITS
     _seed(seed)
     torch.set_num_threads(1)  # deterministic and friendly to a shared machine
-    model = DigitsCNN()
+    if model is None:
+        model = build_model(family or default_family(), spec)
+    n_features = int(np.prod(model.input_shape))
+    if x.ndim != 2 or x.shape[1] != n_features:
+        raise ValueError(f"training rows have shape {tuple(x.shape)}; the model takes rows of {n_features} features")
+    if len(y) != len(x):
+        raise ValueError(f"{len(x)} training rows but {len(y)} labels")
+    if y.min() < 0 or y.max() >= model.n_classes:
+        raise ValueError(f"labels must be class indices 0..{model.n_classes - 1}; found {int(y.min())}..{int(y.max())}")
     if base_state is not None:
         model.load_state_dict(base_state)
     optimiser = torch.optim.Adam(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     xs, ys = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
+    if base_state is None and mode == "centralized" and hasattr(model, "fit_inputs"):
+        model.fit_inputs(xs)  # a new model takes its input standardisation from the training rows
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult(model)
     for epoch in range(profile.epochs):
@@ -74,7 +93,7 @@ def train(
     return result
 
 
-def logits_torch(model: DigitsCNN, x: np.ndarray) -> np.ndarray:
+def logits_torch(model: nn.Module, x: np.ndarray) -> np.ndarray:
     model.eval()
     with torch.no_grad():
         return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()

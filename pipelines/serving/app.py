@@ -4,7 +4,7 @@
 loaded (a bad or missing signature refuses to start: `ServingError`), and refuses to start while no
 client holds a token (`factory serve token add`) unless authentication is switched off. It serves
 
-- `POST /predict` `{"inputs": [[64 floats in [0, 1]], ...], "context": {"sensor_id", "location":
+- `POST /predict` `{"inputs": [[n floats], ...], "context": {"sensor_id", "location":
   {"lat", "lon"}, "latency_budget_ms"}}` →
   `{"predictions": [...] | null, "model": {...}, "odd": {"allow", "mode", "reasons", "flagged"}}`;
   every request is checked against the site's ODD (`policies/odd`), a breach answers in safe mode
@@ -12,7 +12,11 @@ client holds a token (`factory serve token add`) unless authentication is switch
   `audit.breaches_per_client` per client and window; the rest are counted and summarised in one
   `serving.audit_suppressed` entry); only inputs the ODD allowed go to the site's input store;
 - `GET /metrics` (Prometheus text format), both behind a bearer token per client;
-- `GET /healthz`, open.
+- `GET /healthz`, open (says the input width the model takes).
+
+The model's metadata (signed with it) says what a row is: its spec gives the width n (rows of
+another width are refused with 422 naming n), its family the input envelope every value must lie
+in (`odd.input_envelope`; outside it: 422).
 
 `ServiceGuard` (guard.py) authenticates and bounds the body before FastAPI parses anything; the
 context is a closed schema (known keys, bounded strings, ranged numbers), so an audit entry holds
@@ -37,10 +41,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
-from pipelines.data.schema import N_FEATURES
 from pipelines.serving.clients import AuthResult, ClientRegistry
 from pipelines.serving.guard import ANONYMOUS, CLIENT_SCOPE_KEY, AuditLimiter, ServiceGuard, Suppressed
-from pipelines.serving.odd import OddGate, batch_stats, gate_input, serving_conf
+from pipelines.serving.odd import (
+    InputEnvelope,
+    OddGate,
+    batch_stats,
+    gate_input,
+    input_envelope,
+    serving_conf,
+)
 from pipelines.serving.store import InputStore
 from pipelines.workspace import SitePaths
 
@@ -100,8 +110,9 @@ def model_info(model_ref: Any) -> dict[str, Any]:
     return {"name": model_ref.name, "version": str(model_ref.version), "stage": model_ref.stage}
 
 
-def verify_model(paths: SitePaths, model_ref: Any) -> None:
-    """Verify the model directory's signature against the trust store of the serving site.
+def verify_model(paths: SitePaths, model_ref: Any) -> dict[str, Any]:
+    """Verify the model directory's signature against the trust store of the serving site and
+    return its metadata (covered by the signature).
 
     The signer is the site that trained the model (`metadata.site`); fails closed on any error."""
     from pipelines.trust.signing import verify_model_dir
@@ -113,6 +124,28 @@ def verify_model(paths: SitePaths, model_ref: Any) -> None:
         verify_model_dir(model_dir, paths=paths, signer_site=signer)
     except Exception as exc:
         raise ServingError(f"refusing to serve {model_ref.name}/{model_ref.version}: {exc}") from exc
+    return metadata
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What a request row of the served model is: its width, shape and the envelope its values lie in."""
+
+    n_features: int
+    input_shape: tuple[int, ...]
+    envelope: InputEnvelope
+
+
+def model_inputs(model_ref: Any, metadata: dict[str, Any], service: dict[str, Any]) -> ModelInputs:
+    """The inputs of the served model, from its (verified) metadata; ServingError when unusable."""
+    from pipelines.learning.families import FamilyError, metadata_family, metadata_spec
+
+    try:
+        spec = metadata_spec(metadata)
+        envelope = input_envelope(metadata_family(metadata), metadata, spec.n_features, service)
+    except (FamilyError, ValueError) as exc:
+        raise ServingError(f"refusing to serve {model_ref.name}/{model_ref.version}: {exc}") from exc
+    return ModelInputs(spec.n_features, tuple(spec.input_shape), envelope)
 
 
 class Metrics:
@@ -201,7 +234,11 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def _validate(body: PredictRequest, max_batch: int, low: float, high: float,
+def _bound(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def _validate(body: PredictRequest, max_batch: int, inputs: ModelInputs,
               budget_range: tuple[float, float]) -> np.ndarray:
     budget = body.context.latency_budget_ms
     if budget is not None and not budget_range[0] <= budget <= budget_range[1]:
@@ -213,14 +250,17 @@ def _validate(body: PredictRequest, max_batch: int, low: float, high: float,
     if n > max_batch:
         raise InvalidInput(413, f"batch of {n} rows exceeds the limit of {max_batch}")
     for i, row in enumerate(body.inputs):
-        if len(row) != N_FEATURES:
-            raise InvalidInput(422, f"inputs[{i}] has {len(row)} values; each row needs {N_FEATURES}")
+        if len(row) != inputs.n_features:
+            raise InvalidInput(422, f"inputs[{i}] has {len(row)} values; each row needs {inputs.n_features} "
+                                    f"(the model's input shape {list(inputs.input_shape)})")
     x = np.asarray(body.inputs, dtype=np.float32)
-    bad = ~np.isfinite(x) | (x < low) | (x > high)
+    bad = ~np.isfinite(x) | inputs.envelope.outside(x)
     if bad.any():
         i, j = (int(v) for v in np.argwhere(bad)[0])
+        low, high = _bound(inputs.envelope.low[j]), _bound(inputs.envelope.high[j])
         raise InvalidInput(
-            422, f"inputs[{i}][{j}] = {body.inputs[i][j]!r} is outside the range [{low}, {high}] ({int(bad.sum())} such values)"
+            422, f"inputs[{i}][{j}] = {body.inputs[i][j]!r} is outside the range [{low}, {high}] "
+                 f"({int(bad.sum())} such values; envelope: {inputs.envelope.source})"
         )
     return x
 
@@ -270,12 +310,12 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
     conf = conf or serving_conf()
     service = conf.get("service", {})
     max_batch = int(service.get("max_batch_size", 256))
-    low, high = (float(v) for v in service.get("input_range", (0.0, 1.0)))
     budget_lo, budget_hi = (float(v) for v in service.get("client_latency_budget_ms", (1.0, 60000.0)))
     limits = service.get("audit", {})
     window_s = float(limits.get("window_s", 60))
 
-    verify_model(site_paths, model_ref)
+    metadata = verify_model(site_paths, model_ref)
+    inputs = model_inputs(model_ref, metadata, service)
     onnx_path = Path(model_ref.model_dir) / "model.onnx"
     try:
         options = ort.SessionOptions()
@@ -286,6 +326,9 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
     names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     if names != ([INPUT_NAME], [OUTPUT_NAME]):
         raise ServingError(f"{onnx_path} has inputs/outputs {names}; expected [{INPUT_NAME}] -> [{OUTPUT_NAME}]")
+    width = session.get_inputs()[0].shape[-1]
+    if isinstance(width, int) and width != inputs.n_features:
+        raise ServingError(f"{onnx_path} takes rows of {width} features; its metadata spec says {inputs.n_features}")
 
     registry = None
     if auth:
@@ -299,7 +342,7 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
 
     model = model_info(model_ref)
     gate = OddGate(site_paths)
-    store = InputStore.for_site(site_paths, conf.get("store"))
+    store = InputStore.for_site(site_paths, conf.get("store"), n_features=inputs.n_features)
     limiters = {"odd.breach": AuditLimiter(int(limits.get("breaches_per_client", 10)), window_s),
                 "serving.auth_denied": AuditLimiter(int(limits.get("auth_failures", 10)), window_s)}
     metrics = Metrics(site_paths.site, model, limiters)
@@ -328,6 +371,7 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
     app.add_middleware(ServiceGuard, registry=registry, max_body_bytes=int(service.get("max_body_bytes", 1 << 20)),
                        on_denied=on_denied, on_too_large=lambda: metrics.observe("too_large"))
     app.state.gate, app.state.store, app.state.metrics, app.state.model = gate, store, metrics, model
+    app.state.inputs = inputs
     app.state.registry = registry
 
     @app.exception_handler(RequestValidationError)
@@ -339,7 +383,8 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "site": site_paths.site, "model": model, "stored_inputs": store.count()}
+        return {"status": "ok", "site": site_paths.site, "model": model, "stored_inputs": store.count(),
+                "inputs": {"n_features": inputs.n_features, "input_shape": list(inputs.input_shape)}}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics_endpoint() -> PlainTextResponse:
@@ -354,7 +399,7 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
         started = time.perf_counter()
         client = request.scope.get(CLIENT_SCOPE_KEY, ANONYMOUS)
         try:
-            x = _validate(body, max_batch, low, high, (budget_lo, budget_hi))
+            x = _validate(body, max_batch, inputs, (budget_lo, budget_hi))
         except InvalidInput as exc:
             metrics.observe("invalid")
             return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
@@ -363,7 +408,8 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
         t0 = time.perf_counter()
         logits = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
         latency_ms = (time.perf_counter() - t0) * 1000.0
-        decision = gate.decide(gate_input(site_paths.site, model, context, batch_stats(x), latency_ms))
+        stats = batch_stats(inputs.envelope.scaled(x))  # the ODD's statistics on the envelope's [0, 1] scale
+        decision = gate.decide(gate_input(site_paths.site, model, context, stats, latency_ms))
         if decision.allow:  # inputs outside the ODD never reach the drift input store
             store.append(x)
         flagged = not decision.allow and decision.mode == "flag"

@@ -3,8 +3,11 @@
 Detectors sit behind one interface, `DriftDetector` (fit on reference rows, test a window), because
 the implementation used here, alibi-detect 0.13, is BSL-licensed (non-production use): swapping it
 touches only this file. Two detectors run: a per-feature Kolmogorov-Smirnov test (Bonferroni
-corrected over the 64 features) and a kernel MMD permutation test with the PyTorch backend. MMD is
-quadratic in the number of rows, so both sides are subsampled to `mmd_max_samples`.
+corrected over the model's input features) and a kernel MMD permutation test with the PyTorch
+backend. MMD is quadratic in the number of rows, so both sides are subsampled to `mmd_max_samples`.
+
+The served model's metadata spec says what a row is: the stored inputs are read at its width and
+the reference rows are its training data's features (`DataSpec.features`).
 
 `check_drift` logs every check to the site's MLflow (experiment `drift-<site>`) and audit log
 (`drift.checked`) and leaves the latest result in `state_dir/drift/latest.json` for `/metrics`.
@@ -20,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.data.schema import FEATURE_COLUMNS
+from pipelines.data.spec import DIGITS, DataSpec, SpecError, spec_of
 from pipelines.fileio import write_json
 from pipelines.serving.odd import serving_conf
 from pipelines.serving.store import InputStore
@@ -125,19 +128,36 @@ def detect(reference: np.ndarray, window: np.ndarray, detectors: list[DriftDetec
     return {"drift": all(votes) if decision == "all" else any(votes), "decision": decision, "detectors": results}
 
 
-def _features(frame) -> np.ndarray:
-    missing = [c for c in FEATURE_COLUMNS if c not in frame.columns]
+def _features(frame, spec: DataSpec) -> np.ndarray:
+    missing = [c for c in spec.feature_columns if c not in frame.columns]
     if missing:
-        raise DriftError(f"reference data lacks feature columns {missing[:3]}...")
-    return frame[list(FEATURE_COLUMNS)].to_numpy(np.float32)
+        raise DriftError(f"reference data lacks feature columns {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    try:
+        return spec.features(frame)
+    except (SpecError, ValueError, TypeError) as exc:
+        raise DriftError(f"reference data does not hold rows of {spec.n_features} features: {exc}") from None
 
 
-def read_rows(path: Path) -> np.ndarray:
+def read_rows(path: Path, spec: DataSpec = DIGITS) -> np.ndarray:
+    """Rows of `spec` (default: the digits demo) from a .npy array or a Parquet file."""
     if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False).astype(np.float32)
+        rows = np.load(path, allow_pickle=False).astype(np.float32)
+        if rows.ndim != 2 or rows.shape[1] != spec.n_features:
+            raise DriftError(f"{path.name} holds rows of shape {rows.shape[1:]}, not {spec.n_features} features")
+        return rows
     import pandas as pd
 
-    return _features(pd.read_parquet(path))
+    return _features(pd.read_parquet(path), spec)
+
+
+def model_spec(model_ref: Any) -> DataSpec:
+    """The spec the model was trained on (its metadata; the digits demo for models without one)."""
+    from pipelines.learning.families import FamilyError, metadata_spec
+
+    try:
+        return metadata_spec(model_ref.metadata or {})
+    except FamilyError as exc:
+        raise DriftError(f"{model_ref.name}/{model_ref.version}: {exc}") from None
 
 
 def reference_rows(paths: SitePaths, model_ref: Any) -> tuple[np.ndarray, list[str]]:
@@ -145,7 +165,10 @@ def reference_rows(paths: SitePaths, model_ref: Any) -> tuple[np.ndarray, list[s
 
     A model trained elsewhere (M8 at origin) may name datasets this site does not hold; then the
     site's own partitions in `drift.reference_fallback` stand in, and the sources say so."""
+    from pipelines.learning.families import spec_mismatch
+
     metadata = model_ref.metadata or {}
+    spec = model_spec(model_ref)
     entries = metadata.get("reference_data") or []
     entries = [entries] if isinstance(entries, str) else list(entries)
     parts, sources, problems = [], [], []
@@ -155,12 +178,16 @@ def reference_rows(paths: SitePaths, model_ref: Any) -> tuple[np.ndarray, list[s
         found = next((c for c in candidates if c.is_file()), None)
         try:
             if found is not None:
-                parts.append(read_rows(found))
+                parts.append(read_rows(found, spec))
             else:
                 from pipelines.data.catalog import load_dataset
 
-                frame, _ = load_dataset(paths, entry)
-                parts.append(_features(frame))
+                frame, version = load_dataset(paths, entry)
+                problem = spec_mismatch(spec, spec_of(version.extra), expected_is="the model takes",
+                                        actual_is="the dataset holds")
+                if problem:
+                    raise DriftError(problem)
+                parts.append(_features(frame, spec))
             sources.append(str(entry))
         except Exception as exc:  # not held here, quarantined, or unreadable: try the next one
             problems.append(f"{entry}: {exc}")
@@ -168,7 +195,11 @@ def reference_rows(paths: SitePaths, model_ref: Any) -> tuple[np.ndarray, list[s
         for partition in serving_conf().get("drift", {}).get("reference_fallback", []):
             path = paths.data_dir / f"{partition}.parquet"
             if path.is_file():
-                parts.append(read_rows(path))
+                try:
+                    parts.append(read_rows(path, spec))
+                except DriftError as exc:  # the partition is not the model's kind of data
+                    problems.append(f"{paths.site}/{partition}: {exc}")
+                    continue
                 sources.append(f"{paths.site}/{partition} (fallback)")
     if not parts:
         raise DriftError(
@@ -222,7 +253,8 @@ def check_drift(paths: SitePaths, model_ref: Any, *, window: int | None = None,
     min_samples = int(conf.get("min_samples", 100))
     from pipelines.serving.app import model_info
 
-    recent = InputStore.for_site(paths, serving_conf().get("store")).recent(window)
+    n_features = model_spec(model_ref).n_features
+    recent = InputStore.for_site(paths, serving_conf().get("store"), n_features=n_features).recent(window)
     result: dict[str, Any] = {"site": paths.site, "model": model_info(model_ref), "window": int(len(recent)),
                               "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "checked_at_unix": int(time.time())}

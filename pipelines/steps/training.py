@@ -1,8 +1,13 @@
 """Training steps: train (or fine-tune) → evaluate → export to ONNX with parity → register.
 
-A training run is keyed by its inputs (dataset digests, base-model digest, profile,
-seed, code version). Re-running a finished run returns the registered version
+A training run is keyed by its inputs (dataset digests, base-model digest, model family,
+profile, seed, code version). Re-running a finished run returns the registered version
 instead of training again, so a killed stage can simply be run again.
+
+The datasets say what the model sees: each version's spec (catalog `extra["spec"]`, the digits
+demo when absent; all datasets of one run must share it). The model's metadata.json records the
+family, its architecture, the spec and the input envelope of the training rows (per-feature min
+and max), so export, evaluation, serving, ODD and drift follow the model and not names in code.
 """
 
 from __future__ import annotations
@@ -16,17 +21,63 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import load_config
-from pipelines.data.schema import FEATURE_COLUMNS, LABEL_COLUMN
+from pipelines.data.spec import DataSpec, SpecError, spec_of
 from pipelines.fileio import write_json
-from pipelines.learning import registry
+from pipelines.learning import families, registry
 from pipelines.learning.artifacts import code_commit, code_version, load_model, model_digest
 from pipelines.steps import StepContext, StepError, step
 
 MODEL_ONNX = "model.onnx"
 
 
-def _xy(frame) -> tuple[np.ndarray, np.ndarray]:
-    return frame[list(FEATURE_COLUMNS)].to_numpy(np.float32), frame[LABEL_COLUMN].to_numpy(np.int64)
+def _xy(frame, spec: DataSpec, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs and class indices of `frame` under `spec`; a frame that does not fit is refused."""
+    try:
+        return spec.features(frame), spec.labels(frame)
+    except (KeyError, SpecError, ValueError, TypeError) as exc:
+        raise StepError(f"{what} does not hold rows of its spec ({families.describe(spec)}): {exc}") from None
+
+
+def _version_spec(version) -> DataSpec:
+    try:
+        return spec_of(version.extra)
+    except SpecError as exc:
+        raise StepError(f"dataset {version.id} carries an unusable spec: {exc}") from None
+
+
+def _shared_spec(versions) -> DataSpec:
+    """The spec every dataset of a training run shares; refuses datasets that differ."""
+    spec = _version_spec(versions[0])
+    for version in versions[1:]:
+        problem = families.spec_mismatch(spec, _version_spec(version), expected_is=f"{versions[0].id} holds",
+                                         actual_is=f"{version.id} holds")
+        if problem:
+            raise StepError(f"datasets of one training run must share a spec: {problem}")
+    return spec
+
+
+def _model_spec(model_dir: Path, meta: dict[str, Any] | None = None) -> DataSpec:
+    try:
+        return families.metadata_spec(meta if meta is not None else _metadata(model_dir))
+    except families.FamilyError as exc:
+        raise StepError(f"model {model_dir}: {exc}") from None
+
+
+def _fitting(version, model_spec: DataSpec, model: str) -> None:
+    """Refuse a dataset whose rows are not the inputs `model` was trained on."""
+    problem = families.spec_mismatch(model_spec, _version_spec(version), expected_is="the model takes",
+                                     actual_is="the dataset holds")
+    if problem:
+        raise StepError(f"dataset {version.id} does not fit {model}: {problem}")
+
+
+def _envelope(x: np.ndarray, base: dict[str, Any] | None) -> dict[str, list[float]]:
+    """Per-feature min and max of the training rows (with the base model's, when fine-tuning)."""
+    low, high = x.min(axis=0).astype(np.float64), x.max(axis=0).astype(np.float64)
+    if base and len(base.get("min", ())) == len(low) and len(base.get("max", ())) == len(high):
+        low = np.minimum(low, np.asarray(base["min"], dtype=np.float64))
+        high = np.maximum(high, np.asarray(base["max"], dtype=np.float64))
+    return {"min": [float(v) for v in low], "max": [float(v) for v in high]}
 
 
 def _load(ctx: StepContext, ref: str, *, action: str, purpose: str):
@@ -63,12 +114,12 @@ def _mlflow_run(ctx: StepContext, run_id: str | None = None, **kwargs):
     return mlflow.start_run(run_id=run_id, experiment_id=registry.experiment_id(ctx.paths), **kwargs)
 
 
-def _select(frame, subset: dict | None):
+def _select(frame, subset: dict | None, spec: DataSpec):
     if not subset:
         return frame
     labels = subset.get("labels")
     if labels is not None:
-        frame = frame[frame[LABEL_COLUMN].isin(labels)]
+        frame = frame[frame[spec.label_column].isin(labels)]
     if frame.empty:
         raise StepError(f"subset selector {subset} selects no records")
     return frame
@@ -87,9 +138,13 @@ def train_model(
     subset: dict | None = None,
     subset_datasets: list[str] | None = None,
     purpose: str = "training",
+    family: str | None = None,
 ) -> dict[str, Any]:
     """Train the `stage` model on the site's `datasets`, fine-tuning `base_model` when given.
 
+    `family` (conf/models.yaml) is the model family; default: the base model's family when
+    fine-tuning, else conf/stages.yaml `model_family`. Fine-tuning refuses another family, and
+    datasets whose spec (input shape, classes) is not the base model's.
     `subset` ({"labels": [...]}) selects records of the datasets named in `subset_datasets` (all when None).
     """
     import pandas as pd
@@ -101,20 +156,42 @@ def train_model(
     conf = load_config().stages
     if profile not in conf.training:
         raise StepError(f"unknown training profile {profile!r}; conf/stages.yaml has {', '.join(conf.training)}")
+    if not datasets:
+        raise StepError(f"{stage}: no datasets to train on")
     training_profile = conf.training[profile]
-    frames, versions = [], []
-    for ref in datasets:
-        frame, version = _load(ctx, ref, action="train", purpose=purpose)
+    loaded = [_load(ctx, ref, action="train", purpose=purpose) for ref in datasets]
+    versions = [version for _, version in loaded]
+    spec = _shared_spec(versions)
+    frames = []
+    for frame, version in loaded:
         applies = bool(subset) and (subset_datasets is None or version.name in subset_datasets)
-        frames.append(_select(frame, subset) if applies else frame)
-        versions.append(version)
+        frames.append(_select(frame, subset, spec) if applies else frame)
     base = registry.resolve_model(ctx.paths, base_model, variant=base_variant) if base_model else None
     base_digest = model_digest(base.model_dir) if base else None
-    name = registry.registered_name(stage, variant)
+    if base is not None:
+        base_meta = base.metadata
+        base_family = families.metadata_family(base_meta)
+        if family and family != base_family:
+            raise StepError(f"cannot fine-tune {base.uri} (family {base_family}) as family {family}: "
+                            "fine-tuning continues the base model's family")
+        family = base_family
+        problem = families.spec_mismatch(_model_spec(base.model_dir, base_meta), spec,
+                                         expected_is="the base model takes", actual_is="the data holds")
+        if problem:
+            raise StepError(f"cannot fine-tune {base.uri} on {', '.join(v.id for v in versions)}: {problem}")
+        architecture = families.metadata_architecture(base_meta)
+    else:
+        family = family or families.default_family()
+        try:
+            architecture = families.architecture_record(family)
+            families.build_model(family, spec)  # refuses a family that cannot take the data before any work
+        except families.FamilyError as exc:
+            raise StepError(f"{stage}: {exc}") from None
+    name = registry.registered_name(stage, variant, family=family)
     key_material = {
         "stage": stage, "variant": variant, "profile": training_profile.model_dump(), "seed": conf.seed,
         "datasets": sorted(v.md5 for v in versions), "base": base_digest, "subset": subset,
-        "code": code_version(),
+        "family": family, "architecture": architecture, "code": code_version(),
     }
     run_key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:16]
     done = registry.find_version_by_tag(ctx.paths, name, "factory.run_key", run_key)
@@ -124,7 +201,7 @@ def train_model(
                 "mlflow_run_id": done.run_id, "stage": stage}
 
     data = pd.concat(frames, ignore_index=True)
-    x, y = _xy(data)
+    x, y = _xy(data, spec, f"training data {', '.join(v.id for v in versions)}")
     staging = _staging(ctx, run_key)
     if staging.exists():
         shutil.rmtree(staging)
@@ -144,7 +221,9 @@ def train_model(
             print(f"{stage} epoch {epoch + 1}/{training_profile.epochs}: "
                   f"loss {metrics['train_loss']:.4f} accuracy {metrics['train_accuracy']:.4f}", flush=True)
 
-        result = train(x, y, training_profile, seed=conf.seed, mode="fine_tune" if base else "centralized",
+        model = families.build_architecture(architecture, spec)
+        result = train(x, y, training_profile, seed=conf.seed, model=model, spec=spec,
+                       mode="fine_tune" if base else "centralized",
                        base_state=load_weights(base.model_dir) if base else None, on_epoch=on_epoch)
         save_weights(result.model, staging)
         lineage = list(base.metadata.get("lineage", [])) if base else []
@@ -153,6 +232,8 @@ def train_model(
                 lineage.append(entry)
         write_json(staging / "metadata.json", {
             "name": name, "stage": stage, "variant": variant, "site": ctx.site, "run_key": run_key,
+            "family": family, "architecture": architecture, "spec": spec.to_dict(),
+            "input_envelope": _envelope(x, base_meta.get("input_envelope") if base else None),
             "datasets": [{"id": v.id, "md5": v.md5, "owner": v.owner} for v in versions],
             "base_model": {"name": base.name, "version": base.version, "digest": base_digest} if base else None,
             "lineage": lineage, "metrics": {}, "training": {"profile": profile, "records": len(data), "subset": subset},
@@ -169,10 +250,12 @@ def _test_metrics(ctx: StepContext, model_dir: Path, test_sets: dict[str, str]) 
 
     metrics = {}
     onnx_path = model_dir / MODEL_ONNX
+    spec = _model_spec(model_dir)
     model = None if onnx_path.exists() else load_model(model_dir)
     for key, ref in test_sets.items():
-        frame, _ = _load(ctx, ref, action="read", purpose="evaluation")
-        x, y = _xy(frame)
+        frame, version = _load(ctx, ref, action="read", purpose="evaluation")
+        _fitting(version, spec, f"the model in {model_dir.name}")
+        x, y = _xy(frame, spec, f"test set {version.id}")
         logits = logits_onnx(onnx_path, x) if model is None else logits_torch(model, x)
         metrics[key] = round(accuracy(logits, y), 6)
     return metrics
@@ -207,10 +290,12 @@ def export_model(ctx: StepContext, *, trained: dict, parity_set: str) -> dict[st
     model_dir = Path(trained["staging"])
     if trained.get("registered"):
         return trained
+    spec = _model_spec(model_dir)
+    frame, version = _load(ctx, parity_set, action="read", purpose="evaluation")
+    _fitting(version, spec, f"{trained['stage']} (parity set)")
     model = load_model(model_dir)
     onnx_path = export_onnx(model, model_dir / MODEL_ONNX)
-    frame, _ = _load(ctx, parity_set, action="read", purpose="evaluation")
-    parity = parity_max_abs(model, onnx_path, _xy(frame)[0])
+    parity = parity_max_abs(model, onnx_path, _xy(frame, spec, f"parity set {version.id}")[0])
     limit = load_config().stages.onnx_parity_max_abs
     _update_metadata(model_dir, metrics={"onnx_parity_max_abs": parity})
     with _mlflow_run(ctx, trained["mlflow_run_id"]):
@@ -224,11 +309,14 @@ def export_model(ctx: StepContext, *, trained: dict, parity_set: str) -> dict[st
 
 
 def _model_card(meta: dict[str, Any], intended_use: str) -> dict[str, Any]:
+    spec = families.metadata_spec(meta)
     return {
         "name": meta["name"], "stage": meta["stage"], "site": meta["site"], "variant": meta.get("variant"),
-        "intended_use": intended_use, "metrics": meta["metrics"],
+        "family": families.metadata_family(meta), "intended_use": intended_use, "metrics": meta["metrics"],
         "datasets": meta["datasets"], "base_model": meta["base_model"],
-        "limitations": "8x8 grey-level digit images in [0, 1]; evaluated only on the test sets listed in metrics.",
+        "inputs": {"kind": spec.kind, "input_shape": list(spec.input_shape), "classes": list(spec.classes)},
+        "limitations": f"{families.describe(spec)} inputs as in its training data; evaluated only on the test "
+                       "sets listed in metrics.",
     }
 
 
