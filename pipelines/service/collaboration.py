@@ -28,7 +28,7 @@ from pipelines.workspace import SitePaths
 
 ACTIVE = ("queued", "running")
 FINISHED = ("success", "failed")
-# Seconds between a gate's HITL record and the exit of the task process that parked it (with margin).
+# Seconds between a gate's task showing as parked and its supervisor reporting the process's exit (margin).
 PARK_EXIT_SECONDS = 1.0
 
 
@@ -85,18 +85,21 @@ class Deployment:
             self.heartbeats.append(beat)
             del self.heartbeats[:-4]
 
-    def settled(self, parked_at: float | None) -> bool:
-        """Has the scheduler taken in the exit of the process that parked a gate at `parked_at`?
+    def settled(self, parked_beat: float | None) -> bool:
+        """Has the scheduler taken in the exit of the process that parked a gate?
+
+        `parked_beat` is the scheduler's latest heartbeat when the gate's task was first seen parked
+        (state `awaiting_input`, which its task process reports just before it exits).
 
         Airflow 3.3.2 with the LocalExecutor fails a gate answered too early: the answer resumes the
         task, the scheduler queues it again and only then reads the "success" of the process that
         parked it, for the same try, and marks the resumed task failed ("Task killed!"). The scheduler
         reads executor events in every loop and records a heartbeat at the end of a loop every
-        `scheduler_heartbeat_sec`, so two heartbeats after the process exit mean a whole loop read
-        its events after the exit."""
-        if parked_at is None:
+        `scheduler_heartbeat_sec`, so two heartbeats later than the process's exit (with a margin for
+        its supervisor to finish) mean a whole loop has read its events."""
+        if parked_beat is None:
             return False
-        return len([beat for beat in self.heartbeats if beat > parked_at + PARK_EXIT_SECONDS]) >= 2
+        return len([beat for beat in self.heartbeats if beat > parked_beat + PARK_EXIT_SECONDS]) >= 2
 
     def close(self) -> None:
         self.http.close()
@@ -198,10 +201,14 @@ class Collaboration:
                 key = (deployment.site, gate["dag_id"], gate["run_id"], gate["task_id"], gate["map_index"])
                 if self.first_gate_at is None:
                     self.first_gate_at = _now()
-                if self.gates_seen.get(key) != gate["try_number"]:  # a new try: look again next time
-                    self.gates_seen[key] = gate["try_number"]
+                if gate["state"] != "awaiting_input":  # its process has not parked it yet
                     continue
-                if self.approve and not deployment.settled(iso_seconds(gate.get("created_at"))):
+                seen = self.gates_seen.get(key)
+                if seen is None or seen[0] != gate["try_number"]:  # a new try: note when, look again later
+                    beat = deployment.heartbeats[-1] if deployment.heartbeats else iso_seconds(gate.get("created_at"))
+                    self.gates_seen[key] = (gate["try_number"], beat)
+                    continue
+                if self.approve and not deployment.settled(seen[1]):
                     continue
                 self._answer(deployment, gate)
 
