@@ -174,13 +174,13 @@ def _actor(paths: SitePaths, actor: str | None) -> str:
     return load_config().service_identities[paths.site].id
 
 
-def _write_record(paths: SitePaths, version: DatasetVersion, message: str) -> None:
+def _write_record(paths: SitePaths, version: DatasetVersion, message: str, attach: Sequence[Path] = ()) -> None:
     from pipelines.data import repo
 
     target = _record_path(paths, version.name, version.md5)
     record = version.to_dict(paths.repo.resolve())
     write_json(target, record)
-    repo.commit_files(paths, [target], message)
+    repo.commit_files(paths, [target, *attach], message)
 
 
 def register_dataset(
@@ -195,6 +195,8 @@ def register_dataset(
     upstream: Sequence[dict] = (),
     extra: dict[str, Any] | None = None,
     actor: str | None = None,
+    md5: str | None = None,
+    attach: Sequence[Path] = (),
 ) -> DatasetVersion:
     """Register `file` (inside the site repo) as a version of dataset `name`.
 
@@ -203,6 +205,9 @@ def register_dataset(
     a derived one the most restrictive of its parents' (explicit `flags` can only restrict
     further); anything else is treated as secret and local-only unless `flags` say otherwise.
     `upstream` carries the lineage entries of parents held by another site (received data).
+    A version without a data spec (`extra["spec"]`) takes the one its parents share, if they share one.
+    `md5`: the caller already hashed the file (spares reading it once more; DVC's own md5 still decides
+    the version). `attach`: files in the site repo committed in git together with the record.
     """
     from pipelines.data import repo
 
@@ -219,13 +224,18 @@ def register_dataset(
         raise CatalogError(f"cannot register {file}: no such file")
     owner = owner or paths.site
     with repo.site_lock(paths):
-        md5 = file_digest(file, "md5")
+        md5 = md5 or file_digest(file, "md5")
         existing = _record_path(paths, name, md5)
         if existing.exists():
             return _read(paths, existing)
         upstream = _complete_upstream(paths, parents, upstream, flags, owner)
         parent_flags = [_parent_flags(paths, p, upstream) for p in parents]
         effective = _effective_flags(paths, name, kind, owner, parent_flags, flags)
+        extra = dict(extra or {})
+        if "spec" not in extra and parents:
+            shared = _shared_spec(paths, parents, upstream)
+            if shared is not None:
+                extra["spec"] = shared
         tracked = repo.commit_tracked(paths, [file], f"Track dataset {name} ({kind})")
         md5 = tracked[file]
         version = DatasetVersion(
@@ -239,10 +249,10 @@ def register_dataset(
             parents=tuple(parents),
             registered_at=_now(),
             upstream=tuple(upstream),
-            extra=dict(extra or {}),
+            extra=extra,
             **effective,
         )
-        _write_record(paths, version, f"Register dataset {version.id}")
+        _write_record(paths, version, f"Register dataset {version.id}", attach)
         _audit(paths, action="dataset.registered", actor=_actor(paths, actor), object=version.id, outcome="ok",
                details={"md5": md5, "kind": kind, "owner": owner, "parents": list(parents), **version.flags})
         return version
@@ -274,6 +284,18 @@ def _complete_upstream(paths, parents, upstream, flags, owner) -> tuple[dict, ..
             "parents": [],
         })
     return tuple(out)
+
+
+def _shared_spec(paths: SitePaths, parents: Sequence[str], upstream: Sequence[dict]) -> dict | None:
+    """The data spec every parent records (a local parent in its record, a remote one in its lineage entry)."""
+    specs = []
+    for parent in parents:
+        if parent.split("/", 1)[0] == paths.site:
+            specs.append(get(paths, parent).extra.get("spec"))
+        else:
+            specs.append(next((e.get("spec") for e in upstream if e.get("dataset_id") == parent), None))
+    first = specs[0]
+    return first if first is not None and all(s == first for s in specs) else None
 
 
 def _parent_flags(paths: SitePaths, parent: str, upstream: Sequence[dict]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -66,6 +67,47 @@ def show_command(site: str, ref: str) -> None:
     except catalog.CatalogError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(version.to_dict(), indent=2))
+
+
+@data.command("import")
+@click.option("--site", required=True, type=click.Choice(SITES), help="The site whose catalog receives the data.")
+@click.option("--name", required=True, help="The dataset's name in the catalog.")
+@click.option("--from", "source", required=True, type=click.Path(exists=True, path_type=Path),
+              help="An image folder (one sub-folder per class) or a CSV / Parquet file.")
+@click.option("--label-column", default="label", show_default=True, help="Tabular files: the column of labels.")
+@click.option("--partition", default=None,
+              help="The conf/sites.yaml partition whose flags the data takes (default: secret, local-only).")
+@click.option("--resize", default=None, metavar="HxW", help="Image folders: resize every image (mixed sizes or modes).")
+@click.option("--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Image folders: a CSV of per-image metadata, column 'file' = the image's path in the folder.")
+@click.option("--metadata-columns", default="", metavar="A,B",
+              help="Tabular files: columns that are metadata, not features (besides those conf/sanitization.yaml names).")
+@click.option("--classes", default=None, metavar="A,B,...",
+              help="Tabular files: the labels in class order; any other label is refused.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=None,
+              help="Rows read and written at a time (default: about 64 MiB of data).")
+def import_command(site: str, name: str, source: Path, label_column: str, partition: str | None, resize: str | None,
+                   metadata: Path | None, metadata_columns: str, classes: str | None, chunk_rows: int | None) -> None:
+    """Import an image folder or a tabular file as a raw dataset version of the site.
+
+    Registers the DVC version, the data spec, the lineage entry naming the source and its digest, and
+    a Great Expectations suite derived from the data. Bad input is refused naming the file and line,
+    and nothing is registered; the same content imported twice is the same version.
+    """
+    from pipelines.context import StepError
+    from pipelines.data.importer import import_dataset
+
+    paths = _paths(site)
+    try:
+        result = import_dataset(
+            paths, name, source, label_column=label_column, partition=partition, resize=resize, metadata=metadata,
+            metadata_columns=[c.strip() for c in metadata_columns.split(",") if c.strip()],
+            classes=[c.strip() for c in classes.split(",")] if classes is not None else None,
+            chunk_rows=chunk_rows,
+        )
+    except StepError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(result.message())
 
 
 @click.group()

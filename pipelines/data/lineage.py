@@ -20,7 +20,9 @@ ENTRY_KEYS = ("dataset_id", "owner", "local_only", "export_authorized", "releasa
 
 
 def entry(version: catalog.DatasetVersion) -> dict[str, Any]:
-    return {
+    """One version's lineage entry. Imported data adds where it came from (`source`: path and digest)
+    and every version with a data spec carries it, so a receiving site knows what the records hold."""
+    described = {
         "dataset_id": version.id,
         "owner": version.owner,
         "local_only": version.local_only,
@@ -33,6 +35,10 @@ def entry(version: catalog.DatasetVersion) -> dict[str, Any]:
         "status": version.status,
         "parents": list(version.parents),
     }
+    for key in ("spec", "source"):
+        if key in version.extra:
+            described[key] = version.extra[key]
+    return described
 
 
 def lineage_entries(paths: SitePaths, dataset_ids: Iterable[str]) -> list[dict[str, Any]]:
@@ -94,6 +100,9 @@ def render_text(title: str, entries: list[dict[str, Any]], base_model: dict | No
 
     def show(e: dict, depth: int, seen: set) -> None:
         lines.append("  " * depth + "<- " + flags(e))
+        source = e.get("source")
+        if source:
+            lines.append("  " * (depth + 1) + f"imported from {source.get('path')} ({source.get('digest')})")
         if e["dataset_id"] in seen:
             return
         for parent in e.get("parents") or []:

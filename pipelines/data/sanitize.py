@@ -20,6 +20,7 @@ import pandas as pd
 from pipelines.config import read_yaml
 from pipelines.context import StepError
 from pipelines.data import schema
+from pipelines.data.spec import DIGITS, DataSpec, spec_of
 from pipelines.fileio import sha256_bytes, write_atomic
 
 CONFIG_FILE = "sanitization.yaml"
@@ -37,8 +38,31 @@ def is_sensitive_name(column: str) -> bool:
     return column in schema.SENSITIVE_COLUMNS or any(p in lowered for p in schema.SENSITIVE_NAME_PATTERNS)
 
 
-def sensitive_columns(columns) -> list[str]:
-    return [c for c in columns if is_sensitive_name(str(c))]
+def sensitive_columns(columns, spec: DataSpec | None = None) -> list[str]:
+    """The columns sensitive by name, or because the data's spec marks them sensitive."""
+    marked = set(spec.sensitive_columns) if spec else set()
+    return [c for c in columns if is_sensitive_name(str(c)) or str(c) in marked]
+
+
+def _dropped_columns(site: str) -> set[str]:
+    """The columns the site's rules drop outright, for any purpose."""
+    conf = read_yaml(CONFIG_FILE)
+    sections = [conf.get("defaults") or {}, *(((conf.get("sites") or {}).get(site) or {}).values())]
+    return {str(c) for section in sections for c in (section or {}).get("drop_columns") or ()}
+
+
+def configured_columns(site: str) -> set[str]:
+    """Every column the site's sanitization rules act on by name, for any purpose: dropped, geo, time.
+
+    An imported file's columns named here are metadata, not features."""
+    return {*_dropped_columns(site), *GEO_COLUMNS, TIME_COLUMN}
+
+
+def sensitive_metadata(site: str, columns) -> list[str]:
+    """Which of an imported dataset's metadata columns are sensitive: by name, or because the site's
+    rules drop them or treat them as places (latitude, longitude)."""
+    dropped = _dropped_columns(site)
+    return [c for c in columns if is_sensitive_name(str(c)) or c in dropped or c in GEO_COLUMNS]
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -81,25 +105,31 @@ def parquet_bytes(df: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def _ids(df: pd.DataFrame, mask) -> list[str]:
-    return [str(x) for x in df.loc[mask, schema.ID_COLUMN]]
+def _ids(df: pd.DataFrame, mask, spec: DataSpec = DIGITS) -> list[str]:
+    return [str(x) for x in df.loc[mask, spec.id_column]]
 
 
-def _feature_keys(features: np.ndarray, hashes: pd.Series) -> pd.Series:
+def _feature_keys(df: pd.DataFrame, spec: DataSpec) -> pd.Series:
     """An exact per-row key for the feature vector: hash first, raw bytes where hashes collide."""
+    features = df[list(spec.feature_columns)]
+    hashes = pd.util.hash_pandas_object(features, index=False)
     keys = hashes.astype("uint64").astype(object)
     candidates = np.flatnonzero(hashes.duplicated(keep=False).to_numpy())
-    for i in candidates:
-        keys.iat[i] = features[i].tobytes()
+    if spec.encoding == "pixels":
+        raw = features[spec.feature_columns[0]]
+        for i in candidates:
+            keys.iat[i] = bytes(raw.iat[i])
+    else:
+        rows = np.ascontiguousarray(features.to_numpy())
+        for i in candidates:
+            keys.iat[i] = rows[i].tobytes()
     return keys
 
 
-def _duplicates(df: pd.DataFrame, rules: dict) -> tuple[pd.DataFrame, list[dict]]:
+def _duplicates(df: pd.DataFrame, rules: dict, spec: DataSpec = DIGITS) -> tuple[pd.DataFrame, list[dict]]:
     conf = rules.get("duplicates") or {}
-    features = np.ascontiguousarray(df[list(schema.FEATURE_COLUMNS)].to_numpy())
-    hashes = pd.util.hash_pandas_object(df[list(schema.FEATURE_COLUMNS)], index=False)
-    key = _feature_keys(features, hashes).reset_index(drop=True)
-    labels = df[schema.LABEL_COLUMN].reset_index(drop=True)
+    key = _feature_keys(df, spec).reset_index(drop=True)
+    labels = df[spec.label_column].reset_index(drop=True)
     results = []
     keep = np.ones(len(df), dtype=bool)
     if conf.get("contradictory", True):
@@ -110,7 +140,7 @@ def _duplicates(df: pd.DataFrame, rules: dict) -> tuple[pd.DataFrame, list[dict]
             groups.setdefault(key.iat[i], []).append(i)
         details = {}
         for members in groups.values():
-            copies = [str(df[schema.ID_COLUMN].iat[i]) for i in members]
+            copies = [str(df[spec.id_column].iat[i]) for i in members]
             found = sorted({int(labels.iat[i]) for i in members})
             for rid in copies:
                 details[rid] = f"same features as {', '.join(c for c in copies if c != rid)}; labels {found}"
@@ -118,14 +148,14 @@ def _duplicates(df: pd.DataFrame, rules: dict) -> tuple[pd.DataFrame, list[dict]
             {
                 "rule": "contradictory_duplicates",
                 "reason": "records with identical features but different labels; every copy removed",
-                "removed": _ids(df, contradictory),
+                "removed": _ids(df, contradictory, spec),
                 "details": details,
             }
         )
         keep &= ~contradictory
     if conf.get("exact", True):
         # Within each group of identical records the lowest record id (the first captured) stays.
-        frame = pd.DataFrame({"key": key, "label": labels, "rid": df[schema.ID_COLUMN].astype(str).to_numpy()})
+        frame = pd.DataFrame({"key": key, "label": labels, "rid": df[spec.id_column].astype(str).to_numpy()})
         frame = frame[keep]
         ordered = frame.sort_values("rid", kind="stable")
         extra = ordered.duplicated(["key", "label"], keep="first")
@@ -139,7 +169,7 @@ def _duplicates(df: pd.DataFrame, rules: dict) -> tuple[pd.DataFrame, list[dict]
             {
                 "rule": "exact_duplicates",
                 "reason": "records identical in features and label to another; the lowest record id is kept",
-                "removed": _ids(df, exact),
+                "removed": _ids(df, exact, spec),
                 "details": details,
             }
         )
@@ -147,12 +177,13 @@ def _duplicates(df: pd.DataFrame, rules: dict) -> tuple[pd.DataFrame, list[dict]
     return df.loc[keep], results
 
 
-def _outliers(df: pd.DataFrame, rules: dict) -> tuple[pd.DataFrame, list[dict]]:
+def _outliers(df: pd.DataFrame, rules: dict, spec: DataSpec = DIGITS) -> tuple[pd.DataFrame, list[dict]]:
     conf = rules.get("outliers") or {}
     method = conf.get("method", "mad")
     if method == "none" or df.empty:
         return df, []
-    x = df[list(schema.FEATURE_COLUMNS)].to_numpy(dtype=np.float64)
+    x = spec.features(df).astype(np.float64)
+    what, typical = ("pixels", "median image") if spec.kind == "image" else ("features", "median record")
     if method == "isolation_forest":
         from sklearn.ensemble import IsolationForest
 
@@ -167,8 +198,8 @@ def _outliers(df: pd.DataFrame, rules: dict) -> tuple[pd.DataFrame, list[dict]]:
         floor = float(conf.get("mad_floor", 0.05))
         max_fraction = float(conf.get("max_fraction", 0.25))
         scores = np.zeros(len(df))
-        labels = df[schema.LABEL_COLUMN].to_numpy()
-        # Per label: a digit's pixels are compared with the typical image of that digit.
+        labels = df[spec.label_column].to_numpy()
+        # Per label: a record's features (a digit's pixels) are compared with the typical record of its label.
         for label in np.unique(labels):
             rows = labels == label
             median = np.nanmedian(x[rows], axis=0)
@@ -177,14 +208,14 @@ def _outliers(df: pd.DataFrame, rules: dict) -> tuple[pd.DataFrame, list[dict]]:
             scores[rows] = np.mean(np.nan_to_num(z, nan=np.inf) > z_max, axis=1)
         flagged = scores > max_fraction
         reason = (
-            f"more than {max_fraction:.0%} of its pixels lie over {z_max} robust deviations "
-            f"(median/MAD per label, MAD floor {floor}) from its label's median image"
+            f"more than {max_fraction:.0%} of its {what} lie over {z_max} robust deviations "
+            f"(median/MAD per label, MAD floor {floor}) from its label's {typical}"
         )
     details = {
         str(rid): f"score {score:.3f}"
-        for rid, score in zip(df.loc[flagged, schema.ID_COLUMN], scores[flagged], strict=True)
+        for rid, score in zip(df.loc[flagged, spec.id_column], scores[flagged], strict=True)
     }
-    result = {"rule": "critical_outliers", "reason": reason, "removed": _ids(df, flagged), "details": details}
+    result = {"rule": "critical_outliers", "reason": reason, "removed": _ids(df, flagged, spec), "details": details}
     return df.loc[~flagged], [result]
 
 
@@ -197,34 +228,35 @@ def _coarsen_time(series: pd.Series, how: str) -> pd.Series:
 
 
 def sanitize(
-    df: pd.DataFrame, site: str, purpose: str, *, input_digest: str | None = None
+    df: pd.DataFrame, site: str, purpose: str, *, input_digest: str | None = None, spec: DataSpec | None = None
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Apply the site's rules for `purpose`; return the clean frame and the sanitization report.
 
     The digests are sha256 of the Parquet bytes (`input_digest` overrides the input's, e.g. the
-    bytes of the file it was read from).
+    bytes of the file it was read from). `spec` says where the features, labels and sensitive
+    columns are (default: the digits demo).
     """
-    clean, report, _ = _sanitize(df, site, purpose, input_digest)
+    clean, report, _ = _sanitize(df, site, purpose, input_digest, spec or DIGITS)
     return clean, report
 
 
-def _sanitize(df: pd.DataFrame, site: str, purpose: str, input_digest: str | None):
+def _sanitize(df: pd.DataFrame, site: str, purpose: str, input_digest: str | None, spec: DataSpec = DIGITS):
     rules = rules_for(site, purpose)
-    required = [schema.ID_COLUMN, *schema.FEATURE_COLUMNS, schema.LABEL_COLUMN]
+    required = [spec.id_column, *spec.feature_columns, spec.label_column]
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise SanitizationError(f"cannot sanitize: missing required columns {', '.join(missing)}")
-    if df[schema.ID_COLUMN].duplicated().any():
-        dupes = df.loc[df[schema.ID_COLUMN].duplicated(), schema.ID_COLUMN].head(5).tolist()
-        raise SanitizationError(f"cannot sanitize: record_id is not unique (e.g. {dupes})")
+    if df[spec.id_column].duplicated().any():
+        dupes = df.loc[df[spec.id_column].duplicated(), spec.id_column].head(5).tolist()
+        raise SanitizationError(f"cannot sanitize: {spec.id_column} is not unique (e.g. {dupes})")
     input_digest = input_digest or sha256_bytes(parquet_bytes(df))
     rows_in = len(df)
     out = df.reset_index(drop=True)
     report_rules: list[dict] = []
 
-    out, found = _duplicates(out, rules)
+    out, found = _duplicates(out, rules, spec)
     report_rules += found
-    out, found = _outliers(out.reset_index(drop=True), rules)
+    out, found = _outliers(out.reset_index(drop=True), rules, spec)
     report_rules += found
 
     columns_removed: list[str] = []
@@ -251,7 +283,7 @@ def _sanitize(df: pd.DataFrame, site: str, purpose: str, input_digest: str | Non
             coarsened[TIME_COLUMN] = f"truncated to the {how}"
     out = out.drop(columns=columns_removed).reset_index(drop=True)
 
-    remaining_sensitive = sensitive_columns(out.columns)
+    remaining_sensitive = sensitive_columns(out.columns, spec)
     allow_sensitive = bool(rules.get("allow_sensitive", False))
     problems = []
     if remaining_sensitive and not allow_sensitive:
@@ -339,10 +371,12 @@ def read_parquet(path: Path) -> tuple[pd.DataFrame, bytes]:
         raise SanitizationError(f"cannot read Parquet file {path}: {exc}") from exc
 
 
-def sanitize_file(in_path: Path, out_path: Path, site: str, purpose: str) -> dict[str, Any]:
+def sanitize_file(
+    in_path: Path, out_path: Path, site: str, purpose: str, spec: DataSpec | None = None
+) -> dict[str, Any]:
     """Sanitize one Parquet file into another and write `<out>.sanitization.{json,md}` beside it."""
     df, data = read_parquet(in_path)
-    _, report, out_data = _sanitize(df, site, purpose, sha256_bytes(data))
+    _, report, out_data = _sanitize(df, site, purpose, sha256_bytes(data), spec or DIGITS)
     write_atomic(Path(out_path), out_data)
     write_report(report, Path(out_path).parent, f"{Path(out_path).stem}.sanitization")
     return report
@@ -353,21 +387,26 @@ def sanitize_dataset(paths, ref: str, purpose: str, *, name: str | None = None, 
 
     The output is `data/sanitized/<source>-<purpose>.parquet`, DVC-tracked, registered as
     `<source>-sanitized` (kind sanitized); the report goes to `repo/reports/sanitization/<id>.{json,md}`
-    (committed) and its summary into the version's record (`extra.sanitization`).
+    (committed) and its summary into the version's record (`extra.sanitization`). A source with a data
+    spec passes it on without the columns sanitization removed (`extra.spec`).
     """
     from pipelines.data import catalog, repo
 
     df, source = catalog.load_dataset(paths, ref)
-    _, report, out_data = _sanitize(df, paths.site, purpose, None)
+    spec = spec_of(source.extra)
+    clean, report, out_data = _sanitize(df, paths.site, purpose, None, spec)
     out_path = paths.data_dir / "sanitized" / f"{source.name}-{purpose}.parquet"
     write_atomic(out_path, out_data)
+    extra: dict[str, Any] = {"sanitization": _summary(report)}
+    if "spec" in source.extra:
+        extra["spec"] = spec.keep_columns(clean.columns).to_dict()
     version = catalog.register_dataset(
         paths,
         name or f"{source.name}-sanitized",
         out_path,
         parents=(source.id,),
         kind="sanitized",
-        extra={"sanitization": _summary(report)},
+        extra=extra,
         actor=actor,
     )
     files = write_report(report, paths.repo / "reports" / "sanitization", version.id)

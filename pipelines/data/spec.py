@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -91,6 +91,17 @@ class DataSpec:
 
     def labels(self, frame) -> np.ndarray:
         return frame[self.label_column].to_numpy(np.int64)
+
+    def keep_columns(self, columns) -> DataSpec:
+        """This spec for a frame that kept only `columns` of its metadata (sanitization drops some).
+
+        Features, label and id are not optional: a frame without them is not of this spec."""
+        present = {str(c) for c in columns}
+        return replace(
+            self,
+            metadata_columns={c: t for c, t in self.metadata_columns.items() if c in present},
+            sensitive_columns=tuple(c for c in self.sensitive_columns if c in present),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

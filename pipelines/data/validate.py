@@ -1,18 +1,25 @@
 """Validation with Great Expectations 1.x in ephemeral mode.
 
-Suites are JSON files in `pipelines/data/expectations/` (`training`, `release`). The GX
-context, data source and validation definitions are built once per process (GX is slow to
-import and to set up). `validate` never crashes on bad data: every problem becomes a failed
-expectation, and a failure raises `ValidationFailed` naming each expectation and column.
+The digits demo's suites are JSON files in `pipelines/data/expectations/` (`training`,
+`release`). A dataset with a data spec (an imported one, or one derived from it) is checked
+against a suite built for it (`suite_for`): the suite derived from its data at import
+(`repo/expectations/<name>/<md5>.json`: types, per-feature ranges, classes, no nulls where there
+were none), or, where no such suite is at hand (data received from another site), one derived
+from its spec; plus the purpose's check of sensitive column names. The GX context, data source
+and validation definitions are built once per process (GX is slow to import and to set up).
+`validate` never crashes on bad data: every problem becomes a failed expectation, and a failure
+raises `ValidationFailed` naming each expectation and column.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +27,14 @@ from typing import Any
 import pandas as pd
 
 from pipelines.context import StepError
-from pipelines.fileio import write_json
+from pipelines.data import schema
+from pipelines.data.spec import DataSpec, spec_of
+from pipelines.fileio import read_json, write_json
 
 SUITES_DIR = Path(__file__).resolve().parent / "expectations"
 DATA_SOURCE = "frames"
+PURPOSES = ("training", "release")  # the suites every dataset can be checked against
+STRING_TYPES = ["string", "str", "object"]
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -84,7 +95,15 @@ class _GX:
         self.docs_sites: dict[Path, str] = {}
         self.lock = threading.Lock()
 
-    def suite(self, name: str):
+    def suite(self, suite: str | Mapping[str, Any]):
+        """A suite by name (a JSON file of SUITES_DIR) or given whole (a built one, kept per content)."""
+        if isinstance(suite, Mapping):
+            body = json.dumps(suite, sort_keys=True, default=str).encode()
+            key = f"{suite['name']}.{hashlib.sha256(body).hexdigest()[:16]}"
+            if key not in self.suites:
+                self.suites[key] = self.context.suites.add(self.gx.ExpectationSuite(**{**suite, "name": key}))
+            return self.suites[key]
+        name = suite
         if name not in self.suites:
             path = SUITES_DIR / f"{name}.json"
             if not path.exists():
@@ -134,11 +153,13 @@ _CUSTOM_DEFINED = False
 
 
 def define_custom_expectations() -> None:
-    """Register the project's own expectation type (GX registers a class when it is defined)."""
+    """Register the project's own expectation types (GX registers a class when it is defined)."""
     global _CUSTOM_DEFINED
     if _CUSTOM_DEFINED:
         return
-    from great_expectations.expectations.expectation import BatchExpectation
+    from great_expectations.execution_engine import PandasExecutionEngine
+    from great_expectations.expectations.expectation import BatchExpectation, ColumnMapExpectation
+    from great_expectations.expectations.metrics import ColumnMapMetricProvider, column_condition_partial
 
     class ExpectTableColumnsToExcludeSensitiveNames(BatchExpectation):
         """Expect no column named like a sensitive field: `names` exactly, or containing any of `patterns`
@@ -179,8 +200,26 @@ def define_custom_expectations() -> None:
             }
             return {"success": not wrong, "result": {"observed_value": wrong}}
 
+    class ColumnValuesByteLengthEquals(ColumnMapMetricProvider):
+        """Per value: is it `value` bytes long (GX's own length metric decodes values as text)."""
+
+        condition_metric_name = "column_values.byte_length_equals"
+        condition_value_keys = ("value",)
+
+        @column_condition_partial(engine=PandasExecutionEngine)
+        def _pandas(cls, column, value, **kwargs):
+            return column.map(len) == value
+
+    class ExpectColumnValuesToBeBytesOfLength(ColumnMapExpectation):
+        """Expect each non-null value of the column (bytes, e.g. pixels) to be exactly `value` bytes long."""
+
+        value: int
+        map_metric = "column_values.byte_length_equals"
+        success_keys = ("value", "mostly")
+
     globals()["ExpectTableColumnsToExcludeSensitiveNames"] = ExpectTableColumnsToExcludeSensitiveNames
     globals()["ExpectTableColumnTypesToMatch"] = ExpectTableColumnTypesToMatch
+    globals()["ExpectColumnValuesToBeBytesOfLength"] = ExpectColumnValuesToBeBytesOfLength
     _CUSTOM_DEFINED = True
 
 
@@ -192,6 +231,8 @@ def _observed(result) -> Any:
         message = str(result.exception_info.get("exception_message") or "error").splitlines()[0]
         return f"error: {message[:200]}"
     observed = (result.result or {}).get("observed_value")
+    if observed is None and "unexpected_count" in (result.result or {}):  # a per-value expectation
+        return f"{result.result['unexpected_count']} unexpected value(s)"
     if isinstance(observed, float):
         return round(observed, 6)
     if isinstance(observed, dict):
@@ -204,18 +245,20 @@ def _observed(result) -> Any:
 
 def validate(
     df: pd.DataFrame,
-    suite: str,
+    suite: str | Mapping[str, Any],
     *,
     site_paths=None,
     dataset_id: str | None = None,
     check: bool = True,
 ) -> ValidationResult:
-    """Run `suite` on `df`. With `site_paths`: save the result, build Data Docs, log to MLflow.
+    """Run `suite` (a suite's name, or a built suite such as `suite_for` gives) on `df`. With
+    `site_paths`: save the result, build Data Docs, log to MLflow.
 
     Raises ValidationFailed on failure unless `check=False`.
     """
     state = _gx()
     asset = _asset_name(dataset_id)
+    suite_name = suite["name"] if isinstance(suite, Mapping) else suite
     with state.lock:
         expectations = state.suite(suite)
         frame = df if isinstance(df, pd.DataFrame) else pd.DataFrame(df)
@@ -250,13 +293,13 @@ def validate(
             )
         result = ValidationResult(
             success=gx_result is not None and bool(gx_result.success) and not failures,
-            suite=suite,
+            suite=suite_name,
             dataset_id=dataset_id,
             failures=failures,
             evaluated=len(results),
         )
         if site_paths is not None and gx_result is not None:
-            result.data_docs = _build_docs(state, site_paths, gx_result, batch, suite, dataset_id)
+            result.data_docs = _build_docs(state, site_paths, gx_result, batch, expectations.name, dataset_id)
     if site_paths is not None:
         _record(result, site_paths)
     if check and not result.success:
@@ -304,17 +347,17 @@ def _record(result: ValidationResult, site_paths) -> None:
         mlflow.log_dict(payload, f"validation/{result.suite}/{stem}.json")
 
 
-def unreadable(path: Path, suite: str, reason: str, dataset_id: str | None = None) -> ValidationResult:
+def unreadable(path: Path, suite: str | Mapping, reason: str, dataset_id: str | None = None) -> ValidationResult:
     return ValidationResult(
         success=False,
-        suite=suite,
+        suite=suite["name"] if isinstance(suite, Mapping) else suite,
         dataset_id=dataset_id,
         failures=[{"expectation": "readable_parquet", "column": None, "observed": reason, "kwargs": {}}],
     )
 
 
 def validate_file(
-    path: Path, suite: str, *, site_paths=None, dataset_id: str | None = None, check: bool = True
+    path: Path, suite: str | Mapping, *, site_paths=None, dataset_id: str | None = None, check: bool = True
 ) -> ValidationResult:
     """Validate a Parquet file; one that cannot be read fails `readable_parquet` (never crashes)."""
     try:
@@ -330,14 +373,16 @@ def validate_file(
 
 
 def validate_dataset(paths, ref, suite: str, *, actor: str | None = None) -> ValidationResult:
-    """Validate a catalogued version; a failure quarantines it (kept, never usable) and raises."""
+    """Validate a catalogued version against `suite_for` it; a failure quarantines it (kept, never
+    usable) and raises."""
     from pipelines.data import catalog
 
     version = catalog.get(paths, ref) if isinstance(ref, str) else ref
     if version.status == "quarantined":
         raise catalog.DatasetQuarantined(version)
     result = validate_file(
-        catalog.content_path(paths, version), suite, site_paths=paths, dataset_id=version.id, check=False
+        catalog.content_path(paths, version), suite_for(paths, version, suite),
+        site_paths=paths, dataset_id=version.id, check=False,
     )
     if not result.success:
         catalog.quarantine(paths, version, result.message(), actor=actor)
@@ -352,3 +397,131 @@ def read_for_validation(path: Path, suite: str = "training", dataset_id: str | N
     except Exception as exc:
         reason = f"{Path(path).name}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
         raise ValidationFailed(unreadable(path, suite, reason, dataset_id)) from exc
+
+
+# ---------------------------------------------------------------------------- suites built from specs and data
+
+
+def _expect(kind: str, notes: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    return {"type": kind, "kwargs": kwargs, "meta": {"notes": notes} if notes else {}}
+
+
+def _types(dtype: str) -> list[str]:
+    return STRING_TYPES if dtype in STRING_TYPES else [dtype]
+
+
+def spec_expectations(spec: DataSpec) -> list[dict[str, Any]]:
+    """What any dataset of `spec` satisfies: its columns and their types, unique ids, labels among its classes."""
+    features = {c: ["float32"] for c in spec.feature_columns} if spec.encoding == "columns" else {
+        spec.feature_columns[0]: ["object"]}
+    types = {spec.id_column: STRING_TYPES, spec.label_column: ["int64"], **features,
+             **{c: _types(t) for c, t in spec.metadata_columns.items()}}
+    out = [
+        _expect("expect_table_columns_to_match_set", "id, features and label present",
+                column_set=[spec.id_column, *spec.feature_columns, spec.label_column], exact_match=False),
+        _expect("expect_table_column_types_to_match", "types as the spec records them", types=types),
+        _expect("expect_column_proportion_of_non_null_values_to_be_between", column=spec.id_column, min_value=1.0),
+        _expect("expect_column_proportion_of_unique_values_to_be_between", "record ids are unique",
+                column=spec.id_column, min_value=1.0),
+        _expect("expect_column_proportion_of_non_null_values_to_be_between", column=spec.label_column, min_value=1.0),
+        _expect("expect_column_distinct_values_to_be_in_set", f"labels are indices of {spec.n_classes} classes",
+                column=spec.label_column, value_set=list(range(spec.n_classes))),
+    ]
+    if spec.encoding == "pixels":
+        column = spec.feature_columns[0]
+        out += [
+            _expect("expect_column_proportion_of_non_null_values_to_be_between", column=column, min_value=1.0),
+            _expect("expect_column_values_to_be_bytes_of_length", f"C*H*W bytes for {list(spec.input_shape)}",
+                    column=column, value=spec.n_features),
+        ]
+    return out
+
+
+def data_suite(spec: DataSpec, *, rows: int, nulls: Mapping[str, int],
+               ranges: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+    """The suite a dataset's own data gives at import: the spec's expectations, no nulls in the columns
+    that had none, each feature within the range it had."""
+    out = [_expect("expect_table_row_count_to_be_between", "not empty", min_value=1), *spec_expectations(spec)]
+    checked = {e["kwargs"].get("column") for e in out
+               if e["type"] == "expect_column_proportion_of_non_null_values_to_be_between"}
+    for column in (*spec.feature_columns, *spec.metadata_columns):
+        if column not in checked and rows and not nulls.get(column, 0):
+            out.append(_expect("expect_column_proportion_of_non_null_values_to_be_between",
+                               "no nulls at import", column=column, min_value=1.0))
+        if column in ranges:
+            low, high = (float(v) for v in ranges[column])
+            out += [_expect("expect_column_min_to_be_between", column=column, min_value=low, max_value=high),
+                    _expect("expect_column_max_to_be_between", column=column, min_value=low, max_value=high)]
+    return {"name": "data", "meta": {"notes": f"derived at import from {rows} rows", "spec": spec.to_dict()},
+            "expectations": out}
+
+
+def _purpose_expectations(spec: DataSpec, purpose: str) -> list[dict[str, Any]]:
+    """Training: only the spec's own metadata may look sensitive. Release: nothing that does, nor any
+    column the spec marks sensitive."""
+    if purpose == "training":
+        return [_expect("expect_table_columns_to_exclude_sensitive_names",
+                        "only the spec's own metadata columns may look sensitive", names=[],
+                        patterns=list(schema.SENSITIVE_NAME_PATTERNS), allowed=list(spec.metadata_columns))]
+    return [_expect("expect_table_columns_to_exclude_sensitive_names",
+                    "nothing that identifies people, missions, equipment or places leaves a site",
+                    names=list(spec.sensitive_columns), patterns=list(schema.SENSITIVE_NAME_PATTERNS), allowed=[])]
+
+
+def _stored_suite(paths, version) -> tuple[dict[str, Any] | None, str | None]:
+    """The suite derived at import for `version` or its nearest ancestor at this site, with that version's id."""
+    from pipelines.data import catalog
+
+    queue, seen = [version], set()
+    while queue:
+        current = queue.pop(0)
+        if current.id in seen:
+            continue
+        seen.add(current.id)
+        relative = current.extra.get("expectations")
+        if relative:
+            root = (paths.repo / "expectations").resolve()
+            path = (paths.repo / str(relative)).resolve()
+            if root not in path.parents or not path.is_file():
+                raise StepError(f"{current.id} names expectations {relative!r}, which are not in the site repo")
+            return read_json(path), current.id
+        queue += [catalog.get(paths, p) for p in current.parents if p.split("/", 1)[0] == paths.site]
+    return None, None
+
+
+def _narrowed(expectations: list[dict], spec: DataSpec, own: bool) -> list[dict]:
+    """An ancestor's data suite for a descendant: only what holds for it. Rows were removed or kept,
+    never changed, so the id, feature and label checks hold; metadata may since be dropped or
+    coarsened, so its checks only hold for the version the suite was derived for (`own`)."""
+    core = [spec.id_column, *spec.feature_columns, spec.label_column]
+    keep = set(spec.columns if own else core)
+    out = []
+    for item in expectations:
+        kwargs = dict(item["kwargs"])
+        if "column" in kwargs and kwargs["column"] not in keep:
+            continue
+        if item["type"] == "expect_table_column_types_to_match":
+            kwargs["types"] = {c: t for c, t in kwargs["types"].items() if c in keep}
+        out.append({**item, "kwargs": kwargs})
+    return out
+
+
+def suite_for(paths, version, purpose: str) -> str | dict[str, Any]:
+    """The suite `validate_dataset` checks `version` against for `purpose` (training, release).
+
+    The digits demo (no spec in its record): the JSON suite of that name. A version with a data spec:
+    the suite derived at import from its data or its nearest ancestor's at this site, else one derived
+    from its spec, plus the purpose's check of sensitive column names."""
+    if "spec" not in version.extra:
+        return purpose
+    if purpose not in PURPOSES:
+        raise StepError(f"unknown expectation suite {purpose!r} for {version.id}; suites: {', '.join(PURPOSES)}")
+    spec = spec_of(version.extra)
+    stored, owner = _stored_suite(paths, version)
+    if stored is None:
+        body, origin = spec_expectations(spec), "its data spec"
+    else:
+        body, origin = _narrowed(stored["expectations"], spec, owner == version.id), f"the data of {owner}"
+    return {"name": f"{purpose}-{version.name}-{version.md5[:12]}",
+            "meta": {"notes": f"{purpose} suite for {version.id}, derived from {origin}"},
+            "expectations": body + _purpose_expectations(spec, purpose)}
