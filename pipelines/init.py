@@ -79,7 +79,8 @@ def init_workspace(home: Path | None = None, *, scale: int | None = None) -> dic
 
 @click.command("init")
 @click.option("--scale", type=click.IntRange(min=1), default=None,
-              help="Augment the data to about N records in all (load and performance runs).")
+              help="Augment the training data to about N records in all (load and performance runs); "
+                   "test sets stay the real images.")
 def init_command(scale: int | None) -> None:
     """Create FACTORY_HOME with the three sites (idempotent)."""
     home = factory_home()

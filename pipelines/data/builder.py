@@ -156,7 +156,7 @@ def build_frames(site: str, scale: int | None = None) -> tuple[dict[str, pd.Data
     for partition in PARTITIONS[site]:
         idx = indices[partition]
         x, y = x_all[idx], y_all[idx]
-        if scale:
+        if scale and partition != "test":  # test sets stay the real images: accuracy stays comparable
             x, y = _augment(x, y, max(1, round(len(idx) * scale / total_default)), rng)
         x = SENSORS[site](x, rng)
         frame = _frame(site, partition, x, y, next_id, rng)

@@ -56,8 +56,10 @@ def test_sensor_effects_differ_between_parties():
     assert not np.allclose(builder.destination_sensor(x[:5]), x[:5])
 
 
-def test_scale_augments_to_about_n_records():
+def test_scale_augments_the_training_data_and_keeps_the_real_test_images():
+    default, _ = builder.build_frames("supplier")
     frames, _ = builder.build_frames("supplier", scale=18000)
-    total = sum(len(f) for f in frames.values())
-    assert 5500 <= total <= 6500  # the supplier holds a third of the 1,797 images
+    assert 4000 <= len(frames["train"]) <= 5000  # train is 450 of the 1,797 images: a quarter of 18,000
     assert frames["train"][list(FEATURE_COLUMNS)].to_numpy().max() <= 1.0
+    kept = [*FEATURE_COLUMNS, "label"]  # the same images; ids and capture metadata are drawn anew
+    assert frames["test"][kept].equals(default["test"][kept])
