@@ -55,6 +55,7 @@ from pipelines.serving.store import InputStore
 from pipelines.workspace import SitePaths
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+JSON_BYTES_PER_VALUE = 24  # a float as JSON text with its separator, at most about this long
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -316,6 +317,12 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
 
     metadata = verify_model(site_paths, model_ref)
     inputs = model_inputs(model_ref, metadata, service)
+    max_body = int(service.get("max_body_bytes", 1 << 20))
+    if max_body < inputs.n_features * JSON_BYTES_PER_VALUE + 1024:
+        raise ServingError(
+            f"service.max_body_bytes {max_body} cannot hold one request row of {model_ref.name}/{model_ref.version} "
+            f"({inputs.n_features} values, up to about {inputs.n_features * JSON_BYTES_PER_VALUE + 1024} bytes of "
+            "JSON): raise it in conf/odd.yaml")
     onnx_path = Path(model_ref.model_dir) / "model.onnx"
     try:
         options = ort.SessionOptions()
@@ -368,7 +375,7 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
 
     app = FastAPI(title=f"factory inference ({site_paths.site})", version=model["version"], lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(ServiceGuard, registry=registry, max_body_bytes=int(service.get("max_body_bytes", 1 << 20)),
+    app.add_middleware(ServiceGuard, registry=registry, max_body_bytes=max_body,
                        on_denied=on_denied, on_too_large=lambda: metrics.observe("too_large"))
     app.state.gate, app.state.store, app.state.metrics, app.state.model = gate, store, metrics, model
     app.state.inputs = inputs
