@@ -59,6 +59,8 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 METADATA_KEY = "file"  # the metadata CSV's column naming each image
 RESERVED = (schema.ID_COLUMN, schema.LABEL_COLUMN, PIXELS_COLUMN)
 CHUNK_BYTES = 64 * 2**20  # default chunk: about this much data
+CSV_BLOCK_BYTES = 4 * 2**20  # what the CSV reader parses at a time
+ROW_GROUP_BYTES = 16 * 2**20  # Parquet row groups: about this much data, whatever the chunk (same content, same bytes)
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 262_144
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 TIMESTAMP = pa.timestamp("ns", tz="UTC")
@@ -141,7 +143,7 @@ def import_dataset(
     with _Progress(sys.stderr.isatty() if progress is None else progress) as bar:
         reader.prepare(bar)
         chunk = _chunk_rows(chunk_rows, reader.row_bytes)
-        with _TempParquet(target, reader.schema, chunk) as sink:
+        with _TempParquet(target, reader.schema, _rows_of(ROW_GROUP_BYTES, reader.row_bytes)) as sink:
             profile = _Profile(reader.feature_columns if reader.encoding == "columns" else ())
             for table in reader.tables(bar, chunk):
                 profile.add(table)
@@ -200,12 +202,16 @@ def parse_resize(value: tuple[int, int] | str | None) -> tuple[int, int] | None:
 # ---------------------------------------------------------------------------- writing
 
 
+def _rows_of(size: int, row_bytes: int) -> int:
+    return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, size // max(row_bytes, 1)))
+
+
 def _chunk_rows(requested: int | None, row_bytes: int) -> int:
     if requested is not None:
         if int(requested) < 1:
             raise StepError(f"chunk rows must be positive, not {requested}")
         return int(requested)
-    return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(row_bytes, 1)))
+    return _rows_of(CHUNK_BYTES, row_bytes)
 
 
 class _HashingWriter:
@@ -240,7 +246,10 @@ class _HashingWriter:
 
 
 class _TempParquet:
-    """A temp Parquet file beside `target` with its md5; removed unless `keep()` moved it to `target`."""
+    """A temp Parquet file beside `target` with its md5; removed unless `keep()` moved it to `target`.
+
+    Row groups hold `row_group` rows whatever sizes the tables come in, so the file's bytes depend on
+    the data only (not on the chunk size it was read with)."""
 
     def __init__(self, target: Path, schema_: pa.Schema, row_group: int):
         import pyarrow.parquet as pq
@@ -255,12 +264,21 @@ class _TempParquet:
         self.schema = schema_
         self._row_group = row_group
         self._writer = pq.ParquetWriter(_HashingWriter(self._handle, self._md5), schema_, compression="snappy")
+        self._pending: pa.Table | None = None
         self.md5: str | None = None
 
     def write(self, table: pa.Table) -> None:
-        self._writer.write_table(table.cast(self.schema), row_group_size=self._row_group)
+        table = table.cast(self.schema)
+        pending = table if self._pending is None else pa.concat_tables([self._pending, table])
+        while pending.num_rows >= self._row_group:
+            self._writer.write_table(pending.slice(0, self._row_group), row_group_size=self._row_group)
+            pending = pending.slice(self._row_group)
+        self._pending = pending
 
     def close(self) -> None:
+        if self._pending is not None and self._pending.num_rows:
+            self._writer.write_table(self._pending, row_group_size=self._row_group)
+        self._pending = None
         self._writer.close()
         self._handle.flush()
         os.fsync(self._handle.fileno())
@@ -754,7 +772,7 @@ class _CsvFile(_Tabular):
         try:
             return counter, pacsv.open_csv(
                 counter,
-                read_options=pacsv.ReadOptions(block_size=4 * 2**20),
+                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                 convert_options=pacsv.ConvertOptions(column_types=types, include_columns=include,
                                                      strings_can_be_null=True, quoted_strings_can_be_null=True),
             )
