@@ -57,7 +57,7 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 METADATA_KEY = "file"  # the metadata CSV's column naming each image
-RESERVED = (schema.ID_COLUMN, schema.LABEL_COLUMN, PIXELS_COLUMN)
+RESERVED = (schema.ID_COLUMN, schema.LABEL_COLUMN, PIXELS_COLUMN)  # columns the factory writes itself
 CHUNK_BYTES = 64 * 2**20  # default chunk: about this much data
 CSV_BLOCK_BYTES = 4 * 2**20  # what the CSV reader parses at a time
 ROW_GROUP_BYTES = 16 * 2**20  # Parquet row groups: about this much data, whatever the chunk (same content, same bytes)
@@ -121,7 +121,7 @@ def import_dataset(
     metadata, not features. `classes`: the tabular labels in class-index order (a label outside them
     is refused). `progress`: show a progress bar (default: when stderr is a terminal).
     """
-    from pipelines.data import catalog, repo, validate
+    from pipelines.data import catalog
 
     started = time.perf_counter()
     try:
@@ -150,38 +150,45 @@ def import_dataset(
                 sink.write(table)
             sink.close()
             spec = _spec(reader, paths.site, sink.schema)
-            suite = validate.data_suite(spec, rows=profile.rows, nulls=profile.nulls, ranges=profile.ranges)
-            info = reader.info()
-            with repo.site_lock(paths):
-                existing = [v for v in catalog.list_datasets(paths, name) if v.md5 == sink.md5]
-                if existing:
-                    return ImportResult(existing[0], False, profile.rows, spec, time.perf_counter() - started,
-                                        str(source))
-                sink.keep()
-                suite_path = paths.repo / "expectations" / name / f"{sink.md5}.json"
-                try:
-                    write_json(suite_path, suite)
-                    version = catalog.register_dataset(
-                        paths, name, target, kind="raw", flags=flags, actor=actor, md5=sink.md5, attach=[suite_path],
-                        extra={
-                            "spec": spec.to_dict(),
-                            "source": info,
-                            "expectations": str(suite_path.relative_to(paths.repo)),
-                            "partition": partition,
-                            "import": {"rows": profile.rows,
-                                       "class_counts": {spec.classes[int(k)]: n for k, n in sorted(profile.labels.items())}},
-                        },
-                    )
-                except BaseException:
-                    with contextlib.suppress(FileNotFoundError):
-                        target.unlink()
-                    if not repo.git(paths, "ls-files", "--", str(suite_path.relative_to(paths.repo)), check=False):
-                        with contextlib.suppress(FileNotFoundError):
-                            suite_path.unlink()
-                    raise
-    if version.md5 != sink.md5:  # DVC hashes what was written; a difference would misname the suite
-        raise StepError(f"DVC recorded md5 {version.md5} for {target}, but {sink.md5} was written")
-    return ImportResult(version, True, profile.rows, spec, time.perf_counter() - started, str(source))
+            version, created = _register(paths, name, sink, spec, profile, reader.info(), flags, partition, actor)
+    return ImportResult(version, created, profile.rows, spec, time.perf_counter() - started, str(source))
+
+
+def _register(paths, name, sink: _TempParquet, spec: DataSpec, profile: _Profile, source: dict, flags, partition,
+              actor) -> tuple[Any, bool]:
+    """Move the written file into place and register it with its suite; or find the version it already is."""
+    from pipelines.data import catalog, repo, validate
+
+    suite = validate.data_suite(spec, rows=profile.rows, nulls=profile.nulls, ranges=profile.ranges)
+    with repo.site_lock(paths):
+        existing = [v for v in catalog.list_datasets(paths, name) if v.md5 == sink.md5]
+        if existing:
+            return existing[0], False
+        sink.keep()
+        suite_path = paths.repo / "expectations" / name / f"{sink.md5}.json"
+        try:
+            write_json(suite_path, suite)
+            version = catalog.register_dataset(
+                paths, name, sink.target, kind="raw", flags=flags, actor=actor, md5=sink.md5, attach=[suite_path],
+                extra={
+                    "spec": spec.to_dict(),
+                    "source": source,
+                    "expectations": str(suite_path.relative_to(paths.repo)),
+                    "partition": partition,
+                    "import": {"rows": profile.rows,
+                               "class_counts": {spec.classes[int(k)]: n for k, n in sorted(profile.labels.items())}},
+                },
+            )
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                sink.target.unlink()
+            if not repo.git(paths, "ls-files", "--", str(suite_path.relative_to(paths.repo)), check=False):
+                with contextlib.suppress(FileNotFoundError):
+                    suite_path.unlink()
+            raise
+    if version.md5 != sink.md5:  # DVC hashed what was written; a difference would misname the suite
+        raise StepError(f"DVC recorded md5 {version.md5} for {sink.target}, but {sink.md5} was written")
+    return version, True
 
 
 def parse_resize(value: tuple[int, int] | str | None) -> tuple[int, int] | None:
@@ -263,7 +270,14 @@ class _TempParquet:
         self._md5 = hashlib.md5(usedforsecurity=False)
         self.schema = schema_
         self._row_group = row_group
-        self._writer = pq.ParquetWriter(_HashingWriter(self._handle, self._md5), schema_, compression="snappy")
+        # Pixels hardly compress and their min/max say nothing: stored as they are. Dictionaries only
+        # where values repeat (labels, text metadata), never for record ids or features.
+        texts = [f.name for f in schema_ if f.name == schema.LABEL_COLUMN or
+                 (f.name != schema.ID_COLUMN and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type)))]
+        plain = [f.name for f in schema_ if f.name != PIXELS_COLUMN]
+        self._writer = pq.ParquetWriter(
+            _HashingWriter(self._handle, self._md5), schema_, use_dictionary=texts, write_statistics=plain,
+            compression={f.name: "none" if f.name == PIXELS_COLUMN else "snappy" for f in schema_})
         self._pending: pa.Table | None = None
         self.md5: str | None = None
 
@@ -447,6 +461,15 @@ def _is_number(value: str) -> bool:
     return True
 
 
+def _any_number(values: pa.Array) -> bool:
+    """Does a text column hold a number (or nothing at all: an empty column is taken for a feature)?"""
+    try:
+        pc.cast(values, pa.float64())
+        return True  # every value a number or null
+    except pa.ArrowInvalid:
+        return any(_is_number(v) for v in values.to_pylist() if v is not None)
+
+
 def _is_time(value: str) -> bool:
     if value in _NULLS:
         return True
@@ -457,17 +480,20 @@ def _is_time(value: str) -> bool:
     return True
 
 
-def _metadata_type(column: str, values: Sequence[str | None]) -> pa.DataType:
-    """The stored type of a metadata column: the site's time column is a UTC time; a column whose every
-    value is a number is float64; anything else text."""
+def _metadata_type(column: str, values: pa.Array) -> pa.DataType:
+    """The stored type of a metadata column (`values`: its text): the site's time column is a UTC time;
+    a column whose every value is a number is float64; anything else text."""
     from pipelines.data.sanitize import TIME_COLUMN
 
     if column == TIME_COLUMN:
         return TIMESTAMP
-    present = [v for v in values if v is not None and v not in _NULLS]
-    if present and all(_is_number(v) for v in present):
-        return pa.float64()
-    return pa.string()
+    if len(values) == values.null_count:
+        return pa.string()
+    try:
+        pc.cast(values, pa.float64())
+    except pa.ArrowInvalid:
+        return pa.string()
+    return pa.float64()
 
 
 class _BadValue(Exception):
@@ -517,14 +543,11 @@ class _ImageFolder(_Source):
         for index, label in enumerate(self.classes):
             found = 0
             folder = self.path / label
-            for file in sorted(folder.rglob("*")):
-                rel = file.relative_to(self.path)
-                if any(part.startswith(".") for part in rel.parts) or not file.is_file():
-                    continue
-                if file.suffix.lower() not in IMAGE_SUFFIXES:
+            for rel in _files_below(folder):
+                if Path(rel).suffix.lower() not in IMAGE_SUFFIXES:
                     self._skipped += 1
                     continue
-                self.files.append((rel.as_posix(), file, index))
+                self.files.append((f"{label}/{rel}", folder / rel, index))
                 found += 1
             if not found:
                 raise ImportRefused(folder, f"class folder {label!r} holds no PNG or JPEG image")
@@ -573,6 +596,10 @@ class _ImageFolder(_Source):
                 if not header:
                     raise ImportRefused(path, "empty; expected a header with a 'file' column", line=1)
                 _check_header(path, header)
+                reserved = [c for c in header if c in RESERVED]
+                if reserved:
+                    raise ImportRefused(path, f"column {reserved[0]!r} is reserved for what the factory stores "
+                                        f"({', '.join(RESERVED)}); rename it", line=1)
                 if METADATA_KEY not in header:
                     raise ImportRefused(path, f"no {METADATA_KEY!r} column naming each image; columns: {header}", line=1)
                 key = header.index(METADATA_KEY)
@@ -600,9 +627,10 @@ class _ImageFolder(_Source):
             if j == key:
                 continue
             values = [rows[i][j] if i in rows and rows[i][j] not in _NULLS else None for i in range(len(self.files))]
-            kind = _metadata_type(column, values)
+            text = pa.array(values, pa.string())
+            kind = _metadata_type(column, text)
             try:
-                columns[column] = _convert_metadata(column, pa.array(values, pa.string()), kind)
+                columns[column] = _convert_metadata(column, text, kind)
             except _BadValue as bad:
                 raise ImportRefused(path, bad.problem, line=lines[bad.index]) from None
         self.metadata_columns = list(columns)
@@ -610,13 +638,16 @@ class _ImageFolder(_Source):
 
     def tables(self, bar: _Progress, chunk: int) -> Iterator[pa.Table]:
         task = bar.task(f"importing {len(self.files)} images", len(self.files))
+        size = self.input_shape[0] * self.input_shape[1] * self.input_shape[2]
+        chunk = max(1, min(chunk, (2**31 - 1) // size))  # binary offsets are 32-bit
         start = 0
         while start < len(self.files):
             part = self.files[start:start + chunk]
-            pixels = [self._pixels(rel, file) for rel, file, _ in part]
+            data = pa.py_buffer(b"".join([self._pixels(rel, file) for rel, file, _ in part]))
+            offsets = pa.py_buffer(np.arange(len(part) + 1, dtype=np.int32) * size)
             columns = {
                 schema.ID_COLUMN: _record_ids(self.name, start, len(part)),
-                PIXELS_COLUMN: pa.array(pixels, pa.binary()),
+                PIXELS_COLUMN: pa.Array.from_buffers(pa.binary(), len(part), [None, offsets, data]),
                 schema.LABEL_COLUMN: pa.array([label for _, _, label in part], pa.int64()),
                 **{c: self._meta.column(c).slice(start, len(part)) for c in self.metadata_columns},
             }
@@ -643,12 +674,12 @@ class _ImageFolder(_Source):
                 out = img if img.mode == self.target_mode else img.convert(self.target_mode)
                 if out.size != (width, height):
                     out = out.resize((width, height), Image.Resampling.BILINEAR)
-                array = np.asarray(out, dtype=np.uint8)
+                # channel-first: each band's plane in turn
+                return out.tobytes() if out.mode == "L" else b"".join(band.tobytes() for band in out.split())
         except ImportRefused:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise ImportRefused(file, f"unreadable image: {exc}") from None
-        return (array if array.ndim == 2 else array.transpose(2, 0, 1)).tobytes()
 
     def info(self) -> dict[str, Any]:
         described = {"path": str(self.path), "format": "image-folder", "images": len(self.files),
@@ -659,6 +690,16 @@ class _ImageFolder(_Source):
         if self.metadata_path is not None:
             described["metadata"] = {"path": str(self.metadata_path), "digest": self._metadata_digest}
         return described
+
+
+def _files_below(folder: Path) -> list[str]:
+    """Paths (posix, relative to `folder`) of the regular files below it, sorted; hidden ones left out."""
+    found = []
+    for directory, subfolders, files in os.walk(folder):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        base = Path(directory).relative_to(folder)
+        found += [(base / f).as_posix() for f in files if not f.startswith(".") and os.path.isfile(os.path.join(directory, f))]
+    return sorted(found)
 
 
 def _check_header(path: Path, header: Sequence[str]) -> None:
@@ -687,10 +728,10 @@ class _Tabular(_Source):
         _check_header(self.path, header)
         if self.label not in header:
             raise ImportRefused(self.path, f"no label column {self.label!r}; columns: {', '.join(header)}", **where)
-        reserved = [c for c in header if c in RESERVED and c != self.label]
+        reserved = [c for c in header if c in (schema.ID_COLUMN, schema.LABEL_COLUMN) and c != self.label]
         if reserved:
             raise ImportRefused(self.path, f"column {reserved[0]!r} is reserved for what the factory stores "
-                                f"({', '.join(RESERVED)}); rename it", **where)
+                                f"({schema.ID_COLUMN}, {schema.LABEL_COLUMN}); rename it", **where)
         unknown = [c for c in self.declared if c not in header]
         if unknown:
             raise StepError(f"metadata column(s) {', '.join(unknown)} are not in {self.path}")
@@ -739,10 +780,8 @@ class _CsvFile(_Tabular):
         for column in header:
             if column == self.label:
                 continue
-            values = first.column(column).to_pylist() if first is not None else []
-            present = [v for v in values if v is not None and v not in _NULLS]
-            numeric = sum(_is_number(v) for v in present)
-            if column in self.declared or column in self.configured or (present and not numeric):
+            values = first.column(column) if first is not None else pa.array([], pa.string())
+            if column in self.declared or column in self.configured or not _any_number(values):
                 self.metadata_columns.append(column)
                 kinds[column] = _metadata_type(column, values)
             else:

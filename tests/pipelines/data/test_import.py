@@ -314,6 +314,21 @@ def metadata_bad_time(tmp):
     return dict(source=root, metadata=meta), str(meta), 3, "'last tuesday' is not an ISO 8601 time"
 
 
+def metadata_reserved_column(tmp):
+    root = write_images(tmp / "imgs")
+    meta = tmp / "meta.csv"
+    meta.write_text("file,label\narmour/img00.png,tank\n")
+    return dict(source=root, metadata=meta), str(meta), 1, "column 'label' is reserved"
+
+
+def parquet_missing_label(tmp):
+    frame = tabular_frame(20)
+    frame.loc[4, "label"] = None
+    path = tmp / "t.parquet"
+    frame.to_parquet(path, index=False)
+    return dict(source=path, classes=list(LABELS)), str(path), "row 5", "no label"
+
+
 def unknown_label(tmp):
     path = _csv_lines(tmp / "t.csv", lambda lines: _set(lines, 17, "label", "echo"))
     return dict(source=path, classes=list(LABELS)), str(path), 17, "label 'echo' is not one of the classes"
@@ -342,16 +357,17 @@ def missing_label_value(tmp):
 
 
 @pytest.mark.parametrize("case", [bad_image, mixed_sizes, mixed_modes, metadata_unknown_file, metadata_short_row,
-                                  metadata_bad_time, unknown_label, missing_label_column, short_row,
-                                  non_numeric_feature, missing_label_value])
+                                  metadata_bad_time, metadata_reserved_column, parquet_missing_label, unknown_label,
+                                  missing_label_column, short_row, non_numeric_feature, missing_label_value])
 def test_bad_input_is_refused_naming_file_and_line_and_leaves_nothing(site, images, tmp_path, case):
-    options, file, line, problem = case(tmp_path)
+    options, file, where, problem = case(tmp_path)
     before = _state(site)
     with pytest.raises(ImportRefused) as excinfo:
         import_dataset(site, "refused", **options)
     message = str(excinfo.value)
-    assert message.startswith(file + (f", line {line}:" if line else ":")), message
-    assert problem in message and excinfo.value.line == line
+    where = f", line {where}" if isinstance(where, int) else f", {where}" if where else ""
+    assert message.startswith(f"{file}{where}: "), message
+    assert problem in message and excinfo.value.file == file
     assert _state(site) == before
     assert not list(site.repo.rglob("*.tmp")) and not list(site.repo.rglob(".refused*"))
 

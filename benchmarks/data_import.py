@@ -1,0 +1,186 @@
+"""`factory data import` beside a plain read of the same files: throughput and peak RSS.
+
+Generates (not timed) `--images N` PNG images of 64x64 RGB in ten class folders and a CSV of
+`--rows` rows (7 numeric features, 4 classes, one metadata column) in a temp folder, then times:
+- the plain read: PIL open + load of every image; the CSV read whole by pandas and by pyarrow;
+- the import (in-process API, a fresh site repo): read, check, write Parquet, derive the suite,
+  DVC add + push, commit the record.
+Each side runs in a child process of its own, so each peak RSS is that side's alone; the RSS a
+child had before its timed work (interpreter and imports) is shown too. The import also runs on
+a quarter of each source: peak RSS that does not grow with the data is bounded by the chunk.
+
+Run: `.venv/bin/python benchmarks/data_import.py` (100k images, 1M rows), or smaller with
+`--images 20000 --rows 200000`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = [f"class{i}" for i in range(10)]
+LABELS = ["alpha", "bravo", "charlie", "delta"]
+
+CHILD = r'''
+import json, resource, sys, time
+from pathlib import Path
+side, source, home = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+chunk = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "0" else None
+def rss():  # this program's high-water mark (ru_maxrss would carry the forking parent's over exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if side == "read-images":
+    from PIL import Image
+    files = sorted(p for p in source.rglob("*.png"))
+    before = rss(); t0 = time.perf_counter()
+    for f in files:
+        with Image.open(f) as img:
+            img.load()
+    seconds, rows = time.perf_counter() - t0, len(files)
+elif side == "read-csv-pandas":
+    import pandas as pd
+    before = rss(); t0 = time.perf_counter()
+    rows = len(pd.read_csv(source)); seconds = time.perf_counter() - t0
+elif side == "read-csv-pyarrow":
+    import pyarrow.csv
+    before = rss(); t0 = time.perf_counter()
+    rows = pyarrow.csv.read_csv(source).num_rows; seconds = time.perf_counter() - t0
+else:
+    import os
+    os.environ["FACTORY_HOME"] = home
+    from pipelines.data.importer import import_dataset
+    from pipelines.workspace import SitePaths
+    paths = SitePaths.of("origin", Path(home))
+    before = rss(); t0 = time.perf_counter()
+    result = import_dataset(paths, side, source, chunk_rows=chunk, progress=False)
+    seconds, rows = time.perf_counter() - t0, result.rows
+print(json.dumps({"seconds": seconds, "rows": rows, "rss_before_mb": before, "peak_rss_mb": rss()}))
+'''
+
+
+def generate_images(folder: Path, n: int) -> None:
+    """Images that compress like photographs do: a smooth 8x8 pattern scaled up, plus sensor noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in CLASSES:
+        (folder / c).mkdir(parents=True)
+    for i in range(n):
+        base = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((64, 64), Image.BILINEAR)
+        noisy = np.clip(np.asarray(base, np.int16) + rng.integers(-6, 7, (64, 64, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / CLASSES[i % len(CLASSES)] / f"img{i:07d}.png")
+
+
+def generate_csv(path: Path, rows: int) -> None:
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(rng.normal(0, 1, (rows, 7)).round(5), columns=[f"x{i}" for i in range(7)])
+    frame["label"] = np.array(LABELS)[rng.integers(0, len(LABELS), rows)]
+    frame["operator"] = np.array([f"op-{k:02d}" for k in range(20)])[rng.integers(0, 20, rows)]
+    frame.to_csv(path, index=False)
+
+
+def quarter_images(folder: Path, out: Path) -> None:
+    for c in CLASSES:
+        (out / c).mkdir(parents=True)
+        files = sorted((folder / c).iterdir())
+        for f in files[: len(files) // 4]:
+            os.link(f, out / c / f.name)
+
+
+def quarter_csv(path: Path, out: Path) -> None:
+    with path.open() as src, out.open("w") as dst:
+        lines = sum(1 for _ in src) - 1
+        src.seek(0)
+        for i, line in enumerate(src):
+            if i > lines // 4:
+                break
+            dst.write(line)
+
+
+def child(side: str, source: Path, home: Path, chunk: int | None) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, side, str(source), str(home), str(chunk or 0)],
+                         cwd=ROOT, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--chunk-rows", type=int, default=None, help="chunk of the import (default: its own)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+
+    from pipelines.data.repo import init_site_repo
+    from pipelines.trust.keys import ensure_site_keys
+    from pipelines.workspace import SitePaths
+
+    with tempfile.TemporaryDirectory(prefix="import-bench-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        generate_images(tmp / "images", args.images)
+        quarter_images(tmp / "images", tmp / "images-quarter")
+        generate_csv(tmp / "rows.csv", args.rows)
+        quarter_csv(tmp / "rows.csv", tmp / "rows-quarter.csv")
+        generated_s = time.perf_counter() - t0
+        home = tmp / "home"
+        os.environ["FACTORY_HOME"] = str(home)
+        paths = SitePaths.of("origin", home)
+        init_site_repo(paths)
+        ensure_site_keys(paths)
+
+        images_mb = sum(f.stat().st_size for f in (tmp / "images").rglob("*.png")) / 2**20
+        csv_mb = (tmp / "rows.csv").stat().st_size / 2**20
+        runs = {
+            "images: plain read (PIL open + load)": child("read-images", tmp / "images", home, None),
+            "images: factory data import": child("images", tmp / "images", home, args.chunk_rows),
+            "images: import of a quarter": child("images-quarter", tmp / "images-quarter", home, args.chunk_rows),
+            "csv: plain read (pandas.read_csv)": child("read-csv-pandas", tmp / "rows.csv", home, None),
+            "csv: plain read (pyarrow.csv.read_csv)": child("read-csv-pyarrow", tmp / "rows.csv", home, None),
+            "csv: factory data import": child("rows", tmp / "rows.csv", home, args.chunk_rows),
+            "csv: import of a quarter": child("rows-quarter", tmp / "rows-quarter.csv", home, args.chunk_rows),
+        }
+        stored = {name: (paths.data_dir / "imported" / f"{name}.parquet").stat().st_size / 2**20
+                  for name in ("images", "rows")}
+
+    print(f"sources: {args.images} PNG 64x64 RGB ({images_mb:.0f} MiB), CSV of {args.rows} rows ({csv_mb:.0f} MiB); "
+          f"generated in {generated_s:.0f} s (not timed); stored Parquet: images {stored['images']:.0f} MiB, "
+          f"csv {stored['rows']:.0f} MiB")
+    print(f"{'':44} {'rows':>9} {'seconds':>8} {'rows/s':>10} {'peak RSS MiB':>13} {'RSS before':>11}")
+    for name, run in runs.items():
+        print(f"{name:44} {run['rows']:>9} {run['seconds']:>8.2f} {run['rows'] / run['seconds']:>10.0f} "
+              f"{run['peak_rss_mb']:>13.0f} {run['rss_before_mb']:>11.0f}")
+    ratio = {
+        "images": runs["images: factory data import"]["seconds"] / runs["images: plain read (PIL open + load)"]["seconds"],
+        "csv_vs_pandas": runs["csv: factory data import"]["seconds"] / runs["csv: plain read (pandas.read_csv)"]["seconds"],
+        "csv_vs_pyarrow": runs["csv: factory data import"]["seconds"]
+        / runs["csv: plain read (pyarrow.csv.read_csv)"]["seconds"],
+    }
+    growth = {
+        kind: runs[f"{kind}: factory data import"]["peak_rss_mb"] - runs[f"{kind}: import of a quarter"]["peak_rss_mb"]
+        for kind in ("images", "csv")
+    }
+    print(f"import / plain read: images {ratio['images']:.2f}x; csv {ratio['csv_vs_pandas']:.2f}x of pandas, "
+          f"{ratio['csv_vs_pyarrow']:.2f}x of pyarrow (target: within 2x)")
+    print(f"peak RSS, full minus quarter source: images {growth['images']:+.0f} MiB, csv {growth['csv']:+.0f} MiB "
+          "(bounded by the chunk: it does not grow with the data)")
+    print(json.dumps({"images": args.images, "rows": args.rows, "runs": runs, "ratio": ratio,
+                      "rss_growth_mb": growth}, indent=None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
