@@ -374,6 +374,8 @@ def start_deployment(
         # A heartbeat every second (default 5): `factory run --approve` answers a gate two heartbeats after it
         # parked (pipelines.service.collaboration.Deployment.settled).
         env.setdefault("AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC", "1")
+        # An idle scheduler looks for work every 0.25 s (default 1): a task's successor starts sooner.
+        env.setdefault("AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME", "0.25")
         state["url"] = f"http://localhost:{api_port}"
         state["passwords_file"] = str(passwords_file(home, site))
         write_state(home, site, state)
