@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ def train(
     seed: int,
     family: str | None = None,
     spec: DataSpec | None = None,
-    model: nn.Module | None = None,
+    architecture: Mapping[str, Any] | None = None,
     base_state: dict[str, torch.Tensor] | None = None,
     mode: str = "centralized",
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
@@ -43,8 +44,10 @@ def train(
     """Train a new model of `family` (default: conf/stages.yaml model_family) for rows of `spec`
     (default: the digits demo), or fine-tune `base_state` (transfer learning) when given.
 
-    `model` trains that model instead of building one (fine-tuning builds it from the base's metadata)."""
-    from pipelines.learning.families import build_model, default_family
+    `architecture` ({architecture, hyper}, as metadata.json records it) builds that model instead of
+    the family's from conf/models.yaml (fine-tuning continues the base model's architecture). The
+    model is built after seeding, so its initial weights follow `seed`."""
+    from pipelines.learning.families import build_architecture, build_model, default_family
 
     if mode not in COLLABORATION_MODES:
         raise ValueError(f"unknown collaboration mode {mode!r}; known: {', '.join(COLLABORATION_MODES)}")
@@ -53,7 +56,9 @@ def train(
     spec = spec or DIGITS
     _seed(seed)
     torch.set_num_threads(1)  # deterministic and friendly to a shared machine
-    if model is None:
+    if architecture is not None:
+        model = build_architecture(architecture, spec)
+    else:
         model = build_model(family or default_family(), spec)
     n_features = int(np.prod(model.input_shape))
     if x.ndim != 2 or x.shape[1] != n_features:

@@ -170,7 +170,11 @@ def train_model(
     base_digest = model_digest(base.model_dir) if base else None
     if base is not None:
         base_meta = base.metadata
-        base_family = families.metadata_family(base_meta)
+        try:
+            base_family = families.metadata_family(base_meta)
+            architecture = families.metadata_architecture(base_meta)
+        except families.FamilyError as exc:
+            raise StepError(f"cannot fine-tune {base.uri}: {exc}") from None
         if family and family != base_family:
             raise StepError(f"cannot fine-tune {base.uri} (family {base_family}) as family {family}: "
                             "fine-tuning continues the base model's family")
@@ -179,7 +183,6 @@ def train_model(
                                          expected_is="the base model takes", actual_is="the data holds")
         if problem:
             raise StepError(f"cannot fine-tune {base.uri} on {', '.join(v.id for v in versions)}: {problem}")
-        architecture = families.metadata_architecture(base_meta)
     else:
         family = family or families.default_family()
         try:
@@ -187,7 +190,10 @@ def train_model(
             families.build_model(family, spec)  # refuses a family that cannot take the data before any work
         except families.FamilyError as exc:
             raise StepError(f"{stage}: {exc}") from None
-    name = registry.registered_name(stage, variant, family=family)
+    try:
+        name = registry.registered_name(stage, variant, family=family)
+    except registry.ModelNotFound as exc:
+        raise StepError(str(exc)) from None
     key_material = {
         "stage": stage, "variant": variant, "profile": training_profile.model_dump(), "seed": conf.seed,
         "datasets": sorted(v.md5 for v in versions), "base": base_digest, "subset": subset,
@@ -213,7 +219,7 @@ def train_model(
                          "factory.dag_run_id": ctx.run_id})
         mlflow.log_params({"stage": stage, "profile": profile, **training_profile.model_dump(), "seed": conf.seed,
                            "records": len(data), "datasets": ",".join(v.id for v in versions),
-                           "base_model": base.uri if base else "none", "variant": variant or "",
+                           "base_model": base.uri if base else "none", "variant": variant or "", "family": family,
                            "mode": "fine_tune" if base else "centralized"})
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -221,8 +227,7 @@ def train_model(
             print(f"{stage} epoch {epoch + 1}/{training_profile.epochs}: "
                   f"loss {metrics['train_loss']:.4f} accuracy {metrics['train_accuracy']:.4f}", flush=True)
 
-        model = families.build_architecture(architecture, spec)
-        result = train(x, y, training_profile, seed=conf.seed, model=model, spec=spec,
+        result = train(x, y, training_profile, seed=conf.seed, architecture=architecture, spec=spec,
                        mode="fine_tune" if base else "centralized",
                        base_state=load_weights(base.model_dir) if base else None, on_epoch=on_epoch)
         save_weights(result.model, staging)
