@@ -53,7 +53,7 @@ class SitePaths:
 
     @property
     def root(self) -> Path:
-        return self.home / "sites" / self.site
+        return self.home / self.site
 
     @property
     def repo(self) -> Path:

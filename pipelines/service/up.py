@@ -1,6 +1,6 @@
 """`factory up` / `factory down`: each site a deployment of its own, on one machine.
 
-`up --site S` starts site S's deployment, everything in S's home (`FACTORY_HOME/sites/S`):
+`up --site S` starts site S's deployment, everything in S's home (`FACTORY_HOME/S`):
 its own Airflow (api-server, scheduler, dag-processor, triggerer; AIRFLOW_HOME and metadata
 database in the site's home, or with `FACTORY_DB=postgres` databases of its own in the local
 cluster), loading only S's DAGs (FACTORY_SITE) and knowing only S's users plus its service

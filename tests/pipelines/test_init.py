@@ -52,11 +52,11 @@ def test_init_creates_repo_remote_data_and_keys(fresh_home: Path, site: str):
 
 def test_second_init_changes_nothing(fresh_home: Path):
     heads = {site: git_head(SitePaths.of(site, fresh_home)) for site in SITES}
-    before = _tree_digest(fresh_home / "sites")
+    before = {site: _tree_digest(fresh_home / site) for site in SITES}
     summary = init_workspace(fresh_home)
     assert not any(any(v.values()) for v in summary.values())
     assert {site: git_head(SitePaths.of(site, fresh_home)) for site in SITES} == heads
-    assert _tree_digest(fresh_home / "sites") == before
+    assert {site: _tree_digest(fresh_home / site) for site in SITES} == before
 
 
 def test_interrupted_init_is_completed_not_duplicated(tmp_path: Path):

@@ -151,7 +151,7 @@ def start_service(db: str, *extra: str) -> tuple[Service, callable]:
 
     if result.returncode != 0:
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"
-                         for p in (home / "sites" / SITE / "service" / "logs").glob("*.log"))
+                         for p in (home / SITE / "service" / "logs").glob("*.log"))
         stop()
         pytest.fail(f"factory up failed:\n{result.stdout}\n{result.stderr}\n{logs}")
     return Service(home, env), stop

@@ -67,7 +67,7 @@ def test_officer_approves_in_required_actions_and_task_succeeds(service_factory)
         driver.refresh()
         time.sleep(3)
         driver.save_screenshot(str(ARTIFACTS / "approval_in_browser.png"))
-        released = service.home / "sites/origin/state/released" / f"{run_id}.json"
+        released = service.home / "origin/state/released" / f"{run_id}.json"
         record = json.loads(released.read_text())
         assert record["user"] == "origin_officer"
         assert record["comment"] == "checked the sanitization report"

@@ -136,7 +136,6 @@ def deployments():
     assert init.returncode == 0, init.stdout + init.stderr
     figures["init_s"] = round(time.monotonic() - started, 1)
     home.chmod(0o755)
-    (home / "sites").chmod(0o755)
     for site, account in accounts.items():
         root = SitePaths.of(site, home).root
         for path in [root, *root.rglob("*")]:

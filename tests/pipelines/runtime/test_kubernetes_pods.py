@@ -87,7 +87,7 @@ def test_step_pod_is_valid_and_hardened(step, site, params, profile):
     assert volumes["workspace"]["persistentVolumeClaim"]["claimName"] == names.workspace_claim
     assert mounts[POD_FACTORY_HOME] == "workspace"
     assert volumes["site-keys"]["secret"]["secretName"] == names.keys_secret
-    assert mounts[f"{POD_FACTORY_HOME}/sites/{site}/keys"] == "site-keys"
+    assert mounts[f"{POD_FACTORY_HOME}/{site}/keys"] == "site-keys"
     assert "emptyDir" in volumes["tmp"] and mounts["/tmp"] == "tmp"
     assert volumes["dvc-remote"]["persistentVolumeClaim"]["claimName"] == names.dvc_remote_claim
     # do_xcom_push: the sidecar and its shared volume

@@ -1,6 +1,6 @@
 """Test DAG for the service tests: a step, an origin data-release approval gate, a release step.
 
-The release step writes `sites/origin/state/released/<run_id>.json` only when the gate's
+The release step writes `origin/state/released/<run_id>.json` only when the gate's
 answer holds (verified_approval).
 """
 
