@@ -262,6 +262,7 @@ def deployments(scale: int | None) -> None:
     print(f"floor: an empty task at the supplier  : {floor_run:8.2f} s trigger to done, {floor_task:.2f} s in the task")
     print(f"inside step functions (union in time) : {work:8.2f} s  {100 * work / t_run:5.1f} % of the run")
     print(f"orchestration (the rest)              : {t_run - work:8.2f} s  {100 * (t_run - work) / t_run:5.1f} % of the run")
+    print(f"run / time inside the steps           : {t_run / work:8.2f}x (1.0 would be no orchestration at all)")
     print("per kind of task: task instance seconds, of which inside the step (runs at different sites may overlap):")
     for kind, seconds in sorted(durations.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:40s} {seconds:8.2f} s  {in_steps.get(kind, 0.0):8.2f} s in the step")
