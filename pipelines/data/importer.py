@@ -58,7 +58,7 @@ CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 METADATA_KEY = "file"  # the metadata CSV's column naming each image
 RESERVED = (schema.ID_COLUMN, schema.LABEL_COLUMN, PIXELS_COLUMN)  # columns the factory writes itself
-CHUNK_BYTES = 64 * 2**20  # default chunk: about this much data
+CHUNK_BYTES = 32 * 2**20  # default chunk: about this much data
 CSV_BLOCK_BYTES = 4 * 2**20  # what the CSV reader parses at a time
 ROW_GROUP_BYTES = 16 * 2**20  # Parquet row groups: about this much data, whatever the chunk (same content, same bytes)
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 262_144
@@ -539,7 +539,7 @@ class _ImageFolder(_Source):
             raise ImportRefused(loose[0], "images must sit in one sub-folder per class, not at the top of the folder")
         if len(self.classes) < 2:
             raise ImportRefused(self.path, f"needs one sub-folder per class and at least two classes; found {self.classes}")
-        self.files: list[tuple[str, Path, int]] = []
+        self.files: list[tuple[str, int]] = []  # (path in the folder, class index): small, as there may be millions
         for index, label in enumerate(self.classes):
             found = 0
             folder = self.path / label
@@ -547,13 +547,13 @@ class _ImageFolder(_Source):
                 if Path(rel).suffix.lower() not in IMAGE_SUFFIXES:
                     self._skipped += 1
                     continue
-                self.files.append((f"{label}/{rel}", folder / rel, index))
+                self.files.append((f"{label}/{rel}", index))
                 found += 1
             if not found:
                 raise ImportRefused(folder, f"class folder {label!r} holds no PNG or JPEG image")
         self._read_metadata()
         if self.resize is None:
-            first = self.files[0][1]
+            first = self.path / self.files[0][0]
             try:
                 with Image.open(first, formats=IMAGE_FORMATS) as img:
                     self.mode, (width, height) = img.mode, img.size
@@ -564,7 +564,8 @@ class _ImageFolder(_Source):
             height, width = self.resize
             task = bar.task("reading image headers", len(self.files))
             self.mode = "L"
-            for _, file, _ in self.files:  # colour if any image is colour
+            for rel, _ in self.files:  # colour if any image is colour
+                file = self.path / rel
                 try:
                     with Image.open(file, formats=IMAGE_FORMATS) as img:
                         if img.mode not in GRAY_MODES:
@@ -582,7 +583,7 @@ class _ImageFolder(_Source):
 
     def _read_metadata(self) -> None:
         """The metadata CSV as a table in image order (images it does not name get nulls)."""
-        order = {rel: i for i, (rel, _, _) in enumerate(self.files)}
+        order = {rel: i for i, (rel, _) in enumerate(self.files)}
         self._meta = pa.table({})
         if self.metadata_path is None:
             return
@@ -643,19 +644,22 @@ class _ImageFolder(_Source):
         start = 0
         while start < len(self.files):
             part = self.files[start:start + chunk]
-            data = pa.py_buffer(b"".join([self._pixels(rel, file) for rel, file, _ in part]))
+            data = bytearray(len(part) * size)
+            for i, (rel, _) in enumerate(part):
+                data[i * size:(i + 1) * size] = self._pixels(rel, self.path / rel, size)
+            data = pa.py_buffer(data)
             offsets = pa.py_buffer(np.arange(len(part) + 1, dtype=np.int32) * size)
             columns = {
                 schema.ID_COLUMN: _record_ids(self.name, start, len(part)),
                 PIXELS_COLUMN: pa.Array.from_buffers(pa.binary(), len(part), [None, offsets, data]),
-                schema.LABEL_COLUMN: pa.array([label for _, _, label in part], pa.int64()),
+                schema.LABEL_COLUMN: pa.array([label for _, label in part], pa.int64()),
                 **{c: self._meta.column(c).slice(start, len(part)) for c in self.metadata_columns},
             }
             yield pa.table(columns, schema=self.schema)
             bar.advance(task, len(part))
             start += len(part)
 
-    def _pixels(self, rel: str, file: Path) -> bytes:
+    def _pixels(self, rel: str, file: Path, size: int) -> bytes:
         from PIL import Image
 
         try:
@@ -675,11 +679,14 @@ class _ImageFolder(_Source):
                 if out.size != (width, height):
                     out = out.resize((width, height), Image.Resampling.BILINEAR)
                 # channel-first: each band's plane in turn
-                return out.tobytes() if out.mode == "L" else b"".join(band.tobytes() for band in out.split())
+                pixels = out.tobytes() if out.mode == "L" else b"".join(band.tobytes() for band in out.split())
         except ImportRefused:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise ImportRefused(file, f"unreadable image: {exc}") from None
+        if len(pixels) != size:  # a mode Pillow converts to more or fewer bands than asked for
+            raise ImportRefused(file, f"gives {len(pixels)} pixel bytes, not {size}")
+        return pixels
 
     def info(self) -> dict[str, Any]:
         described = {"path": str(self.path), "format": "image-folder", "images": len(self.files),
@@ -790,64 +797,56 @@ class _CsvFile(_Tabular):
         if self.given_classes is None:
             found: set[str] = set()
             task = bar.task("reading labels", self._size)
-            counter, reader = self._open(include=[self.label], types={self.label: pa.string()})
-            with contextlib.closing(counter):
-                for batch in self._batches(reader):
-                    labels = batch.column(0)
-                    if labels.null_count:
-                        self._locate()
-                    found.update(pc.unique(labels).to_pylist())
-                    bar.advance(task, completed=counter.count)
+            for block, done in self._blocks(types={self.label: pa.string()}, include=[self.label]):
+                labels = block.column(0)
+                if labels.null_count:
+                    self._locate()
+                found.update(pc.unique(labels).to_pylist())
+                bar.advance(task, completed=done)
             self.classes = _sorted_classes(found)
         self._finish(kinds)
 
-    def _first_block(self) -> pa.RecordBatch | None:
-        counter, reader = self._open(types=dict.fromkeys(self.header, pa.string()))
-        with contextlib.closing(counter):
-            return next(self._batches(reader), None)
+    def _first_block(self) -> pa.Table | None:
+        return next((block for block, _ in self._blocks(types=dict.fromkeys(self.header, pa.string()))), None)
 
-    def _open(self, *, types: dict, include: Sequence[str] | None = None):
-        counter = _CountingReader(self.path.open("rb"))
-        try:
-            return counter, pacsv.open_csv(
-                counter,
-                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                convert_options=pacsv.ConvertOptions(column_types=types, include_columns=include,
-                                                     strings_can_be_null=True, quoted_strings_can_be_null=True),
-            )
-        except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-            counter.close()
-            self._locate(exc)
+    def _blocks(self, *, types: dict, include: Sequence[str] | None = None,
+                digest=None) -> Iterator[tuple[pa.Table, int]]:
+        """The file parsed block by block (whole lines of about CSV_BLOCK_BYTES), with the bytes read so far.
 
-    def _batches(self, reader) -> Iterator[pa.RecordBatch]:
-        while True:
+        The reader feeds Arrow one block at a time: its own streaming reader reads ahead without bound."""
+        options = dict(
+            parse_options=pacsv.ParseOptions(),
+            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=include,
+                                                 strings_can_be_null=True, quoted_strings_can_be_null=True),
+        )
+        done, first = 0, True
+        for text in _lines_in_blocks(self.path, CSV_BLOCK_BYTES, digest):
+            done += len(text)
+            read = pacsv.ReadOptions(column_names=self.header, skip_rows=1 if first else 0)
+            first = False
             try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                return
+                block = pacsv.read_csv(pa.BufferReader(text), read_options=read, **options)
             except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
                 self._locate(exc)
-            yield batch
+            if block.num_rows:
+                yield block, done
 
     def tables(self, bar: _Progress, chunk: int) -> Iterator[pa.Table]:
         types = {self.label: pa.string(), **dict.fromkeys(self.feature_columns, pa.float32()),
                  **dict.fromkeys(self.metadata_columns, pa.string())}
         task = bar.task(f"importing {self.path.name}", self._size)
-        counter, reader = self._open(types=types, include=self.header)
-        with contextlib.closing(counter):
-            pending: list[pa.RecordBatch] = []
-            start = rows = 0
-            for batch in self._batches(reader):
-                pending.append(batch)
-                rows += batch.num_rows
-                if rows - start >= chunk:
-                    yield self._table(pa.Table.from_batches(pending), start)
-                    pending, start = [], rows
-                bar.advance(task, completed=counter.count)
-            if pending:
-                yield self._table(pa.Table.from_batches(pending), start)
-            counter.drain()
-            self._digest = counter.digest
+        self._digest = hashlib.sha256()
+        pending: list[pa.Table] = []
+        start = rows = 0
+        for block, done in self._blocks(types=types, include=self.header, digest=self._digest):
+            pending.append(block)
+            rows += block.num_rows
+            if rows - start >= chunk:
+                yield self._table(pa.concat_tables(pending), start)
+                pending, start = [], rows
+            bar.advance(task, completed=done)
+        if pending:
+            yield self._table(pa.concat_tables(pending), start)
 
     def _table(self, table: pa.Table, start: int) -> pa.Table:
         indices, bad, _ = self._indices(table.column(self.label))
@@ -903,34 +902,21 @@ class _CsvFile(_Tabular):
         return {"path": str(self.path), "format": "csv", "digest": "sha256:" + self._digest.hexdigest()}
 
 
-class _CountingReader:
-    """A binary file that counts and hashes what is read through it."""
-
-    def __init__(self, handle):
-        self._handle = handle
-        self.count = 0
-        self.digest = hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._handle.read(size)
-        self.count += len(data)
-        self.digest.update(data)
-        return data
-
-    def drain(self) -> None:
-        """Hash whatever the CSV reader did not ask for (a file's trailing bytes)."""
-        while self.read(2**20):
-            pass
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self._handle.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._handle.closed
+def _lines_in_blocks(path: Path, size: int, digest=None) -> Iterator[bytes]:
+    """The file's bytes in blocks of whole lines (a line longer than `size` makes its block longer);
+    `digest` is updated with every byte read."""
+    with path.open("rb") as handle:
+        rest = b""
+        while data := handle.read(size):
+            if digest is not None:
+                digest.update(data)
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            rest = data[cut:]
+            if cut:
+                yield data[:cut]
+        if rest:
+            yield rest
 
 
 class _ParquetFile(_Tabular):
