@@ -142,8 +142,9 @@ def import_dataset(
     target = paths.data_dir / "imported" / f"{name}.parquet"
     with _Progress(sys.stderr.isatty() if progress is None else progress) as bar:
         reader.prepare(bar)
-        chunk = _chunk_rows(chunk_rows, reader.row_bytes)
-        with _TempParquet(target, reader.schema, _rows_of(ROW_GROUP_BYTES, reader.row_bytes)) as sink:
+        row_group = _rows_of(ROW_GROUP_BYTES, reader.row_bytes)
+        chunk = _chunk_rows(chunk_rows, row_group)
+        with _TempParquet(target, reader.schema, row_group) as sink:
             profile = _Profile(reader.feature_columns if reader.encoding == "columns" else ())
             for table in reader.tables(bar, chunk):
                 profile.add(table)
@@ -213,12 +214,14 @@ def _rows_of(size: int, row_bytes: int) -> int:
     return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, size // max(row_bytes, 1)))
 
 
-def _chunk_rows(requested: int | None, row_bytes: int) -> int:
+def _chunk_rows(requested: int | None, row_group: int) -> int:
+    """The rows read at a time: as asked, or whole row groups of about CHUNK_BYTES (no row group then
+    straddles two chunks)."""
     if requested is not None:
         if int(requested) < 1:
             raise StepError(f"chunk rows must be positive, not {requested}")
         return int(requested)
-    return _rows_of(CHUNK_BYTES, row_bytes)
+    return row_group * max(1, CHUNK_BYTES // ROW_GROUP_BYTES)
 
 
 class _HashingWriter:
