@@ -8,7 +8,7 @@ the `model_release` gate, signed, sealed.
 """
 
 from airflow.sdk import dag
-from factory_plugin.flows import DEFAULT_ARGS, site_enabled, tags, training_flow
+from factory_plugin.flows import DEFAULT_ARGS, model_inputs, site_enabled, tags, training_flow
 from factory_plugin.steps import step_task
 
 from pipelines.policy import release_thresholds
@@ -19,10 +19,10 @@ SITE = "supplier"
 @dag(dag_id="stage_1_initial_training", doc_md=__doc__, schedule=None, catchup=False,
      tags=tags(1, SITE), default_args=DEFAULT_ARGS)
 def stage_1_initial_training():
-    validated = step_task("validate_dataset", site=SITE, dataset="train", suite="training")
-    registered = training_flow(site=SITE, stage="M1", profile="initial", datasets=["train"],
-                               test_sets={"supplier_test": "test"}, parity_set="test",
-                               min_accuracy=release_thresholds("export"), after=[validated])
+    validated = [step_task("validate_dataset", task_id=f"validate_{name}", site=SITE, dataset=name, suite="training")
+                 for name in model_inputs("M1").datasets]
+    registered = training_flow(site=SITE, stage="M1", profile="initial", min_accuracy=release_thresholds("export"),
+                               after=validated)
     step_task("release_model", site=SITE, model=registered, recipient="origin", purpose="collaboration",
               kind="m1")
 

@@ -14,7 +14,7 @@ SITE = "origin"
 @dag(dag_id="stage_1_model_intake", doc_md=__doc__, schedule=[inbox_asset(SITE, "m1")], catchup=False,
      tags=tags(1, SITE), default_args=DEFAULT_ARGS)
 def stage_1_model_intake():
-    model_intake_flow(site=SITE, kind="m1", stage="M1", test_sets={"origin_test": "test"})
+    model_intake_flow(site=SITE, kind="m1", stage="M1")
 
 
 if site_enabled(SITE):

@@ -15,7 +15,7 @@ SITE = "origin"
 @dag(dag_id="stage_2_sovereign_data_release", doc_md=__doc__, schedule=[model_asset(SITE, "M1")],
      catchup=False, tags=tags(2, SITE), default_args=DEFAULT_ARGS)
 def stage_2_sovereign_data_release():
-    data_release_flow(site=SITE, dataset="shared", recipient="supplier", purpose="collaboration",
+    data_release_flow(site=SITE, stage=2, recipient="supplier", purpose="collaboration",
                       kind="origin-shared")
 
 

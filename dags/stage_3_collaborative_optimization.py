@@ -29,9 +29,7 @@ SITE = "supplier"
      catchup=False, tags=tags(3, SITE), default_args=DEFAULT_ARGS)
 def stage_3_collaborative_optimization():
     validated = dataset_intake(site=SITE, kind="origin-shared", name="origin-shared")
-    registered = training_flow(site=SITE, stage="M3", profile="collaborative", base_model="M1",
-                               datasets=["train", "origin-shared"], test_sets={"supplier_test": "test"},
-                               parity_set="test", after=[validated])
+    registered = training_flow(site=SITE, stage="M3", profile="collaborative", base_model="M1", after=[validated])
     step_task("release_model", site=SITE, model=registered, recipient="origin", purpose="collaboration",
               kind="m3")
 

@@ -9,7 +9,7 @@ SITE = "origin"
 @dag(dag_id="stage_3_model_intake", doc_md=__doc__, schedule=[inbox_asset(SITE, "m3")], catchup=False,
      tags=tags(3, SITE), default_args=DEFAULT_ARGS)
 def stage_3_model_intake():
-    model_intake_flow(site=SITE, kind="m3", stage="M3", test_sets={"origin_test": "test"})
+    model_intake_flow(site=SITE, kind="m3", stage="M3")
 
 
 if site_enabled(SITE):

@@ -16,9 +16,7 @@ SITE = "origin"
      schedule=AssetAny(model_asset(SITE, "M3"), drift_asset(SITE)), catchup=False, tags=tags(4, SITE),
      default_args=DEFAULT_ARGS)
 def stage_4_local_retraining_origin():
-    training_flow(site=SITE, stage="M4", profile="local", base_model="M3",
-                  datasets=["shared-sanitized", "private", "export_authorized"], test_sets={"origin_test": "test"},
-                  parity_set="test")
+    training_flow(site=SITE, stage="M4", profile="local", base_model="M3")
 
 
 if site_enabled(SITE):

@@ -14,7 +14,7 @@ SITE = "origin"
 @dag(dag_id="stage_5_export_data_release", doc_md=__doc__, schedule=[model_asset(SITE, "M3")], catchup=False,
      tags=tags(5, SITE), default_args=DEFAULT_ARGS)
 def stage_5_export_data_release():
-    data_release_flow(site=SITE, dataset="export_authorized", recipient="supplier", purpose="export",
+    data_release_flow(site=SITE, stage=5, recipient="supplier", purpose="export",
                       kind="origin-export")
 
 

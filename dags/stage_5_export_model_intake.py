@@ -9,7 +9,7 @@ SITE = "destination"
 @dag(dag_id="stage_5_export_model_intake", doc_md=__doc__, schedule=[inbox_asset(SITE, "m5")], catchup=False,
      tags=tags(5, SITE), default_args=DEFAULT_ARGS)
 def stage_5_export_model_intake():
-    model_intake_flow(site=SITE, kind="m5", stage="M5", test_sets={"destination_test": "test"})
+    model_intake_flow(site=SITE, kind="m5", stage="M5")
 
 
 if site_enabled(SITE):

@@ -47,10 +47,8 @@ PARAMS = {
      render_template_as_native_obj=True)
 def stage_5_export_preparation():
     validated = dataset_intake(site=SITE, kind="origin-export", name="origin-export")
-    registered = training_flow(site=SITE, stage="M5", profile="export", datasets=["train", "origin-export"],
-                               variant="{{ params.variant }}", subset="{{ params.subset }}",
-                               subset_datasets=["origin-export"], test_sets={"supplier_test": "test"},
-                               parity_set="test", after=[validated])
+    registered = training_flow(site=SITE, stage="M5", profile="export", variant="{{ params.variant }}",
+                               subset="{{ params.subset }}", after=[validated])
     step_task("request_review", site=SITE, model=registered, recipient="origin", kind="m5-review",
               destination="{{ params.destination }}", variant="{{ params.variant }}",
               thresholds="{{ params.thresholds }}")

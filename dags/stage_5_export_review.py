@@ -9,7 +9,15 @@ supplier as an approval document signed by this site's key.
 """
 
 from airflow.sdk import dag
-from factory_plugin.flows import DEFAULT_ARGS, approval_step, inbox_asset, model_asset, site_enabled, tags
+from factory_plugin.flows import (
+    DEFAULT_ARGS,
+    approval_step,
+    inbox_asset,
+    model_asset,
+    received_test_sets,
+    site_enabled,
+    tags,
+)
 from factory_plugin.steps import step_task
 
 SITE = "origin"
@@ -33,7 +41,7 @@ BODY = (
 @dag(dag_id="stage_5_export_review", doc_md=__doc__, schedule=[inbox_asset(SITE, "m5-review")], catchup=False,
      tags=tags(5, SITE), default_args=DEFAULT_ARGS)
 def stage_5_export_review():
-    review = step_task("receive_review", site=SITE, kind="m5-review", test_sets={"origin_test": "test"},
+    review = step_task("receive_review", site=SITE, kind="m5-review", test_sets=received_test_sets(SITE),
                        outlets=[model_asset(SITE, "M5")])
     answer = approval_step(group="review", gate_name="model_release", owner_site=SITE,
                            required_role="compliance_officer", subject="Approve export of M5 (origin review)?",

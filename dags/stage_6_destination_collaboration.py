@@ -26,9 +26,7 @@ SITE = "supplier"
      catchup=False, tags=tags(6, SITE), default_args=DEFAULT_ARGS)
 def stage_6_destination_collaboration():
     validated = dataset_intake(site=SITE, kind="destination-shared", name="destination-shared")
-    registered = training_flow(site=SITE, stage="M6", profile="collaborative", base_model="M5",
-                               datasets=["train", "origin-export", "destination-shared"],
-                               test_sets={"supplier_test": "test"}, parity_set="test", after=[validated])
+    registered = training_flow(site=SITE, stage="M6", profile="collaborative", base_model="M5", after=[validated])
     step_task("release_model", site=SITE, model=registered, recipient="destination", purpose="collaboration",
               kind="m6")
 

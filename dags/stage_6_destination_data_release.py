@@ -13,7 +13,7 @@ SITE = "destination"
 @dag(dag_id="stage_6_destination_data_release", doc_md=__doc__, schedule=[model_asset(SITE, "M5")],
      catchup=False, tags=tags(6, SITE), default_args=DEFAULT_ARGS)
 def stage_6_destination_data_release():
-    data_release_flow(site=SITE, dataset="shared", recipient="supplier", purpose="collaboration",
+    data_release_flow(site=SITE, stage=6, recipient="supplier", purpose="collaboration",
                       kind="destination-shared")
 
 

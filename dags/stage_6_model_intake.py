@@ -9,7 +9,7 @@ SITE = "destination"
 @dag(dag_id="stage_6_model_intake", doc_md=__doc__, schedule=[inbox_asset(SITE, "m6")], catchup=False,
      tags=tags(6, SITE), default_args=DEFAULT_ARGS)
 def stage_6_model_intake():
-    model_intake_flow(site=SITE, kind="m6", stage="M6", test_sets={"destination_test": "test"})
+    model_intake_flow(site=SITE, kind="m6", stage="M6")
 
 
 if site_enabled(SITE):

@@ -15,9 +15,7 @@ SITE = "destination"
      schedule=AssetAny(model_asset(SITE, "M6"), drift_asset(SITE)), catchup=False, tags=tags(7, SITE),
      default_args=DEFAULT_ARGS)
 def stage_7_local_retraining_destination():
-    training_flow(site=SITE, stage="M7", profile="local", base_model="M6",
-                  datasets=["shared-sanitized", "private"], test_sets={"destination_test": "test"},
-                  parity_set="test")
+    training_flow(site=SITE, stage="M7", profile="local", base_model="M6")
 
 
 if site_enabled(SITE):

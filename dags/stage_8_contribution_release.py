@@ -14,7 +14,7 @@ SITE = "destination"
 @dag(dag_id="stage_8_contribution_release", doc_md=__doc__, schedule=[model_asset(SITE, "M6")], catchup=False,
      tags=tags(8, SITE), default_args=DEFAULT_ARGS)
 def stage_8_contribution_release():
-    data_release_flow(site=SITE, dataset="contribution", recipient="supplier", purpose="collaboration",
+    data_release_flow(site=SITE, stage=8, recipient="supplier", purpose="collaboration",
                       kind="destination-contribution")
 
 

@@ -9,7 +9,7 @@ SITE = "origin"
 @dag(dag_id="stage_8_model_intake", doc_md=__doc__, schedule=[inbox_asset(SITE, "m8")], catchup=False,
      tags=tags(8, SITE), default_args=DEFAULT_ARGS)
 def stage_8_model_intake():
-    model_intake_flow(site=SITE, kind="m8", stage="M8", test_sets={"origin_test": "test"})
+    model_intake_flow(site=SITE, kind="m8", stage="M8")
 
 
 if site_enabled(SITE):

@@ -8,7 +8,15 @@ rest of the contribution into **M8**, and delivers M8 to the origin through the
 """
 
 from airflow.sdk import dag
-from factory_plugin.flows import DEFAULT_ARGS, dataset_intake, inbox_asset, site_enabled, tags, training_flow
+from factory_plugin.flows import (
+    DEFAULT_ARGS,
+    dataset_intake,
+    inbox_asset,
+    model_inputs,
+    site_enabled,
+    tags,
+    training_flow,
+)
 from factory_plugin.steps import step_task
 
 SITE = "supplier"
@@ -21,13 +29,8 @@ def stage_8_reciprocal_contribution():
     validated = dataset_intake(site=SITE, kind="destination-contribution", name="destination-contribution")
     split = step_task("split_holdout", site=SITE, dataset=validated)
     step_task("evaluate_registered", task_id="evaluate_m3_on_holdout", site=SITE, model="M3",
-              test_sets={"destination_contribution_holdout": "destination-contribution-holdout"}) << split
-    registered = training_flow(site=SITE, stage="M8", profile="collaborative", base_model="M3",
-                               datasets=["train", "origin-shared", "origin-export",
-                                         "destination-contribution-train"],
-                               test_sets={"supplier_test": "test",
-                                          "destination_contribution_holdout": "destination-contribution-holdout"},
-                               parity_set="test", after=[split])
+              test_sets=dict(model_inputs("M8").base_test_sets)) << split
+    registered = training_flow(site=SITE, stage="M8", profile="collaborative", base_model="M3", after=[split])
     step_task("release_model", site=SITE, model=registered, recipient="origin", purpose="collaboration",
               kind="m8")
 

@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -215,6 +215,79 @@ class ModelsConf(_Strict):
                            f"{', '.join(sorted(self.families))}") from None
 
 
+_DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # pipelines.workspace.SAFE_NAME
+_METRIC_NAME = r"^[a-z][a-z0-9_]{0,62}$"  # a test set's metric key (factory.metric.<key> tags, the report)
+DatasetName = Annotated[str, Field(pattern=_DATASET_NAME)]
+TestSets = dict[Annotated[str, Field(pattern=_METRIC_NAME)], DatasetName]
+
+
+class ModelInputs(_Strict):
+    """What one stage model (M1..M8) is trained and checked on, at the site that trains it."""
+
+    datasets: tuple[DatasetName, ...] = Field(min_length=1)  # training data (local and received names)
+    test_sets: TestSets = Field(min_length=1)  # metric key -> this site's test dataset
+    parity_set: DatasetName  # rows the ONNX export is checked on
+    subset_datasets: tuple[DatasetName, ...] | None = None  # which datasets a run's `subset` selects from
+    base_test_sets: TestSets = {}  # the base model is evaluated on these before the stage trains (stage 8)
+
+    @model_validator(mode="after")
+    def _subset_of_datasets(self) -> ModelInputs:
+        stray = [d for d in self.subset_datasets or () if d not in self.datasets]
+        if stray:
+            raise ValueError(f"subset_datasets {stray} are not among the datasets {list(self.datasets)}")
+        return self
+
+
+class DataRelease(_Strict):
+    """The dataset (a partition of `site` in conf/sites.yaml) a stage's data release sends, sanitized."""
+
+    site: str
+    dataset: DatasetName
+
+
+class StageInputs(_Strict):
+    """`inputs:` of conf/stages.yaml: which dataset of which site feeds each stage (DAG files read it)."""
+
+    models: dict[str, ModelInputs] = Field(min_length=1)
+    # The test sets a site evaluates the models it receives on (its own data; it never leaves the site).
+    received: dict[str, TestSets] = {}
+    releases: dict[int, DataRelease] = {}
+
+    def model(self, model: str) -> ModelInputs:
+        try:
+            return self.models[model]
+        except KeyError:
+            raise KeyError(f"conf/stages.yaml inputs.models has no {model!r} "
+                           f"(models: {', '.join(self.models)})") from None
+
+    def received_test_sets(self, site: str) -> dict[str, str]:
+        try:
+            return dict(self.received[site])
+        except KeyError:
+            raise KeyError(f"conf/stages.yaml inputs.received has no test sets for {site!r}") from None
+
+    def release(self, stage: int, site: str) -> str:
+        """The dataset stage `stage`'s data release sends from `site` (refuses another site)."""
+        try:
+            release = self.releases[stage]
+        except KeyError:
+            raise KeyError(f"conf/stages.yaml inputs.releases has no stage {stage} "
+                           f"(stages: {', '.join(map(str, self.releases))})") from None
+        if release.site != site:
+            raise KeyError(f"conf/stages.yaml inputs.releases.{stage} is a release of {release.site}, not {site}")
+        return release.dataset
+
+    def metric_keys(self) -> tuple[str, ...]:
+        """Every test set's metric key, in the order the models and sites first name them."""
+        keys: dict[str, None] = {}
+        for inputs in self.models.values():
+            keys.update(dict.fromkeys(inputs.test_sets))
+            keys.update(dict.fromkeys(inputs.base_test_sets))
+        for test_sets in self.received.values():
+            keys.update(dict.fromkeys(test_sets))
+        return tuple(keys)
+
+
 class StagesConf(_Strict):
     order: tuple[Stage, ...]
     seed: int
@@ -224,6 +297,7 @@ class StagesConf(_Strict):
     schedules: dict[str, str | None]
     resources: dict[str, Resources]
     kubernetes: KubernetesConf
+    inputs: StageInputs
 
     @field_validator("order")
     @classmethod
@@ -242,6 +316,21 @@ class StagesConf(_Strict):
                 return entry
         raise KeyError(f"no stage {number} in conf/stages.yaml order (stages: {[s.stage for s in self.order]})")
 
+    @model_validator(mode="after")
+    def _inputs_follow_order(self) -> StagesConf:
+        """Every stage model has its inputs, and inputs name only models and stages of `order`."""
+        models = [s.model for s in self.order if s.model]
+        missing = [m for m in models if m not in self.inputs.models]
+        stray = [m for m in self.inputs.models if m not in models]
+        if missing or stray:
+            raise ValueError(f"inputs.models must name exactly the models of order ({', '.join(models)}); "
+                             + "; ".join(filter(None, [missing and f"missing {', '.join(missing)}",
+                                                       stray and f"not in order: {', '.join(stray)}"])))
+        unknown = [n for n in self.inputs.releases if n not in {s.stage for s in self.order}]
+        if unknown:
+            raise ValueError(f"inputs.releases names stage(s) {unknown} that order does not list")
+        return self
+
 
 class FactoryConfig(_Strict):
     sites: dict[str, Site]
@@ -249,6 +338,21 @@ class FactoryConfig(_Strict):
     service_identities: dict[str, ServiceIdentity]
     stages: StagesConf
     extra: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _inputs_name_sites_and_partitions(self) -> FactoryConfig:
+        inputs = self.stages.inputs
+        for site in inputs.received:
+            if site not in self.sites:
+                raise ValueError(f"stages inputs.received names unknown site {site!r}; sites: {', '.join(self.sites)}")
+        for stage, release in inputs.releases.items():
+            if release.site not in self.sites:
+                raise ValueError(f"stages inputs.releases.{stage}: unknown site {release.site!r}")
+            partitions = self.sites[release.site].data_partitions
+            if release.dataset not in partitions:
+                raise ValueError(f"stages inputs.releases.{stage}: {release.site} has no data partition "
+                                 f"{release.dataset!r} in conf/sites.yaml (partitions: {', '.join(partitions)})")
+        return self
 
     def user(self, user_id: str) -> User:
         for user in self.users:

@@ -19,7 +19,10 @@ from rich.table import Table
 from pipelines.config import SITES, load_config
 from pipelines.workspace import SitePaths, WorkspaceError, factory_home
 
-METRIC_KEYS = ("supplier_test", "origin_test", "destination_test", "destination_contribution_holdout")
+
+def metric_keys() -> tuple[str, ...]:
+    """The test sets' metric keys (conf/stages.yaml `inputs`), in the order the stages name them."""
+    return load_config().stages.inputs.metric_keys()
 
 
 def _metrics_at(paths: SitePaths, model: str) -> dict[str, float]:
@@ -31,8 +34,9 @@ def _metrics_at(paths: SitePaths, model: str) -> dict[str, float]:
         ref = resolve_model(paths, model)
     except ModelNotFound:
         return {}
+    keys = metric_keys()
     return {k.removeprefix("factory.metric."): float(v) for k, v in ref.tags.items()
-            if k.startswith("factory.metric.") and k.removeprefix("factory.metric.") in METRIC_KEYS}
+            if k.startswith("factory.metric.") and k.removeprefix("factory.metric.") in keys}
 
 
 def build_report(home: Path | None = None) -> dict[str, Any]:
@@ -58,7 +62,7 @@ def write_chart(report: dict[str, Any], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = [row["model"] for row in report["stages"]]
-    for key in METRIC_KEYS:
+    for key in metric_keys():
         points = [(i, row["metrics"][key]) for i, row in enumerate(report["stages"]) if key in row["metrics"]]
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
@@ -91,11 +95,12 @@ def log_report(home: Path, report: dict[str, Any], chart: Path) -> None:
 
 def render_table(report: dict[str, Any]) -> Table:
     table = Table(title="Sovereign AI Factory — accuracy per stage")
-    for column in ("stage", "model", "trained at", *METRIC_KEYS):
-        table.add_column(column, justify="right" if column in METRIC_KEYS else "left")
+    keys = metric_keys()
+    for column in ("stage", "model", "trained at", *keys):
+        table.add_column(column, justify="right" if column in keys else "left")
     for row in report["stages"]:
         table.add_row(str(row["stage"]), row["model"], row["site"],
-                      *[f"{row['metrics'][k]:.4f}" if k in row["metrics"] else "" for k in METRIC_KEYS])
+                      *[f"{row['metrics'][k]:.4f}" if k in row["metrics"] else "" for k in keys])
     return table
 
 

@@ -53,21 +53,34 @@ def retraining_schedule(dag_id: str, asset: Asset):
     return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[asset])
 
 
+def model_inputs(stage: str):
+    """What the `stage` model trains and is checked on (conf/stages.yaml `inputs.models`)."""
+    return load_config().stages.inputs.model(stage)
+
+
+def received_test_sets(site: str) -> dict[str, str]:
+    """The test sets `site` evaluates the models it receives on (conf/stages.yaml `inputs.received`)."""
+    return load_config().stages.inputs.received_test_sets(site)
+
+
 @task_group
-def training_flow(*, site: str, stage: str, profile: str, datasets: list[str], test_sets: dict[str, str],
-                  parity_set: str, base_model: str | None = None, base_variant: str | None = None,
-                  variant: Any = None, subset: Any = None, subset_datasets: list[str] | None = None,
+def training_flow(*, site: str, stage: str, profile: str, base_model: str | None = None,
+                  base_variant: str | None = None, variant: Any = None, subset: Any = None,
                   min_accuracy: dict[str, float] | None = None, after: list | None = None,
                   outlets: list | None = None):
-    """train → evaluate → export to ONNX (parity) → register, at one site, after the tasks in `after`."""
+    """train → evaluate → export to ONNX (parity) → register, at one site, after the tasks in `after`.
+
+    The datasets, test sets and parity set are the stage model's `inputs` in conf/stages.yaml."""
+    inputs = model_inputs(stage)
+    subset_datasets = list(inputs.subset_datasets) if inputs.subset_datasets is not None else None
     trained = step_task("train_model", site=site, resources="train", stage=stage, profile=profile,
-                        datasets=datasets, base_model=base_model, base_variant=base_variant, variant=variant,
-                        subset=subset, subset_datasets=subset_datasets)
+                        datasets=list(inputs.datasets), base_model=base_model, base_variant=base_variant,
+                        variant=variant, subset=subset, subset_datasets=subset_datasets)
     for upstream in after or []:
         upstream >> trained
-    evaluated = step_task("evaluate_model", site=site, trained=trained, test_sets=test_sets,
+    evaluated = step_task("evaluate_model", site=site, trained=trained, test_sets=dict(inputs.test_sets),
                           min_accuracy=min_accuracy or {})
-    exported = step_task("export_model", site=site, trained=evaluated, parity_set=parity_set)
+    exported = step_task("export_model", site=site, trained=evaluated, parity_set=inputs.parity_set)
     return step_task("register_model", site=site, trained=exported, outlets=outlets or [model_asset(site, stage)])
 
 
@@ -89,8 +102,11 @@ def approval_step(*, group: str, gate_name: str, owner_site: str, required_role:
     return gate.output
 
 
-def data_release_flow(*, site: str, dataset: str, recipient: str, purpose: str, kind: str):
-    """sanitize → validate (release suite) → officer approval → data_release gate → seal to recipient."""
+def data_release_flow(*, site: str, stage: int, recipient: str, purpose: str, kind: str):
+    """sanitize → validate (release suite) → officer approval → data_release gate → seal to recipient.
+
+    The dataset is the partition conf/stages.yaml `inputs.releases` names for `stage` at `site`."""
+    dataset = load_config().stages.inputs.release(stage, site)
     sanitized = step_task("sanitize_dataset", site=site, dataset=dataset, purpose=purpose)
     validated = step_task("validate_dataset", task_id="validate_release", site=site, dataset=sanitized,
                           suite="release")
@@ -124,10 +140,12 @@ def dataset_intake(*, site: str, kind: str, name: str):
     return step_task("validate_dataset", site=site, dataset=received, suite="training")
 
 
-def model_intake_flow(*, site: str, kind: str, stage: str, test_sets: dict[str, str]):
-    """open the model package → verify its signature → register and evaluate it on local test data."""
-    return step_task("receive_model", site=site, kind=kind, test_sets=test_sets,
+def model_intake_flow(*, site: str, kind: str, stage: str):
+    """open the model package → verify its signature → register and evaluate it on local test data
+    (the site's `inputs.received` test sets)."""
+    return step_task("receive_model", site=site, kind=kind, test_sets=received_test_sets(site),
                      outlets=[model_asset(site, stage)])
+
 
 
 def export_threshold_schema() -> dict:
