@@ -7,7 +7,8 @@ hyper-parameters it was built with (`architecture_record`) and the spec (`DataSp
 conf/models.yaml says today. Models written before families were recorded are the digits CNN on
 the digits spec.
 
-The family a stage trains is `conf/stages.yaml model_family` unless the training step is given
+The family a stage trains is the one the site's profile recorded (`factory init --profile`,
+`pipelines.profiles`), else `conf/stages.yaml model_family`, unless the training step is given
 another (`train_model(..., family=...)`); fine-tuning continues the base model's family.
 """
 
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.config import ModelFamily, load_config, load_models
 from pipelines.data.spec import DIGITS, DataSpec, SpecError
+from pipelines.workspace import SitePaths
 
 if TYPE_CHECKING:  # torch is imported where a model is built, not by readers of metadata (serving)
     from torch import nn
@@ -30,8 +32,15 @@ class FamilyError(ValueError):
     """A family is unknown, or cannot take a dataset's spec; the message says which and why."""
 
 
-def default_family() -> str:
-    """The family the stages train unless told otherwise (conf/stages.yaml `model_family`)."""
+def default_family(paths: SitePaths | None = None) -> str:
+    """The family the stages train unless told otherwise: at a site (`paths`), the one its profile
+    recorded (`factory init --profile`); else conf/stages.yaml `model_family`."""
+    if paths is not None:
+        from pipelines.profiles import site_family
+
+        family = site_family(paths)
+        if family:
+            return family
     return load_config().stages.model_family
 
 

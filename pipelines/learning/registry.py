@@ -102,14 +102,16 @@ def _to_ref(paths: SitePaths, version) -> ModelRef:
 
 
 def _stage_versions(mlflow_client, paths: SitePaths, stage: str, variant: str | None, family: str | None):
-    """The versions of the stage model: of `family` when given; else of the configured family, or,
-    where this site holds none of that, of the one other family of conf/models.yaml that it holds."""
+    """The versions of the stage model: of `family` when given; else of the site's family (its profile's,
+    else conf/stages.yaml's), or, where this site holds none of that, of the one other family of
+    conf/models.yaml that it holds."""
     from pipelines.config import load_models
+    from pipelines.learning.families import default_family
 
     if family:
         name = registered_name(stage, variant, family=family)
         return name, mlflow_client.search_model_versions(f"name='{name}'")
-    name = registered_name(stage, variant)
+    name = registered_name(stage, variant, family=default_family(paths))
     versions = mlflow_client.search_model_versions(f"name='{name}'")
     if versions:
         return name, versions

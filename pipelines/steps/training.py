@@ -152,13 +152,18 @@ def train_model(
     from pipelines.data.lineage import lineage_entries
     from pipelines.learning.artifacts import load_weights, save_weights
     from pipelines.learning.train import train
+    from pipelines.profiles import ProfileError
+    from pipelines.profiles import training_profile as site_training_profile
 
     conf = load_config().stages
     if profile not in conf.training:
         raise StepError(f"unknown training profile {profile!r}; conf/stages.yaml has {', '.join(conf.training)}")
     if not datasets:
         raise StepError(f"{stage}: no datasets to train on")
-    training_profile = conf.training[profile]
+    try:  # conf/stages.yaml's, with the overrides of the site's profile (factory init --profile)
+        training_profile = site_training_profile(ctx.paths, profile)
+    except (ProfileError, ValueError) as exc:
+        raise StepError(f"{stage}: training profile {profile!r} of {ctx.site}'s profile: {exc}") from None
     loaded = [_load(ctx, ref, action="train", purpose=purpose) for ref in datasets]
     versions = [version for _, version in loaded]
     spec = _shared_spec(versions)
@@ -184,7 +189,7 @@ def train_model(
         if problem:
             raise StepError(f"cannot fine-tune {base.uri} on {', '.join(v.id for v in versions)}: {problem}")
     else:
-        family = family or families.default_family()
+        family = family or families.default_family(ctx.paths)
         try:
             architecture = families.architecture_record(family)
             families.build_model(family, spec)  # refuses a family that cannot take the data before any work
