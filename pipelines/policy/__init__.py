@@ -169,6 +169,32 @@ def _site_paths(site: str, home: Path | None):
         raise PinError(str(error)) from None
 
 
+SUBJECT_FIELDS = {
+    "dataset": ("dataset", "id"), "model": ("model", "id"), "resource": ("resource", "id"),
+    "user": ("user", "id"), "gate_name": ("gate", "name"), "subject": ("subject", "id"),
+    "recipient": ("recipient",), "purpose": ("purpose",), "action": ("action",), "end_use": ("end_use",),
+    "requested_by": ("requested_by",),
+}
+
+
+def decision_subject(input_json: bytes) -> dict[str, str]:
+    """What a decision was about, for the audit log (the input itself is recorded only by its digest):
+    the dataset, model or user ids, recipient, purpose, action, end use and requester the input names,
+    each a short text."""
+    try:
+        document = orjson.loads(input_json)
+    except orjson.JSONDecodeError:
+        return {}
+    subject = {}
+    for name, path in SUBJECT_FIELDS.items():
+        value: Any = document
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, str) and value:
+            subject[name] = value[:200]
+    return subject
+
+
 def _record(decision: Decision, site: str, home: Path | None, actor: str | None) -> Decision:
     """Append the decision to the site's audit log; a decision that cannot be recorded is a denial."""
     try:
@@ -192,6 +218,7 @@ def _record(decision: Decision, site: str, home: Path | None, actor: str | None)
                 "engine": decision.engine,
                 "reasons": list(decision.reasons),
                 **({"bundle_revision": decision.bundle_revision} if decision.bundle_revision is not None else {}),
+                **({"subject": subject} if (subject := decision_subject(decision.input_json)) else {}),
             },
         )
     except Exception as error:  # fail closed: an unrecorded decision does not allow anything

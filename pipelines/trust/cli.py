@@ -273,3 +273,26 @@ def audit_export(site: str, out: Path | None) -> None:
         click.echo(lines, nl=False)
     else:
         write_atomic(out, lines.encode())
+
+
+@audit.command("report")
+@click.option("--site", type=SITE, required=True)
+@click.option("--since", default=None, help="only entries from this date (YYYY-MM-DD, UTC) or ISO time on")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="the HTML file to write")
+@_guarded
+def audit_report(site: str, since: str | None, out: Path) -> None:
+    """Compliance report of SITE: every gate decision, approval, release, receipt, quarantine and key
+    event with who, when, why and on which evidence, the audit chain's verification at the top.
+
+    A broken chain does not stop the report: it says so at the top, naming the first bad entry, and
+    the command exits with status 2."""
+    from pipelines.trust import compliance
+
+    try:
+        result = compliance.write_report(SitePaths.of(site), out, compliance.parse_since(since))
+    except compliance.ReportError as error:
+        _fail("error", str(error))
+    click.echo(f"{result['listed']} entries of {site} listed in {out}; audit chain "
+               + ("verified" if result["verified"] else f"BROKEN: {result['message']}"))
+    if not result["verified"]:
+        sys.exit(2)

@@ -175,3 +175,34 @@ def test_export_was_decided_at_both_sites_with_signed_approvals(collaboration: P
                 and e["details"]["purpose"] == "export"]
     assert released and {(a["user"], a["site"]) for a in released[0]["details"]["approvals"]} == {
         ("origin_officer", "origin"), ("supplier_export_officer", "supplier")}
+
+
+def test_compliance_report_of_the_full_run(collaboration: Path, tmp_path: Path):
+    """`factory audit report` of each site after the full run: the chain verifies, and the supplier's
+    report shows the export's gate decision, both officers' approvals and the release with its package."""
+    import re
+
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+    from pipelines.trust import audit
+
+    pages = {}
+    for site in SITES:
+        out = tmp_path / f"{site}.html"
+        result = CliRunner().invoke(main, ["audit", "report", "--site", site, "--out", str(out)],
+                                    env={"FACTORY_HOME": str(collaboration)})
+        assert result.exit_code == 0, result.output
+        pages[site] = out.read_text()
+        assert 'class="ok" id="chain"' in pages[site] and "AUDIT CHAIN BROKEN" not in pages[site]
+    supplier = SitePaths.of("supplier", collaboration)
+    (released,) = [e for e in audit.entries(supplier) if e["action"] == "model.released"
+                   and e["details"]["purpose"] == "export" and e["details"]["recipient"] == "destination"][:1]
+    rows = re.findall(r"<tr>.*?</tr>", pages["supplier"], flags=re.S)
+    (row,) = [r for r in rows if "model.released" in r and released["details"]["package_id"] in r]
+    assert "approve by origin_officer of origin" in row and "approve by supplier_export_officer of supplier" in row
+    gate = [r for r in rows if "policy.decision" in r and "<td><code>model_release</code></td>" in r
+            and "purpose: <code>export</code>" in r]
+    assert gate and any('class="allow"' in r for r in gate)
+    assert any("approval.answered" in r and "origin_officer" in r for r in re.findall(r"<tr>.*?</tr>", pages["origin"],
+                                                                                      flags=re.S))
