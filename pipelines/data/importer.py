@@ -89,8 +89,9 @@ class ImportResult:
 
     def message(self) -> str:
         if not self.created:
+            status = "" if self.version.usable else f"; that version is quarantined ({self.version.quarantine_reason})"
             return (f"{self.source} is already imported as {self.version.id} "
-                    f"(same content, md5 {self.version.md5}); nothing changed")
+                    f"(same content, md5 {self.version.md5}); nothing changed{status}")
         spec = self.spec
         return (f"imported {self.rows} rows as {self.version.id}: {spec.kind}, input {'x'.join(map(str, spec.input_shape))}, "
                 f"{spec.n_classes} classes, metadata {', '.join(spec.metadata_columns) or 'none'}"
