@@ -35,10 +35,20 @@ def entry(version: catalog.DatasetVersion) -> dict[str, Any]:
         "status": version.status,
         "parents": list(version.parents),
     }
-    for key in ("spec", "source"):
-        if key in version.extra:
-            described[key] = version.extra[key]
+    if "spec" in version.extra:
+        described["spec"] = version.extra["spec"]
+    if "source" in version.extra:
+        described["source"] = _without_paths(version.extra["source"])
     return described
+
+
+def _without_paths(source: Any) -> Any:
+    """Where imported data came from, as it may travel with the data: formats and digests, no local
+    paths (a path on the owner's machine tells a partner about the owner's systems; the owner's
+    own record keeps it, `factory data show`)."""
+    if isinstance(source, dict):
+        return {key: _without_paths(value) for key, value in source.items() if key != "path"}
+    return source
 
 
 def lineage_entries(paths: SitePaths, dataset_ids: Iterable[str]) -> list[dict[str, Any]]:
@@ -102,7 +112,7 @@ def render_text(title: str, entries: list[dict[str, Any]], base_model: dict | No
         lines.append("  " * depth + "<- " + flags(e))
         source = e.get("source")
         if source:
-            lines.append("  " * (depth + 1) + f"imported from {source.get('path')} ({source.get('digest')})")
+            lines.append("  " * (depth + 1) + f"imported from a {source.get('format', 'file')} ({source.get('digest')})")
         if e["dataset_id"] in seen:
             return
         for parent in e.get("parents") or []:
