@@ -46,6 +46,7 @@ class ValidationResult:
     dataset_id: str | None
     failures: list[dict[str, Any]] = field(default_factory=list)
     evaluated: int = 0
+    checks: list[dict[str, Any]] = field(default_factory=list)  # every expectation: type, column, success
     data_docs: Path | None = None
     result_file: Path | None = None
 
@@ -56,6 +57,7 @@ class ValidationResult:
             "dataset_id": self.dataset_id,
             "evaluated_expectations": self.evaluated,
             "failures": self.failures,
+            "checks": self.checks,
             "data_docs": str(self.data_docs) if self.data_docs else None,
         }
 
@@ -274,6 +276,9 @@ def validate(
         results = gx_result.results if gx_result is not None else []
         if gx_result is not None:
             failures = []
+        checks = [{"expectation": item.expectation_config.type,
+                   "column": item.expectation_config.kwargs.get("column"), "success": bool(item.success)}
+                  for item in results]
         for item in results:
             if item.success:
                 continue
@@ -297,6 +302,7 @@ def validate(
             dataset_id=dataset_id,
             failures=failures,
             evaluated=len(results),
+            checks=checks,
         )
         if site_paths is not None and gx_result is not None:
             result.data_docs = _build_docs(state, site_paths, gx_result, batch, expectations.name, dataset_id)

@@ -63,14 +63,19 @@ def _requester(ctx: StepContext) -> str:
 @step("sanitize_dataset")
 def sanitize_dataset(ctx: StepContext, *, dataset: str | dict, purpose: str) -> dict[str, Any]:
     """Sanitize a dataset for release; the result is a new catalog version whose parent is the input."""
+    from pipelines.data.lineage import entry, lineage_entries
     from pipelines.data.sanitize import report_paths
     from pipelines.data.sanitize import sanitize_dataset as run_sanitization
+    from pipelines.evidence import sanitization_md
 
     version, report = run_sanitization(ctx.paths, dataset_ref(dataset), purpose, actor=_requester(ctx))
-    report_json, _ = report_paths(ctx.paths.repo / "reports" / "sanitization", version.id)
+    report_json, report_md = report_paths(ctx.paths.repo / "reports" / "sanitization", version.id)
     print(f"sanitized {version.parents[0]} -> {version.id}: {report['rows_in']} rows in, {report['rows_out']} out")
+    evidence = sanitization_md(report, dataset=entry(version), lineage=lineage_entries(ctx.paths, [version.id]),
+                               report_name=report_md.name)
     return {"dataset_id": version.id, "source_id": version.parents[0], "report": str(report_json),
-            "passed": report["passed"], "remaining_sensitive_columns": report["remaining_sensitive_columns"]}
+            "passed": report["passed"], "remaining_sensitive_columns": report["remaining_sensitive_columns"],
+            "evidence_md": evidence}
 
 
 @step("validate_dataset")
@@ -78,11 +83,13 @@ def validate_dataset(ctx: StepContext, *, dataset: str | dict, suite: str = "tra
     """Run a Great Expectations suite; a failing version is quarantined and the step fails naming why."""
     from pipelines.data.catalog import get
     from pipelines.data.validate import validate_dataset as run_suite
+    from pipelines.evidence import validation_md
 
     version = get(ctx.paths, dataset_ref(dataset))
     result = run_suite(ctx.paths, version, suite, actor=_requester(ctx))
     print(f"{version.id}: suite {suite} passed")
-    return {"dataset_id": version.id, "md5": version.md5, "suite": suite, "success": result.success}
+    return {"dataset_id": version.id, "md5": version.md5, "suite": suite, "success": result.success,
+            "evidence_md": validation_md(result.to_dict())}
 
 
 @step("split_holdout")

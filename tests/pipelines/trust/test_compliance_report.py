@@ -69,7 +69,8 @@ def workspace(tmp_path_factory) -> dict:
     with pytest.raises(StepError, match="no acceptable damaged package"):
         run_step("receive_dataset", supplier, kind="damaged", name="damaged")
     rotation.rotate_keys(origin.paths)
-    return {"home": home, "sanitized": sanitized, "released": released, "damaged": damaged, "received": received}
+    return {"home": home, "sanitized": sanitized, "validated": validated, "released": released, "damaged": damaged,
+            "received": received}
 
 
 def _rows(page: str) -> list[str]:
@@ -168,3 +169,18 @@ def test_tampered_log_is_reported_broken_at_the_top(home, tmp_path):
     assert 'class="broken" id="chain"' in top and "AUDIT CHAIN BROKEN" in top
     assert re.search(r"line 3 \(seq 3\) was modified", top)
     assert "Audit chain verified" not in page
+
+
+def test_data_release_gate_evidence_from_the_real_steps(workspace):
+    """What the data_release gate page shows comes from the sanitize and validate steps' XComs."""
+    from pipelines.evidence import MAX_CHARS
+
+    sanitization, validation = workspace["sanitized"]["evidence_md"], workspace["validated"]["evidence_md"]
+    assert "| rows before | 100 |" in sanitization and "| rows after |" in sanitization
+    assert r"| columns dropped | sensor\_serial, operator, mission\_id, latitude, longitude |" in sanitization
+    assert r"capture\_time: truncated to the week" in sanitization
+    assert r"| critical\_outliers |" in sanitization and "classification **restricted**" in sanitization
+    assert r"  - origin/export\_authorized@" in sanitization  # lineage back to the raw version
+    assert validation.startswith("**Validation** (suite *release*, ") and "): passed" in validation
+    assert r"| expect\_table\_columns\_to\_exclude\_sensitive\_names | pass | 1 |  |" in validation
+    assert len(sanitization) <= MAX_CHARS and len(validation) <= MAX_CHARS
