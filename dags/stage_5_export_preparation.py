@@ -32,11 +32,12 @@ PARAMS = {
                          description="The export destination (a site with an export licence)."),
     "variant": Param("default", type="string", pattern="^[a-z0-9][a-z0-9-]{0,31}$",
                      description="Name of this export variant: lower-case letters, digits and dashes."),
-    "subset": Param({"labels": list(range(10))}, type="object",
-                    properties={"labels": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+    "subset": Param({}, type="object",
+                    properties={"labels": {"type": "array", "items": {"type": "integer", "minimum": 0},
                                            "minItems": 1, "uniqueItems": True}},
-                    required=["labels"], additionalProperties=False,
-                    description="Which export-authorized records to train on (by label)."),
+                    additionalProperties=False,
+                    description="Which export-authorized records to train on, by class index "
+                                "(e.g. {\"labels\": [0, 1, 2]}); empty: all of them."),
     "thresholds": Param({}, type="object", properties=export_threshold_schema(), additionalProperties=False,
                         description="Stricter release thresholds for this variant (never below policy)."),
 }

@@ -274,9 +274,14 @@ def _ensure_workspace(home: Path, sites: list[str]) -> None:
     if not missing:
         return
     from pipelines.init import init_workspace
+    from pipelines.profiles import ProfileError
 
     click.echo(f"initialising the workspace under {home} (factory init) ...")
-    init_workspace(home)
+    try:
+        init_workspace(home)
+    except ProfileError as error:
+        raise click.ClickException(f"{error}\n(sites {', '.join(missing)} are missing: run `factory init --profile "
+                                   "FILE` with the workspace's profile first)") from None
 
 
 def _print_summary(state: dict[str, Any]) -> None:

@@ -119,6 +119,10 @@ def _select(frame, subset: dict | None, spec: DataSpec):
         return frame
     labels = subset.get("labels")
     if labels is not None:
+        unknown = sorted(set(labels) - set(range(spec.n_classes)))
+        if unknown:
+            raise StepError(f"subset selector {subset}: no class {unknown} in this data "
+                            f"(class indices 0..{spec.n_classes - 1}: {', '.join(spec.classes)})")
         frame = frame[frame[spec.label_column].isin(labels)]
     if frame.empty:
         raise StepError(f"subset selector {subset} selects no records")

@@ -27,7 +27,8 @@ def stage5():
     ({"variant": "Night Variant!"}, "does not match"),
     ({"destination": "nowhere"}, "is not one of"),
     ({"subset": {"labels": []}}, "should be non-empty"),
-    ({"subset": {"labels": [11]}}, "greater than the maximum"),
+    ({"subset": {"labels": [-1]}}, "less than the minimum"),
+    ({"subset": {"classes": [1]}}, "Additional properties are not allowed"),
     ({"thresholds": {"supplier_test": 0.5}}, "less than the minimum"),
     ({"thresholds": {"made_up_metric": 0.99}}, "Additional properties are not allowed"),
 ])

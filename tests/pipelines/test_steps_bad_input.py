@@ -58,3 +58,9 @@ def test_corrupted_parquet_fails_validation_not_the_process(supplier_ctx: StepCo
 def test_train_refuses_unknown_profile(supplier_ctx: StepContext):
     with pytest.raises(StepError, match="unknown training profile 'fast'"):
         run_step("train_model", supplier_ctx, stage="M1", profile="fast", datasets=["train"])
+
+
+def test_train_refuses_a_subset_of_classes_the_data_does_not_have(supplier_ctx: StepContext):
+    with pytest.raises(StepError, match=r"no class \[10, 12\] in this data \(class indices 0..9"):
+        run_step("train_model", supplier_ctx, stage="M5", profile="export", datasets=["train"],
+                 subset={"labels": [3, 10, 12]})
