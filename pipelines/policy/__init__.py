@@ -100,6 +100,21 @@ def policy_data() -> dict[str, Any]:
     return copy.deepcopy(load_bundle().data.get("factory", {}))
 
 
+DEFAULT_END_USE = "evaluation"
+
+
+def default_end_use(recipient: str) -> str | None:
+    """The end use an export to `recipient` is requested for unless someone says otherwise:
+    "evaluation" where a licence of the recipient (policy data `export_licences`) names it, else the
+    first end use its licences name; None when it holds no licence naming one. Read from the policy
+    data alone (no Rego), so a DAG file may call it while it is parsed; `model_release` decides."""
+    licences = policy_data().get("export_licences", {}).get(recipient) or []
+    end_uses = [use for licence in licences for use in licence.get("end_uses") or [] if isinstance(use, str)]
+    if DEFAULT_END_USE in end_uses:
+        return DEFAULT_END_USE
+    return end_uses[0] if end_uses else None
+
+
 def release_thresholds(purpose: str) -> dict[str, float]:
     """The metric thresholds a model released for `purpose` ("collaboration" or "export") must meet,
     `{metric: minimum}`: the policy data the `model_release` gate enforces, so a step can hold a model

@@ -289,7 +289,8 @@ def release_document(ctx: StepContext, ref: registry.ModelRef, *, recipient: str
 
 
 def _release_input(ctx: StepContext, ref: registry.ModelRef, *, recipient: str, purpose: str,
-                   approvals: list[dict[str, Any]], requested_by: str | None = None) -> dict[str, Any]:
+                   approvals: list[dict[str, Any]], requested_by: str | None = None,
+                   end_use: str | None = None) -> dict[str, Any]:
     from pipelines.trust.signing import verify_model_dir
 
     meta = ref.metadata
@@ -306,6 +307,7 @@ def _release_input(ctx: StepContext, ref: registry.ModelRef, *, recipient: str, 
                   "signature": {"verified": signature_ok}, "lineage": meta.get("lineage", [])},
         "recipient": recipient, "purpose": purpose, "requested_by": requested_by or _requester(ctx),
         "approvals": approvals,
+        **({"end_use": end_use} if end_use is not None else {}),  # checked against the recipient's licence
     }
 
 
@@ -346,20 +348,22 @@ def release_model(ctx: StepContext, *, model: str | dict, recipient: str, purpos
 
 def release_checked_model(ctx: StepContext, ref: registry.ModelRef, *, recipient: str, purpose: str, kind: str,
                           key: str, approvals: list[dict[str, Any]], thresholds: dict[str, float] | None = None,
-                          requested_by: str | None = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+                          requested_by: str | None = None, metadata: dict[str, Any] | None = None,
+                          end_use: str | None = None) -> dict[str, Any]:
     """The run's thresholds and the model_release gate, then seal `ref` for `recipient` into the outbox.
 
     `approvals` must already be verified by the caller (`_verified_approvals`, or
     `pipelines.approvals.verified_document` for a partner's signed decision); `requested_by`
     (default: who runs this step) is who asked for the release; `metadata` travels in the package
     header beside the model's; `key` names the release in the site's `sent` records (a re-run of a
-    finished release returns what it sealed)."""
+    finished release returns what it sealed); `end_use` (an export's) goes to the gate, which checks
+    it against the recipient's licence."""
     from pipelines.trust import audit
 
     if sent := _already_sent(ctx, key):
         return sent
     document = _release_input(ctx, ref, recipient=recipient, purpose=purpose, approvals=approvals,
-                              requested_by=requested_by)
+                              requested_by=requested_by, end_use=end_use)
     for metric, floor in (thresholds or {}).items():  # a run may raise a threshold, never lower it
         value = document["model"]["metrics"].get(metric)
         if value is None or value < floor:
@@ -372,7 +376,8 @@ def release_checked_model(ctx: StepContext, ref: registry.ModelRef, *, recipient
                       "variant": ref.metadata.get("variant"), "approvals": document["approvals"]})
     audit.append(ctx.paths, action="model.released", actor=document["requested_by"], object=ref.uri,
                  outcome="success", details={"recipient": recipient, "purpose": purpose,
-                                             "package_id": header["package_id"], "approvals": document["approvals"]})
+                                             "package_id": header["package_id"], "approvals": document["approvals"],
+                                             **({"end_use": end_use} if end_use is not None else {})})
     record = {"package": str(target), "package_id": header["package_id"], "model": ref.uri,
               "recipient": recipient, "kind": kind}
     _remember(ctx, "sent", key, record)

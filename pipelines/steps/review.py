@@ -4,12 +4,13 @@ Each site runs its own part in its own Airflow; what passes between them is seal
 
 1. `request_review` (supplier, once M5 is registered) records the export REQUEST in the supplier's
    state (`export-requests.json`: request id = the preparation run's id, the model's uri and
-   digest, destination, variant, thresholds, requester) and sends M5 to the data owner for review
+   digest, destination, variant, thresholds, end use, requester) and sends M5 to the data owner for review
    (`model_release` gate, purpose `review`). The release later takes its parameters from this
    record, never from what comes back.
 2. `receive_review` (origin) opens the review package, checks that the model is the one the
    request names (its digest, computed here), registers it and evaluates it on the origin's own
-   test data, beside the origin's M3 and M4 on the same test set. The officer decides at a gate.
+   test data, beside the version it would replace and the origin's M3 and M4 on the same test set
+   (`pipelines.evidence.model_md`, the gate page's evidence). The officer decides at a gate.
 3. `send_approval` (origin) verifies the officer's signed answer at the origin and sends the
    decision to the requesting site as an approval DOCUMENT signed by the origin's key.
 4. `receive_approval` (supplier) opens the document, verifies the origin's signature with the
@@ -17,7 +18,9 @@ Each site runs its own part in its own Airflow; what passes between them is seal
    rejection ends the request (audited) and the run fails with the officer's reason.
 5. `release_export` (supplier, after its export-control officer's gate) verifies the stored
    document and the gate's signed answer again and releases the request's model to the request's
-   destination through the `model_release` export gate, with the request's variant and thresholds.
+   destination through the `model_release` export gate, with the request's variant, thresholds and
+   end use (which the gate checks against the destination's licence). Its officer's gate page shows
+   `receive_approval`'s evidence: the model on the supplier's test data and its checks.
 """
 
 from __future__ import annotations
@@ -49,12 +52,15 @@ REQUESTS = "export-requests"  # at the requesting site: request id -> request
 REVIEWS = "export-reviews"  # at the reviewing site: review package id -> review
 IN_REVIEW, APPROVED, REJECTED, RELEASED = "in_review", "approved", "rejected", "released"
 GATE = "model_release"
+EXPORT = "export"  # the release purpose of an export
+PARITY_METRIC = "onnx_parity_max_abs"  # a model's metric that is no test set (pipelines.steps.training.export_model)
 OWNER_ROLE = "compliance_officer"  # data.factory.officers.data_owner_role
 APPROVAL_CONTENT = "approval"
 MAX_DOCUMENT = 64 * 1024  # bytes of an approval document
 MAX_ID = 256  # characters of a request id (an Airflow run id)
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _PACKAGE_ID = re.compile(r"^[0-9a-f]{32}$")
+_END_USE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
 def _site(value: Any, what: str) -> str:
@@ -73,6 +79,17 @@ def _thresholds(value: Any) -> dict[str, float]:
     ):
         raise StepError(f"thresholds must map metric names to numbers, not {str(value)[:80]}")
     return {k: float(v) for k, v in value.items()}
+
+
+def _end_use(value: Any, destination: str) -> str | None:
+    """The end use of an export request: `value`, or the default of the destination's licence when empty."""
+    from pipelines.policy import default_end_use
+
+    if value in (None, ""):
+        return default_end_use(destination)
+    if not isinstance(value, str) or not _END_USE.match(value):
+        raise StepError(f"end use {str(value)[:40]!r} is not a short name (lower-case letters, digits, _ and -)")
+    return value
 
 
 def _requests_file(ctx: StepContext) -> Path:
@@ -113,11 +130,14 @@ def _set_status(ctx: StepContext, request_id: str, expected: str, status: str, *
 
 @step("request_review")
 def request_review(ctx: StepContext, *, model: str | dict, recipient: str, kind: str, destination: str,
-                   variant: str | None = None, thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+                   variant: str | None = None, thresholds: dict[str, float] | None = None,
+                   end_use: str | None = None) -> dict[str, Any]:
     """Record the export request of this run and send the model to the data owner `recipient` for review.
 
     The request (id = this DAG run's id) holds the model's uri and digest, the destination, the
-    variant and the thresholds; the release takes them from here. A model below the run's stricter
+    variant, the thresholds and the end use (default: `pipelines.policy.default_end_use` of the
+    destination's licence); the release takes them from here and the `model_release` export gate
+    checks the end use against the destination's licence. A model below the run's stricter
     thresholds is refused before anyone is asked."""
     from pipelines.learning.artifacts import model_digest
     from pipelines.trust import audit
@@ -132,6 +152,7 @@ def request_review(ctx: StepContext, *, model: str | dict, recipient: str, kind:
     if ctx.site in (destination, reviewer):
         raise StepError(f"{ctx.site} cannot export to or review for itself")
     thresholds = _thresholds(thresholds)
+    end_use = _end_use(end_use, destination)
     for metric, floor in thresholds.items():  # a run may raise a threshold, never lower it
         value = meta.get("metrics", {}).get(metric)
         if value is None or value < floor:
@@ -139,10 +160,10 @@ def request_review(ctx: StepContext, *, model: str | dict, recipient: str, kind:
     request = {
         "request_id": ctx.run_id, "model": ref.uri, "digest": model_digest(ref.model_dir), "stage": meta["stage"],
         "destination": destination, "variant": meta.get("variant") or registry.DEFAULT_VARIANT,
-        "thresholds": thresholds, "requested_by": _requester(ctx), "reviewer": reviewer,
+        "thresholds": thresholds, "end_use": end_use, "requested_by": _requester(ctx), "reviewer": reviewer,
     }
     known = _records(ctx, REQUESTS).get(ctx.run_id)
-    if known and {k: known[k] for k in request} != request:
+    if known and {k: known.get(k) for k in request} != request:
         raise StepError(f"export request {ctx.run_id} was made for {known['model']} to {known['destination']}; "
                         "one run makes one request")
     sent = release_checked_model(
@@ -179,6 +200,9 @@ def _request_problem(request: Any, header: dict[str, Any]) -> str | None:
         return "its request carries no sha256 model digest"
     if request.get("destination") not in SITES:
         return "its request names no configured destination"
+    if request.get("end_use") is not None and not (isinstance(request["end_use"], str)
+                                                    and _END_USE.match(request["end_use"])):
+        return "its request's end use is not a short name"
     try:
         _thresholds(request.get("thresholds"))
     except StepError as error:
@@ -186,34 +210,79 @@ def _request_problem(request: Any, header: dict[str, Any]) -> str | None:
     return None
 
 
-def _comparison(ctx: StepContext, metric_keys: list[str]) -> dict[str, dict[str, Any]]:
-    """This site's own M3 and M4 on the same test sets, from their registry tags (where it holds them)."""
-    found = {}
-    for stage in ("M3", "M4"):
+def _metrics(ref: registry.ModelRef, metric_keys: list[str] | None = None) -> dict[str, float]:
+    """A registered model's metrics on this site's test sets: its registry tags, else its metadata's."""
+    tagged = {k.removeprefix("factory.metric."): float(v) for k, v in ref.tags.items()
+              if k.startswith("factory.metric.")}
+    metrics = tagged or {k: float(v) for k, v in (ref.metadata.get("metrics") or {}).items()}
+    return {k: v for k, v in metrics.items() if metric_keys is None or k in metric_keys}
+
+
+def _comparison(ctx: StepContext, ref: registry.ModelRef, metric_keys: list[str],
+                own_stages: tuple[str, ...]) -> list[dict[str, Any]]:
+    """What a model is compared with on a gate page: the version of it registered before (the one it
+    would replace) and this site's own models of `own_stages`, each with its metrics on the same test
+    sets (those this site holds them for)."""
+    found = []
+    if ref.version.isdigit() and int(ref.version) > 1:
         try:
-            ref = registry.resolve_model(ctx.paths, stage)
+            previous = registry.resolve_model(ctx.paths, f"{ref.name}/{int(ref.version) - 1}")
+            found.append({"label": "previous version (it would replace)", "model": previous.uri,
+                          "metrics": _metrics(previous, metric_keys)})
+        except registry.ModelNotFound:
+            pass
+    for stage in own_stages:
+        try:
+            own = registry.resolve_model(ctx.paths, stage)
         except registry.ModelNotFound:
             continue
-        metrics = {k: float(ref.tags[f"factory.metric.{k}"]) for k in metric_keys if f"factory.metric.{k}" in ref.tags}
-        if metrics:
-            found[stage] = {"model": ref.uri, "metrics": metrics}
+        metrics = _metrics(own, metric_keys)
+        if metrics and own.uri != ref.uri:
+            found.append({"label": f"{stage} ({ctx.site}'s own)", "model": own.uri, "metrics": metrics})
     return found
 
 
+def _required(check: str) -> bool | None:
+    """Whether the policy data requires `check` (signature, watermark) of an export; None where it says nothing."""
+    from pipelines.policy import policy_data
+
+    required = policy_data().get("release_verification", {}).get(EXPORT, {}).get(check)
+    return required if isinstance(required, bool) else None
+
+
+def _signature_check(ctx: StepContext, ref: registry.ModelRef) -> dict[str, Any]:
+    from pipelines.trust.signing import verify_model_dir
+
+    try:
+        verify_model_dir(ref.model_dir, paths=ctx.paths, signer_site=ref.metadata["site"])
+    except Exception as error:  # any failure is shown as a failed check; the gate denies it too
+        return {"passed": False, "required": _required("signature"), "detail": str(error)[:200]}
+    return {"passed": True, "required": _required("signature"),
+            "detail": f"verified at {ctx.site} against {ref.metadata['site']}'s key"}
+
+
+def export_evidence(ctx: StepContext, model: str) -> str:
+    """The export-control gate's evidence at the requesting site: the model's metrics on this site's
+    test sets beside the version it would replace and this site's own M1, and the checks."""
+    from pipelines.evidence import model_md
+
+    ref = registry.resolve_model(ctx.paths, model)
+    metrics = _metrics(ref)
+    checks = {"signature": _signature_check(ctx, ref)}
+    if (parity := metrics.pop(PARITY_METRIC, None)) is not None:  # not a test set: export_model's ONNX check
+        checks["ONNX parity"] = {"passed": True, "required": None,
+                                 "detail": f"largest difference to PyTorch {parity:.2e} on the parity set"}
+    stage = ref.metadata.get("stage", "model")
+    return model_md({"label": f"{stage} to export", "short": stage, "model": ref.uri, "metrics": metrics},
+                    _comparison(ctx, ref, sorted(metrics), ("M1",)), checks)
+
+
 def _evidence(review: dict[str, Any]) -> str:
-    """The review's metrics as a Markdown table: the model under review, then this site's M3 and M4,
-    each with the difference of the reviewed model to it."""
-    keys = sorted(review["metrics"])
-    rows = [f"| model | {' | '.join(keys)} |", "|---|" + "---|" * len(keys),
-            f"| **{review['stage']}** `{review['here']}` (under review) | "
-            + " | ".join(f"{review['metrics'][k]:.4f}" for k in keys) + " |"]
-    for stage, other in review["comparison"].items():
-        cells = []
-        for k in keys:
-            value = other["metrics"].get(k)
-            cells.append("" if value is None else f"{value:.4f} ({review['stage']} {review['metrics'][k] - value:+.4f})")
-        rows.append(f"| {stage} `{other['model']}` | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    """The review's gate evidence: the model under review beside what it is compared with, and the checks."""
+    from pipelines.evidence import model_md
+
+    return model_md({"label": f"{review['stage']} under review", "short": review["stage"], "model": review["here"],
+                     "metrics": review["metrics"]}, review["comparison"], review.get("checks"))
 
 
 @step("receive_review")
@@ -244,8 +313,14 @@ def receive_review(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) ->
         "request_id": request["request_id"], "model": request["model"], "digest": request["digest"],
         "stage": request["stage"], "destination": request["destination"], "variant": request["variant"],
         "thresholds": _thresholds(request.get("thresholds")), "requested_by": request["requested_by"],
+        "end_use": request.get("end_use"),
         "here": f"{record['name']}/{record['version']}", "metrics": record["metrics"],
-        "comparison": _comparison(ctx, sorted(record["metrics"])), "status": "pending",
+        "comparison": _comparison(ctx, registry.resolve_model(ctx.paths, f"{record['name']}/{record['version']}"),
+                                  sorted(record["metrics"]), ("M3", "M4")),
+        "checks": {"signature": {"passed": True, "required": _required("signature"),
+                                 "detail": f"signature, provenance and BOM verified against {header['sender']}'s key "
+                                           "at intake here"}},
+        "status": "pending",
     }
     review["evidence"] = _evidence(review)
     _remember(ctx, REVIEWS, review["review_id"], review)
@@ -369,7 +444,10 @@ def receive_approval(ctx: StepContext, *, kind: str, gate_name: str = GATE,
               "from": header["sender"], "request_id": request["request_id"], "decision": approval["decision"],
               "officer": approval["user"], "comment": approval["comment"], "model": request["model"],
               "digest": request["digest"], "destination": request["destination"], "variant": request["variant"],
-              "thresholds": request["thresholds"], "requested_by": request["requested_by"]}
+              "thresholds": request["thresholds"], "end_use": request.get("end_use"),
+              "requested_by": request["requested_by"]}
+    if approved:
+        record["evidence_md"] = export_evidence(ctx, request["model"])
     _remember(ctx, "received", header["package_id"], record)
     if not approved:
         raise _rejected(record)
@@ -405,8 +483,9 @@ def release_export(ctx: StepContext, *, request: str | dict, approvals: Any, rec
     ref = registry.resolve_model(ctx.paths, record["model"])
     if model_digest(ref.model_dir) != record["digest"]:
         raise StepError(f"{ref.uri} no longer has the digest export request {request_id} was approved for")
-    sent = release_checked_model(ctx, ref, recipient=record["destination"], purpose="export", kind=kind, key=key,
+    sent = release_checked_model(ctx, ref, recipient=record["destination"], purpose=EXPORT, kind=kind, key=key,
                                  approvals=[owner_approval, *own], thresholds=record["thresholds"],
-                                 requested_by=record["requested_by"], metadata={"request_id": request_id})
+                                 requested_by=record["requested_by"], end_use=record.get("end_use"),
+                                 metadata={"request_id": request_id, "end_use": record.get("end_use")})
     _set_status(ctx, request_id, APPROVED, RELEASED, release_package=sent["package_id"])
     return {**sent, "request_id": request_id}

@@ -102,24 +102,36 @@ def test_request_review_approval_release_end_to_end(home, m5):
     assert request["status"] == "in_review" and request["model"] == f"{m5['name']}/{m5['version']}"
     assert request["digest"].startswith("sha256:") and request["thresholds"] == {"supplier_test": 0.9}
     assert requested["kind"] == "m5-review" and requested["recipient"] == "origin"
+    assert request["end_use"] == "evaluation"  # the default of the destination's licence (policy data)
 
     reviewed = _review(home, "review-1")
     review = reviewed["review"]
     assert review["request_id"] == "prepare-1" and review["digest"] == request["digest"]
     assert 0.0 <= review["metrics"]["origin_test"] <= 1.0  # evaluated at the origin, where its test data lives
-    assert "origin_test" in review["evidence"] and review["here"].startswith("digits-cnn-m5-default/")
+    assert review["here"].startswith("digits-cnn-m5-default/") and review["end_use"] == "evaluation"
+    # the review gate's evidence: M5 on the origin's own test data beside the origin's M3 and M4, and the checks
+    evidence = review["evidence"].splitlines()
+    assert evidence[0] == r"| model | origin\_test |"
+    assert any(line.startswith(r"| **M5 under review** digits\-cnn\-m5\-default/") for line in evidence)
+    assert not any("own\\)" in line for line in evidence)  # this workspace's origin holds no M3 or M4 yet
+    assert any(line.startswith("| signature | pass | required | ") for line in evidence)
+    assert "| watermark | not available |  |  |" in evidence and "| privacy | not available |  |  |" in evidence
     assert reviewed["sent"]["decision"] == "approve"
 
     supplier = _ctx(home, "supplier", run_id="release-1", dag_id="stage_5_export_release")
     decided = run_step("receive_approval", supplier, kind="m5-approval")
     assert decided["request_id"] == "prepare-1" and decided["officer"] == "origin_officer"
     assert _requests(home)["prepare-1"]["status"] == "approved"
+    # the export-control gate's evidence at the supplier: M5 on the supplier's test data, the signature checked here
+    assert decided["end_use"] == "evaluation"
+    assert r"| model | supplier\_test |" in decided["evidence_md"]
+    assert "| signature | pass | required | verified at supplier" in decided["evidence_md"]
     export_ok = _answer(supplier, user="supplier_export_officer", role="export_control_officer")
     released = run_step("release_export", supplier, request=decided, approvals=[export_ok],
                         recipient="destination", kind="m5")
     assert _requests(home)["prepare-1"]["status"] == "released"
     (entry,) = [e for e in _actions(supplier.paths, "model.released") if e["details"]["package_id"] == released["package_id"]]
-    assert entry["details"]["purpose"] == "export"
+    assert entry["details"]["purpose"] == "export" and entry["details"]["end_use"] == "evaluation"
     assert [(a["user"], a["site"]) for a in entry["details"]["approvals"]] == [
         ("origin_officer", "origin"), ("supplier_export_officer", "supplier")]
 
@@ -182,6 +194,41 @@ def test_review_goes_only_to_a_data_owner_of_the_model(home, m5):
     with pytest.raises(StepError, match="below this variant's threshold 0.999"):
         _request(home, m5, "prepare-5", thresholds={"supplier_test": 0.999})
     assert "prepare-4" not in _requests(home) and "prepare-5" not in _requests(home)
+
+
+def test_end_use_the_licence_does_not_cover_is_denied_by_the_export_gate(home, m5):
+    """The end use is a parameter of the request, shown to both officers and decided by model_release
+    (the real policy engine) against the destination's licence."""
+    with pytest.raises(StepError, match="end use 'Targeting!' is not a short name"):
+        _request(home, m5, "prepare-9", end_use="Targeting!")
+    _request(home, m5, "prepare-8", end_use="targeting")
+    assert _requests(home)["prepare-8"]["end_use"] == "targeting"
+    review = _review(home, "review-8")["review"]
+    assert review["end_use"] == "targeting"
+    # an earlier review registered M5 here before: the page shows it as the version this one would replace
+    (previous,) = [line for line in review["evidence"].splitlines() if line.startswith("| previous version")]
+    assert r"digits\-cnn\-m5\-default/" in previous and "(M5 " in previous
+    supplier = _ctx(home, "supplier", run_id="release-8", dag_id="stage_5_export_release")
+    decided = run_step("receive_approval", supplier, kind="m5-approval")
+    assert decided["request_id"] == "prepare-8" and decided["end_use"] == "targeting"
+    before = set(supplier.paths.outbox.glob("m5-*.sfp"))
+    export_ok = _answer(supplier, user="supplier_export_officer", role="export_control_officer")
+    with pytest.raises(StepError, match="model_release gate denied: export licence EL-2026-0042 of destination "
+                                        "does not cover end use targeting"):
+        run_step("release_export", supplier, request=decided, approvals=[export_ok], recipient="destination",
+                 kind="m5")
+    assert set(supplier.paths.outbox.glob("m5-*.sfp")) == before
+    denied = [e for e in _actions(supplier.paths, "policy.decision") if e["outcome"] == "deny"
+              and e["details"].get("subject", {}).get("end_use") == "targeting"]
+    assert denied and denied[-1]["details"]["subject"]["recipient"] == "destination"
+    assert _requests(home)["prepare-8"]["status"] == "approved"  # not released
+
+
+def test_default_end_use_comes_from_the_destination_licence():
+    from pipelines.policy import default_end_use
+
+    assert default_end_use("destination") == "evaluation"
+    assert default_end_use("origin") is None  # no licence: no end use, and the export gate denies
 
 
 # ---------------------------------------------------------------- the approval document itself
@@ -311,12 +358,17 @@ def test_send_approval_refuses_an_answer_not_signed_here_and_sends_nothing(home,
 def test_evidence_shows_the_reviewed_model_beside_the_sites_own_models():
     from pipelines.steps.review import _evidence
 
-    text = _evidence({"stage": "M5", "here": "digits-cnn-m5-default/1", "metrics": {"origin_test": 0.87},
-                      "comparison": {"M3": {"model": "digits-cnn-m3/1", "metrics": {"origin_test": 0.92}},
-                                     "M4": {"model": "digits-cnn-m4/2", "metrics": {}}}})
-    assert text.splitlines() == [
-        "| model | origin_test |", "|---|---|",
-        "| **M5** `digits-cnn-m5-default/1` (under review) | 0.8700 |",
-        "| M3 `digits-cnn-m3/1` | 0.9200 (M5 -0.0500) |",
-        "| M4 `digits-cnn-m4/2` |  |",
+    text = _evidence({"stage": "M5", "here": "digits-cnn-m5-default/2", "metrics": {"origin_test": 0.87},
+                      "comparison": [
+                          {"label": "previous version (it would replace)", "model": "digits-cnn-m5-default/1",
+                           "metrics": {"origin_test": 0.86}},
+                          {"label": "M3 (origin's own)", "model": "digits-cnn-m3/1", "metrics": {"origin_test": 0.92}},
+                          {"label": "M4 (origin's own)", "model": "digits-cnn-m4/2", "metrics": {}}]})
+    assert text.splitlines()[:7] == [
+        r"| model | origin\_test |", "|---|---|",
+        r"| **M5 under review** digits\-cnn\-m5\-default/2 | 0.8700 |",
+        r"| previous version \(it would replace\) digits\-cnn\-m5\-default/1 | 0.8600 (M5 +0.0100) |",
+        r"| M3 \(origin's own\) digits\-cnn\-m3/1 | 0.9200 (M5 -0.0500) |",
+        r"| M4 \(origin's own\) digits\-cnn\-m4/2 |  |",
+        "",
     ]
