@@ -1,8 +1,10 @@
 """Stage 5 — export model preparation at the supplier: one run is one **export variant** and one export request.
 
 Engineers trigger it with a destination, a variant name, the selector of the
-export-authorized subset to train on, and optionally stricter release thresholds
-(a run may raise a threshold, never lower it). The supplier trains **M5** on its
+export-authorized subset to train on, optionally stricter release thresholds
+(a run may raise a threshold, never lower it) and the end use (default: the one
+the destination's export licence names in the policy data; the `model_release`
+export gate denies an end use the licence does not cover). The supplier trains **M5** on its
 own data and the origin's export-authorized data and registers the variant. It
 then records the export request (this run's id, the model and its digest, the
 destination, variant and thresholds) and sends M5 to the origin for review
@@ -25,6 +27,8 @@ from factory_plugin.flows import (
 )
 from factory_plugin.steps import step_task
 
+from pipelines.policy import default_end_use
+
 SITE = "supplier"
 
 PARAMS = {
@@ -40,6 +44,10 @@ PARAMS = {
                                 "(e.g. {\"labels\": [0, 1, 2]}); empty: all of them."),
     "thresholds": Param({}, type="object", properties=export_threshold_schema(), additionalProperties=False,
                         description="Stricter release thresholds for this variant (never below policy)."),
+    "end_use": Param(default_end_use("destination") or "", type="string", pattern="^([a-z0-9][a-z0-9_-]{0,63})?$",
+                     description="What the destination will use the model for; the model_release export gate "
+                                 "checks it against the destination's export licence (policy data "
+                                 "export_licences). Empty: the licence's default."),
 }
 
 
@@ -52,7 +60,7 @@ def stage_5_export_preparation():
                                subset="{{ params.subset }}", after=[validated])
     step_task("request_review", site=SITE, model=registered, recipient="origin", kind="m5-review",
               destination="{{ params.destination }}", variant="{{ params.variant }}",
-              thresholds="{{ params.thresholds }}")
+              thresholds="{{ params.thresholds }}", end_use="{{ params.end_use }}")
 
 
 if site_enabled(SITE):

@@ -31,6 +31,7 @@ def stage5():
     ({"subset": {"classes": [1]}}, "Additional properties are not allowed"),
     ({"thresholds": {"supplier_test": 0.5}}, "less than the minimum"),
     ({"thresholds": {"made_up_metric": 0.99}}, "Additional properties are not allowed"),
+    ({"end_use": "Targeting!"}, "does not match"),
 ])
 def test_bad_params_are_refused_with_the_schema_message(stage5, conf, message):
     from airflow.sdk.definitions.param import ParamsDict
@@ -49,14 +50,15 @@ def test_stricter_thresholds_and_defaults_are_accepted(stage5):
     params = ParamsDict(stage5.params)
     params.update({"variant": "night-v2", "thresholds": {"supplier_test": 0.95}, "subset": {"labels": [0, 1, 7]}})
     assert params.validate()["thresholds"] == {"supplier_test": 0.95}
+    assert params.validate()["end_use"] == "evaluation"  # the destination licence's default (policy data)
 
 
 def test_the_params_go_into_the_export_request_sent_for_review(stage5):
     request = stage5.get_task("request_review")
     _, site, params = request.op_args
     assert site == "supplier" and params["recipient"] == "origin" and params["kind"] == "m5-review"
-    assert {params[name] for name in ("destination", "variant", "thresholds")} == {
-        "{{ params.destination }}", "{{ params.variant }}", "{{ params.thresholds }}"}
+    assert {params[name] for name in ("destination", "variant", "thresholds", "end_use")} == {
+        "{{ params.destination }}", "{{ params.variant }}", "{{ params.thresholds }}", "{{ params.end_use }}"}
     assert "training_flow.register_model" in request.get_flat_relative_ids(upstream=True)
 
 
