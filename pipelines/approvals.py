@@ -213,11 +213,13 @@ def verify_answer(record: Any, *, gate_name: str, owner_site: str, required_role
 
 
 def sign_document(paths: SitePaths, *, recipient: str, gate_name: str, request_id: str, model_uri: str,
-                  model_digest: str, approval: dict[str, Any], answer: dict[str, Any] | None = None) -> dict[str, Any]:
+                  model_digest: str, approval: dict[str, Any], answer: dict[str, Any] | None = None,
+                  end_use: str | None = None) -> dict[str, Any]:
     """A decision of this site on `recipient`'s request, signed by this site.
 
     `approval` is what `verified_decision` returned for this site's officer; `answer` (optional)
-    names the gate run that recorded it (`dag_id`, `run_id`, `task_id`) for the audit trail."""
+    names the gate run that recorded it (`dag_id`, `run_id`, `task_id`) for the audit trail;
+    `end_use` is the end use the request named (the officer decided on that one)."""
     document = {
         "type": DOCUMENT_TYPE,
         "signer": paths.site,
@@ -225,6 +227,7 @@ def sign_document(paths: SitePaths, *, recipient: str, gate_name: str, request_i
         "gate": gate_name,
         "request_id": request_id,
         "model": {"uri": model_uri, "digest": model_digest},
+        "end_use": end_use,
         "decision": approval["decision"],
         "officer": {"user": approval["user"], "site": approval["site"], "roles": list(approval["roles"])},
         "comment": approval.get("comment") or "",
@@ -249,16 +252,20 @@ def _document_problem(document: dict[str, Any]) -> str | None:
         return "its decision is neither approve nor reject"
     if not all(isinstance(document.get(k), str) and len(document[k]) <= MAX_TEXT for k in ("request_id", "comment")):
         return "its request id or comment is not a short text"
+    if document.get("end_use") is not None and not (isinstance(document["end_use"], str)
+                                                     and len(document["end_use"]) <= MAX_TEXT):
+        return "its end use is not a short text"
     return None
 
 
 def verified_document(document: Any, *, site_paths: SitePaths, owner_site: str, gate_name: str, required_role: str,
-                      request_id: str, model_uri: str, model_digest: str, requested_by: str | None) -> dict:
+                      request_id: str, model_uri: str, model_digest: str, requested_by: str | None,
+                      end_use: str | None = None) -> dict:
     """Check an approval document from `owner_site` at the verifying site `site_paths` and return the
     approval `{user, site, roles, decision, comment, responded_at, request_id, signed_by, key_id}`.
 
     It must be addressed to this site, signed by a key of `owner_site` this site trusts, name exactly
-    this request and this model (uri and digest), and its officer must belong to `owner_site` and be
+    this request, this model (uri and digest) and this end use (None: the request named none), and its officer must belong to `owner_site` and be
     allowed by the `approval` policy evaluated here (not the requester). Every check is audited here
     (`approval.document`); a refusal raises ApprovalRefused. A valid rejection is returned (`decision:
     "reject"`): the caller ends the request on it.
@@ -288,6 +295,9 @@ def verified_document(document: Any, *, site_paths: SitePaths, owner_site: str, 
     if (document["model"]["uri"], document["model"]["digest"]) != (model_uri, model_digest):
         refuse(f"it names model {_short(document['model']['uri'])} ({_short(document['model']['digest'], 80)}), "
                f"not {model_uri} ({model_digest})", "other_model")
+    if document.get("end_use") != end_use:
+        refuse(f"it approves end use {_short(document.get('end_use'), 64)!r}, not {_short(end_use, 64)!r}",
+               "other_end_use")
     officer = document["officer"]
     verdict = _allowed(site_paths, user={"id": officer["user"], "site": officer["site"], "roles": officer["roles"]},
                        gate_name=gate_name, owner_site=owner, required_role=required_role, requested_by=requested_by)

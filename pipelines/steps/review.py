@@ -352,7 +352,7 @@ def send_approval(ctx: StepContext, *, review: str | dict, approval: Any, recipi
                                  run_id=ctx.run_id)
     document = sign_document(ctx.paths, recipient=recipient, gate_name=gate_name, request_id=record["request_id"],
                              model_uri=record["model"], model_digest=record["digest"], approval=decision,
-                             answer=approval)
+                             answer=approval, end_use=record.get("end_use"))
     scratch = Path(tempfile.mkdtemp(prefix="approval-", dir=ctx.paths.state_dir))
     try:
         content = write_json(scratch / "approval.json", document)
@@ -384,7 +384,7 @@ def _checked_document(ctx: StepContext, request: dict[str, Any], document: Any, 
     return verified_document(document, site_paths=ctx.paths, owner_site=request["reviewer"], gate_name=gate_name,
                              required_role=required_role, request_id=request["request_id"],
                              model_uri=request["model"], model_digest=request["digest"],
-                             requested_by=request["requested_by"])
+                             requested_by=request["requested_by"], end_use=request.get("end_use"))
 
 
 def _rejected(record: dict[str, Any]) -> StepError:

@@ -124,6 +124,7 @@ def test_request_review_approval_release_end_to_end(home, m5):
     assert _requests(home)["prepare-1"]["status"] == "approved"
     # the export-control gate's evidence at the supplier: M5 on the supplier's test data, the signature checked here
     assert decided["end_use"] == "evaluation"
+    assert _requests(home)["prepare-1"]["approval"]["end_use"] == "evaluation"  # what the origin signed
     assert r"| model | supplier\_test |" in decided["evidence_md"]
     assert "| signature | pass | required | verified at supplier" in decided["evidence_md"]
     export_ok = _answer(supplier, user="supplier_export_officer", role="export_control_officer")
@@ -244,7 +245,7 @@ def _document(home: Path, request: dict, *, signer: str = "origin", **override) 
     approval = {"user": "origin_officer", "site": "origin", "roles": ["compliance_officer"], "decision": "approve",
                 "comment": "ok", "responded_at": ANSWERED_AT}
     fields = {"request_id": request["request_id"], "model_uri": request["model"], "model_digest": request["digest"],
-              **override}
+              "end_use": request.get("end_use"), **override}
     return sign_document(SitePaths.of(signer, home), recipient="supplier", gate_name="model_release",
                          approval=approval, **fields)
 
@@ -253,7 +254,8 @@ def _verify(home: Path, document: dict, request: dict) -> dict:
     return verified_document(document, site_paths=SitePaths.of("supplier", home), owner_site="origin",
                              gate_name="model_release", required_role="compliance_officer",
                              request_id=request["request_id"], model_uri=request["model"],
-                             model_digest=request["digest"], requested_by=request["requested_by"])
+                             model_digest=request["digest"], requested_by=request["requested_by"],
+                             end_use=request.get("end_use"))
 
 
 def test_document_signed_by_the_origin_verifies_at_the_supplier(home, request_a):
@@ -268,6 +270,7 @@ def test_document_signed_by_the_origin_verifies_at_the_supplier(home, request_a)
     ("other-key", "not signed by site origin .*unknown signing key"),
     ("other-request", "it answers request prepare-b, not this one"),
     ("other-digest", "it names model .* not "),
+    ("other-end-use", "it approves end use 'targeting', not 'evaluation'"),
     ("not-an-officer", "may not decide it"),
 ])
 def test_document_that_does_not_hold_is_refused_and_audited(home, request_a, case, match):
@@ -282,11 +285,13 @@ def test_document_that_does_not_hold_is_refused_and_audited(home, request_a, cas
         document = _document(home, request_a, request_id="prepare-b")
     elif case == "other-digest":
         document = _document(home, request_a, model_digest="sha256:" + "0" * 64)
+    elif case == "other-end-use":  # approved for one end use, released for another
+        document = _document(home, request_a, end_use="targeting")
     else:
         document = sign_document(SitePaths.of("origin", home), recipient="supplier", gate_name="model_release",
                                  request_id="prepare-a", model_uri=request_a["model"], model_digest=request_a["digest"],
                                  approval={"user": "origin_engineer", "site": "origin", "roles": ["engineer"],
-                                           "decision": "approve"})
+                                           "decision": "approve"}, end_use=request_a["end_use"])
     before = len(_actions(supplier, "approval.document"))
     with pytest.raises(ApprovalRefused, match=match):
         _verify(home, document, request_a)
