@@ -206,3 +206,33 @@ def test_compliance_report_of_the_full_run(collaboration: Path, tmp_path: Path):
     assert gate and any('class="allow"' in r for r in gate)
     assert any("approval.answered" in r and "origin_officer" in r for r in re.findall(r"<tr>.*?</tr>", pages["origin"],
                                                                                       flags=re.S))
+
+
+def test_gate_pages_showed_the_evidence(collaboration: Path):
+    """The approval pages of the run, as Airflow rendered them for the officers (its REST API): the data
+    release pages show what sanitization and validation did, the origin's review page M5 on the origin's
+    own test data and the end use, the export-control page M5 on the supplier's test data and its checks."""
+    from airflow.api_fastapi.app import create_app
+    from fastapi.testclient import TestClient
+
+    from pipelines.service.airflow_env import passwords_file
+    from pipelines.service.approvals import token
+
+    client = TestClient(create_app(), base_url="http://localhost")
+    password = json.loads(passwords_file(collaboration).read_text())["admin"]
+    response = client.get("/api/v2/dags/~/dagRuns/~/hitlDetails", params={"limit": 1000},
+                          headers={"Authorization": f"Bearer {token(client, 'admin', password)}"})
+    assert response.status_code == 200, response.text
+    bodies: dict[str, list[str]] = {}
+    for detail in response.json()["hitl_details"]:
+        bodies.setdefault(detail["task_instance"]["dag_id"], []).append(detail["body"] or "")
+    (data_release,) = bodies["stage_5_export_data_release"][:1]
+    assert "**Sanitization** (rules of origin for *export*): passed" in data_release
+    assert "| rows before |" in data_release and "**Lineage** back to the raw source:" in data_release
+    assert "**Validation** (suite *release*" in data_release and "reports/sanitization" not in data_release
+    review = bodies["stage_5_export_review"][0]
+    assert "| **M5 under review** " in review and r"origin\_test" in review
+    assert "End use: `evaluation`" in review and "| watermark | not available |" in review
+    export_control = bodies["stage_5_export_release"][0]
+    assert "| **M5 to export** " in export_control and r"supplier\_test" in export_control
+    assert "| signature | pass | required |" in export_control and "end use `evaluation`" in export_control
