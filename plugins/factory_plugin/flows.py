@@ -8,6 +8,7 @@ from typing import Any
 
 from airflow.sdk import Asset, Param, task, task_group
 
+from factory_plugin.data_docs import URL_PREFIX as DATA_DOCS_PREFIX
 from factory_plugin.steps import step_task
 from pipelines.config import load_config
 
@@ -116,6 +117,9 @@ def data_release_flow(*, site: str, stage: int, recipient: str, purpose: str, ki
         "derived from `{{ ti.xcom_pull(task_ids='sanitize_dataset')['source_id'] }}`\n\n"
         "{{ ti.xcom_pull(task_ids='sanitize_dataset').get('evidence_md', '') }}\n\n"
         "{{ ti.xcom_pull(task_ids='validate_release').get('evidence_md', '') }}\n\n"
+        f"[Open the validation's Data Docs page]({DATA_DOCS_PREFIX}/{site}/validation?suite=release&dataset="
+        "{{ ti.xcom_pull(task_ids='validate_release')['dataset_id'] | urlencode }}) "
+        f"(served by {site}'s Airflow to its compliance officers)\n\n"
         "The `data_release` policy then needs: sanitization passed with no sensitive column left, validation "
         f"success, a dataset that is not local-only and is releasable to {recipient}, and your approval "
         "(a compliance officer of the owner site who is not the requester)."
