@@ -4,7 +4,11 @@ Engineers trigger it with a destination, a variant name, the selector of the
 export-authorized subset to train on, optionally stricter release thresholds
 (a run may raise a threshold, never lower it) and the end use (default: the one
 the destination's export licence names in the policy data; the `model_release`
-export gate denies an end use the licence does not cover). The supplier trains **M5** on its
+export gate denies an end use the licence does not cover) and the variant's capability
+restrictions (`{"abstain_classes": [3, 7], "max_confidence": 0.9}`, both optional: classes the
+served model abstains on, a cap on the confidence it returns; they become part of the signed
+model, `model_release` checks them against what the destination's licence requires and
+`factory serve` enforces them). The supplier trains **M5** on its
 own data and the origin's export-authorized data and registers the variant. It
 then records the export request (this run's id, the model and its digest, the
 destination, variant and thresholds) and sends M5 to the origin for review
@@ -44,6 +48,15 @@ PARAMS = {
                                 "(e.g. {\"labels\": [0, 1, 2]}); empty: all of them."),
     "thresholds": Param({}, type="object", properties=export_threshold_schema(), additionalProperties=False,
                         description="Stricter release thresholds for this variant (never below policy)."),
+    "restrictions": Param({}, type="object",
+                          properties={"abstain_classes": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                                          "minItems": 1, "uniqueItems": True},
+                                      "max_confidence": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}},
+                          additionalProperties=False,
+                          description="Capability restrictions of this variant: classes the served model abstains "
+                                      "on (by class index) and the largest confidence it returns, e.g. "
+                                      "{\"abstain_classes\": [3, 7], \"max_confidence\": 0.9}; empty: none. "
+                                      "Class indices are checked against the data when training starts."),
     "end_use": Param(default_end_use("destination") or "", type="string", pattern="^([a-z0-9][a-z0-9_-]{0,63})?$",
                      description="What the destination will use the model for; the model_release export gate "
                                  "checks it against the destination's export licence (policy data "
@@ -57,10 +70,12 @@ PARAMS = {
 def stage_5_export_preparation():
     validated = dataset_intake(site=SITE, kind="origin-export", name="origin-export")
     registered = training_flow(site=SITE, stage="M5", profile="export", variant="{{ params.variant }}",
-                               subset="{{ params.subset }}", after=[validated])
+                               subset="{{ params.subset }}", restrictions="{{ params.restrictions }}",
+                               after=[validated])
     step_task("request_review", site=SITE, model=registered, recipient="origin", kind="m5-review",
               destination="{{ params.destination }}", variant="{{ params.variant }}",
-              thresholds="{{ params.thresholds }}", end_use="{{ params.end_use }}")
+              thresholds="{{ params.thresholds }}", end_use="{{ params.end_use }}",
+              restrictions="{{ params.restrictions }}")
 
 
 if site_enabled(SITE):

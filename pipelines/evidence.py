@@ -172,14 +172,28 @@ def _metric(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
 
 
+def restrictions_text(restrictions: Mapping[str, Any] | None) -> str:
+    """A model's capability restrictions in words (Markdown-escaped): "none" when it has none."""
+    parts = []
+    classes = (restrictions or {}).get("abstain_classes")
+    if classes:
+        parts.append(f"abstains on classes {listed(classes)}")
+    cap = (restrictions or {}).get("max_confidence")
+    if cap is not None:
+        parts.append(f"confidence capped at {text(cap)}")
+    return "; ".join(parts) or "none"
+
+
 def model_md(candidate: Mapping[str, Any], others: list[Mapping[str, Any]],
-             checks: Mapping[str, Mapping[str, Any] | None] | None = None) -> str:
+             checks: Mapping[str, Mapping[str, Any] | None] | None = None, *,
+             restrictions: Mapping[str, Any] | None = None) -> str:
     """The candidate's metrics on each test set beside the models it is compared with, and the checks.
 
     `candidate`: {label, model, metrics}; `others`: [{label, model, metrics}] (the model it would
     replace, the site's own models), each row showing the candidate's difference to it; `checks`:
     name -> {passed: bool, required: bool | None, detail} or None (not available yet); every name of
-    CHECKS is shown."""
+    CHECKS is shown. `restrictions` (an export variant's, from its signed metadata; `{}`: none) adds a
+    row "capability restrictions" under the checks, enforced by `factory serve` where the model runs."""
     metrics = candidate.get("metrics") or {}
     keys = sorted({*metrics, *(k for o in others for k in (o.get("metrics") or {}))})
     if keys:
@@ -209,4 +223,8 @@ def model_md(candidate: Mapping[str, Any], others: list[Mapping[str, Any]],
                      "" if required is None else ("required" if required else "not required"),
                      text(check.get("detail") or "")])
     lines += ["", *_table(["check", "result", "policy", "detail"], rows, what="checks")]
+    if restrictions is not None:
+        lines += ["", *_table(["capability restrictions", "enforced"], [[
+            restrictions_text(restrictions),
+            "by factory serve wherever the model runs (signed with the model)" if restrictions else ""]])]
     return bounded("\n".join(lines))

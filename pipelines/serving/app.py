@@ -6,7 +6,9 @@ client holds a token (`factory serve token add`) unless authentication is switch
 
 - `POST /predict` `{"inputs": [[n floats], ...], "context": {"sensor_id", "location":
   {"lat", "lon"}, "latency_budget_ms"}}` →
-  `{"predictions": [...] | null, "model": {...}, "odd": {"allow", "mode", "reasons", "flagged"}}`;
+  `{"predictions": [label, ...] | null, "outputs": [{"label", "confidence", "abstained"}, ...] | null,
+  "restrictions": {...}, "model": {...}, "request_id", "odd": {"allow", "mode", "reasons", "flagged"}}`
+  (see "Capability restrictions" below);
   every request is checked against the site's ODD (`policies/odd`), a breach answers in safe mode
   and is written to the audit log as `odd.breach` with the client's name (at most
   `audit.breaches_per_client` per client and window; the rest are counted and summarised in one
@@ -17,6 +19,21 @@ client holds a token (`factory serve token add`) unless authentication is switch
 The model's metadata (signed with it) says what a row is: its spec gives the width n (rows of
 another width are refused with 422 naming n), its family the input envelope every value must lie
 in (`odd.input_envelope`; outside it: 422).
+
+Capability restrictions. An export variant may carry `restrictions` in its (signed) metadata
+(`pipelines.learning.restrictions`: `{"abstain_classes": [3, 7], "max_confidence": 0.9}`, both
+optional); the service refuses to start when they are malformed or name a class the model does not
+have, and enforces them on every answer:
+
+- `predictions[i]` is the class index of row i (the most probable class), or `null` when that class
+  is one the model abstains on;
+- `outputs[i]` is `{"label": int, "confidence": float, "abstained": false}` — `confidence` is the
+  softmax probability of `label`, at most `max_confidence` — or, for an abstention,
+  `{"label": null, "confidence": null, "abstained": true}`: nothing about the abstained class leaves;
+- `restrictions` is the enforced restriction (`{}` for an unrestricted model, whose `predictions`
+  are the plain argmax and whose confidences are uncapped).
+
+A request the ODD withholds gets `"predictions": null, "outputs": null`.
 
 `ServiceGuard` (guard.py) authenticates and bounds the body before FastAPI parses anything; the
 context is a closed schema (known keys, bounded strings, ranged numbers), so an audit entry holds
@@ -41,6 +58,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
+from pipelines.learning import restrictions as capability
 from pipelines.serving.clients import AuthResult, ClientRegistry
 from pipelines.serving.guard import ANONYMOUS, CLIENT_SCOPE_KEY, AuditLimiter, ServiceGuard, Suppressed
 from pipelines.serving.odd import (
@@ -130,23 +148,28 @@ def verify_model(paths: SitePaths, model_ref: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ModelInputs:
-    """What a request row of the served model is: its width, shape and the envelope its values lie in."""
+    """What a request row of the served model is: its width, shape and the envelope its values lie in;
+    and what it may answer: its number of classes and its capability restrictions ({}: none)."""
 
     n_features: int
     input_shape: tuple[int, ...]
     envelope: InputEnvelope
+    n_classes: int = 0
+    restrictions: dict[str, Any] = field(default_factory=dict)
 
 
 def model_inputs(model_ref: Any, metadata: dict[str, Any], service: dict[str, Any]) -> ModelInputs:
-    """The inputs of the served model, from its (verified) metadata; ServingError when unusable."""
+    """The inputs of the served model, from its (verified) metadata; ServingError when unusable
+    (restrictions that are malformed or name a class the model does not have included)."""
     from pipelines.learning.families import FamilyError, metadata_family, metadata_spec
 
     try:
         spec = metadata_spec(metadata)
         envelope = input_envelope(metadata_family(metadata), metadata, spec.n_features, service)
-    except (FamilyError, ValueError) as exc:
+        restrictions = capability.parse(metadata.get("restrictions"), spec.n_classes)
+    except (FamilyError, ValueError) as exc:  # RestrictionError is a ValueError
         raise ServingError(f"refusing to serve {model_ref.name}/{model_ref.version}: {exc}") from exc
-    return ModelInputs(spec.n_features, tuple(spec.input_shape), envelope)
+    return ModelInputs(spec.n_features, tuple(spec.input_shape), envelope, spec.n_classes, restrictions)
 
 
 class Metrics:
@@ -336,6 +359,10 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
     width = session.get_inputs()[0].shape[-1]
     if isinstance(width, int) and width != inputs.n_features:
         raise ServingError(f"{onnx_path} takes rows of {width} features; its metadata spec says {inputs.n_features}")
+    classes = session.get_outputs()[0].shape[-1]
+    if inputs.restrictions and isinstance(classes, int) and classes != inputs.n_classes:
+        raise ServingError(f"{onnx_path} answers {classes} classes; its metadata spec says {inputs.n_classes}, "
+                           "so its restrictions cannot be enforced")
 
     registry = None
     if auth:
@@ -420,7 +447,13 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
         if decision.allow:  # inputs outside the ODD never reach the drift input store
             store.append(x)
         flagged = not decision.allow and decision.mode == "flag"
-        predictions = logits.argmax(axis=1).tolist() if decision.allow or flagged else None
+        predictions = outputs = None
+        if decision.allow or flagged:
+            answered = capability.apply(logits, inputs.restrictions)
+            predictions = answered.labels
+            outputs = [{"label": label, "confidence": confidence, "abstained": abstained}
+                       for label, confidence, abstained in zip(answered.labels, answered.confidences,
+                                                               answered.abstained, strict=True)]
         audited = not decision.allow and limiters["odd.breach"].admit(client)
         write_summaries()  # of windows that ended with events left out: before this window's first entry
         if audited:
@@ -428,7 +461,8 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
         metrics.observe("ok" if decision.allow else "odd_breach", time.perf_counter() - started, len(x),
                         None if decision.allow else decision.mode)
         return JSONResponse({
-            "predictions": predictions, "model": model, "request_id": request_id,
+            "predictions": predictions, "outputs": outputs, "restrictions": inputs.restrictions,
+            "model": model, "request_id": request_id,
             "odd": {**decision.as_dict(), "flagged": flagged, "latency_ms": round(latency_ms, 3)},
         })
 

@@ -304,7 +304,9 @@ def _release_input(ctx: StepContext, ref: registry.ModelRef, *, recipient: str, 
     return {
         "model": {"id": ref.uri, "site": ctx.site, "stage": meta["stage"], "metrics": metrics,
                   "watermark": {"verified": False},  # no watermarking yet: the export policy data decides
-                  "signature": {"verified": signature_ok}, "lineage": meta.get("lineage", [])},
+                  "signature": {"verified": signature_ok}, "lineage": meta.get("lineage", []),
+                  # capability restrictions as the signed metadata records them; checked against the licence
+                  "restrictions": meta.get("restrictions") or {}},
         "recipient": recipient, "purpose": purpose, "requested_by": requested_by or _requester(ctx),
         "approvals": approvals,
         **({"end_use": end_use} if end_use is not None else {}),  # checked against the recipient's licence

@@ -4,13 +4,15 @@ Each site runs its own part in its own Airflow; what passes between them is seal
 
 1. `request_review` (supplier, once M5 is registered) records the export REQUEST in the supplier's
    state (`export-requests.json`: request id = the preparation run's id, the model's uri and
-   digest, destination, variant, thresholds, end use, requester) and sends M5 to the data owner for review
+   digest, destination, variant, thresholds, end use, the variant's capability restrictions as its
+   signed metadata records them, requester) and sends M5 to the data owner for review
    (`model_release` gate, purpose `review`). The release later takes its parameters from this
    record, never from what comes back.
 2. `receive_review` (origin) opens the review package, checks that the model is the one the
    request names (its digest, computed here), registers it and evaluates it on the origin's own
    test data, beside the version it would replace and the origin's M3 and M4 on the same test set
-   (`pipelines.evidence.model_md`, the gate page's evidence). The officer decides at a gate.
+   (`pipelines.evidence.model_md`, the gate page's evidence, with the model's restrictions, which
+   must be those the request names). The officer decides at a gate.
 3. `send_approval` (origin) verifies the officer's signed answer at the origin and sends the
    decision to the requesting site as an approval DOCUMENT signed by the origin's key.
 4. `receive_approval` (supplier) opens the document, verifies the origin's signature with the
@@ -20,7 +22,7 @@ Each site runs its own part in its own Airflow; what passes between them is seal
    document and the gate's signed answer again and releases the request's model to the request's
    destination through the `model_release` export gate, with the request's variant, thresholds and
    end use (which the gate checks against the destination's licence). Its officer's gate page shows
-   `receive_approval`'s evidence: the model on the supplier's test data and its checks.
+   `receive_approval`'s evidence: the model on the supplier's test data, its restrictions and its checks.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 from pipelines.config import SITES
 from pipelines.fileio import read_json, update_json, write_json
 from pipelines.learning import registry
+from pipelines.learning import restrictions as capability
 from pipelines.steps import StepContext, StepError, step
 from pipelines.steps.exchange import (
     _already_sent,
@@ -131,14 +134,15 @@ def _set_status(ctx: StepContext, request_id: str, expected: str, status: str, *
 @step("request_review")
 def request_review(ctx: StepContext, *, model: str | dict, recipient: str, kind: str, destination: str,
                    variant: str | None = None, thresholds: dict[str, float] | None = None,
-                   end_use: str | None = None) -> dict[str, Any]:
+                   end_use: str | None = None, restrictions: dict | None = None) -> dict[str, Any]:
     """Record the export request of this run and send the model to the data owner `recipient` for review.
 
     The request (id = this DAG run's id) holds the model's uri and digest, the destination, the
     variant, the thresholds and the end use (default: `pipelines.policy.default_end_use` of the
     destination's licence); the release takes them from here and the `model_release` export gate
-    checks the end use against the destination's licence. A model below the run's stricter
-    thresholds is refused before anyone is asked."""
+    checks the end use against the destination's licence. The request's capability restrictions are
+    the model's (its signed metadata); `restrictions`, the run's param, must be those. A model below
+    the run's stricter thresholds is refused before anyone is asked."""
     from pipelines.learning.artifacts import model_digest
     from pipelines.trust import audit
     from pipelines.trust.keys import iso, now
@@ -153,6 +157,13 @@ def request_review(ctx: StepContext, *, model: str | dict, recipient: str, kind:
         raise StepError(f"{ctx.site} cannot export to or review for itself")
     thresholds = _thresholds(thresholds)
     end_use = _end_use(end_use, destination)
+    try:
+        restricted = capability.parse(meta.get("restrictions"))
+        if restrictions is not None and capability.parse(restrictions) != restricted:
+            raise StepError(f"{ref.uri} is restricted to {capability.describe(restricted)}, not "
+                            f"{capability.describe(capability.parse(restrictions))} as this run asks")
+    except capability.RestrictionError as error:
+        raise StepError(f"{ref.uri}: {error}") from None
     for metric, floor in thresholds.items():  # a run may raise a threshold, never lower it
         value = meta.get("metrics", {}).get(metric)
         if value is None or value < floor:
@@ -160,7 +171,8 @@ def request_review(ctx: StepContext, *, model: str | dict, recipient: str, kind:
     request = {
         "request_id": ctx.run_id, "model": ref.uri, "digest": model_digest(ref.model_dir), "stage": meta["stage"],
         "destination": destination, "variant": meta.get("variant") or registry.DEFAULT_VARIANT,
-        "thresholds": thresholds, "end_use": end_use, "requested_by": _requester(ctx), "reviewer": reviewer,
+        "thresholds": thresholds, "end_use": end_use, "restrictions": restricted,
+        "requested_by": _requester(ctx), "reviewer": reviewer,
     }
     known = _records(ctx, REQUESTS).get(ctx.run_id)
     if known and {k: known.get(k) for k in request} != request:
@@ -205,7 +217,8 @@ def _request_problem(request: Any, header: dict[str, Any]) -> str | None:
         return "its request's end use is not a short name"
     try:
         _thresholds(request.get("thresholds"))
-    except StepError as error:
+        capability.parse(request.get("restrictions"))
+    except (StepError, capability.RestrictionError) as error:
         return str(error)
     return None
 
@@ -274,7 +287,8 @@ def export_evidence(ctx: StepContext, model: str) -> str:
                                  "detail": f"largest difference to PyTorch {parity:.2e} on the parity set"}
     stage = ref.metadata.get("stage", "model")
     return model_md({"label": f"{stage} to export", "short": stage, "model": ref.uri, "metrics": metrics},
-                    _comparison(ctx, ref, sorted(metrics), ("M1",)), checks)
+                    _comparison(ctx, ref, sorted(metrics), ("M1",)), checks,
+                    restrictions=ref.metadata.get("restrictions") or {})
 
 
 def _evidence(review: dict[str, Any]) -> str:
@@ -282,7 +296,8 @@ def _evidence(review: dict[str, Any]) -> str:
     from pipelines.evidence import model_md
 
     return model_md({"label": f"{review['stage']} under review", "short": review["stage"], "model": review["here"],
-                     "metrics": review["metrics"]}, review["comparison"], review.get("checks"))
+                     "metrics": review["metrics"]}, review["comparison"], review.get("checks"),
+                    restrictions=review.get("restrictions") or {})
 
 
 @step("receive_review")
@@ -299,6 +314,14 @@ def receive_review(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) ->
         if model_digest(model_dir) != request["digest"]:
             raise PackageRejected(f"review package from {header['sender']} refused: the model's digest is not "
                                   f"the {request['digest'][:20]}... its request names")
+        try:
+            signed = capability.parse(meta.get("restrictions"))
+        except capability.RestrictionError as error:
+            raise PackageRejected(f"review package from {header['sender']} refused: {error}") from None
+        if capability.parse(request.get("restrictions")) != signed:
+            raise PackageRejected(f"review package from {header['sender']} refused: its request names restrictions "
+                                  f"({capability.describe(capability.parse(request.get('restrictions')))}) the "
+                                  f"signed model does not have ({capability.describe(signed)})")
 
     received = receive_model_package(ctx, kind=kind, test_sets=test_sets, check=check)
     if received is None:
@@ -313,7 +336,7 @@ def receive_review(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) ->
         "request_id": request["request_id"], "model": request["model"], "digest": request["digest"],
         "stage": request["stage"], "destination": request["destination"], "variant": request["variant"],
         "thresholds": _thresholds(request.get("thresholds")), "requested_by": request["requested_by"],
-        "end_use": request.get("end_use"),
+        "end_use": request.get("end_use"), "restrictions": capability.parse(request.get("restrictions")),
         "here": f"{record['name']}/{record['version']}", "metrics": record["metrics"],
         "comparison": _comparison(ctx, registry.resolve_model(ctx.paths, f"{record['name']}/{record['version']}"),
                                   sorted(record["metrics"]), ("M3", "M4")),
@@ -445,7 +468,7 @@ def receive_approval(ctx: StepContext, *, kind: str, gate_name: str = GATE,
               "officer": approval["user"], "comment": approval["comment"], "model": request["model"],
               "digest": request["digest"], "destination": request["destination"], "variant": request["variant"],
               "thresholds": request["thresholds"], "end_use": request.get("end_use"),
-              "requested_by": request["requested_by"]}
+              "restrictions": request.get("restrictions") or {}, "requested_by": request["requested_by"]}
     if approved:
         record["evidence_md"] = export_evidence(ctx, request["model"])
     _remember(ctx, "received", header["package_id"], record)

@@ -8,6 +8,9 @@ The datasets say what the model sees: each version's spec (catalog `extra["spec"
 demo when absent; all datasets of one run must share it). The model's metadata.json records the
 family, its architecture, the spec and the input envelope of the training rows (per-feature min
 and max), so export, evaluation, serving, ODD and drift follow the model and not names in code.
+An export variant's capability restrictions (`pipelines.learning.restrictions`: classes it abstains
+on, a cap on the confidence it returns) are recorded there too (key `restrictions`, only when there
+are some), so they are signed with the model and `factory serve` enforces them wherever it runs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pipelines.data.spec import DataSpec, SpecError, spec_of
 from pipelines.fileio import write_json
 from pipelines.learning import families, registry
 from pipelines.learning.artifacts import code_commit, code_version, load_model, model_digest
+from pipelines.learning.restrictions import RestrictionError
+from pipelines.learning.restrictions import parse as parse_restrictions
 from pipelines.steps import StepContext, StepError, step
 
 MODEL_ONNX = "model.onnx"
@@ -143,6 +148,7 @@ def train_model(
     subset_datasets: list[str] | None = None,
     purpose: str = "training",
     family: str | None = None,
+    restrictions: dict | None = None,
 ) -> dict[str, Any]:
     """Train the `stage` model on the site's `datasets`, fine-tuning `base_model` when given.
 
@@ -150,6 +156,8 @@ def train_model(
     fine-tuning, else conf/stages.yaml `model_family`. Fine-tuning refuses another family, and
     datasets whose spec (input shape, classes) is not the base model's.
     `subset` ({"labels": [...]}) selects records of the datasets named in `subset_datasets` (all when None).
+    `restrictions` ({"abstain_classes": [...], "max_confidence": x}, both optional) restrict what the
+    model may return; checked against the data's classes and recorded in its metadata.
     """
     import pandas as pd
 
@@ -171,6 +179,10 @@ def train_model(
     loaded = [_load(ctx, ref, action="train", purpose=purpose) for ref in datasets]
     versions = [version for _, version in loaded]
     spec = _shared_spec(versions)
+    try:
+        restrictions = parse_restrictions(restrictions, spec.n_classes)
+    except RestrictionError as exc:
+        raise StepError(f"{stage}: {exc} ({', '.join(spec.classes)})") from None
     frames = []
     for frame, version in loaded:
         applies = bool(subset) and (subset_datasets is None or version.name in subset_datasets)
@@ -207,6 +219,7 @@ def train_model(
         "stage": stage, "variant": variant, "profile": training_profile.model_dump(), "seed": conf.seed,
         "datasets": sorted(v.md5 for v in versions), "base": base_digest, "subset": subset,
         "family": family, "architecture": architecture, "code": code_version(),
+        **({"restrictions": restrictions} if restrictions else {}),  # unrestricted runs keep their earlier keys
     }
     run_key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:16]
     done = registry.find_version_by_tag(ctx.paths, name, "factory.run_key", run_key)
@@ -229,7 +242,8 @@ def train_model(
         mlflow.log_params({"stage": stage, "profile": profile, **training_profile.model_dump(), "seed": conf.seed,
                            "records": len(data), "datasets": ",".join(v.id for v in versions),
                            "base_model": base.uri if base else "none", "variant": variant or "", "family": family,
-                           "mode": "fine_tune" if base else "centralized"})
+                           "mode": "fine_tune" if base else "centralized",
+                           "restrictions": json.dumps(restrictions, sort_keys=True)})
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics(metrics, step=epoch)
@@ -253,6 +267,7 @@ def train_model(
             "lineage": lineage, "metrics": {}, "training": {"profile": profile, "records": len(data), "subset": subset},
             "reference_data": [v.id for v in versions], "code_version": code_version(),
             "mlflow_run_id": run.info.run_id, "dag_id": ctx.dag_id, "dag_run_id": ctx.run_id,
+            **({"restrictions": restrictions} if restrictions else {}),
         })
     return {"run_key": run_key, "name": name, "staging": str(staging), "mlflow_run_id": run.info.run_id,
             "stage": stage}
@@ -331,6 +346,7 @@ def _model_card(meta: dict[str, Any], intended_use: str) -> dict[str, Any]:
         "inputs": {"kind": spec.kind, "input_shape": list(spec.input_shape), "classes": list(spec.classes)},
         "limitations": f"{families.describe(spec)} inputs as in its training data; evaluated only on the test "
                        "sets listed in metrics.",
+        **({"restrictions": meta["restrictions"]} if meta.get("restrictions") else {}),
     }
 
 
@@ -402,6 +418,7 @@ def register_model(ctx: StepContext, *, trained: dict, intended_use: str = "rese
             "factory.base_model": json.dumps(meta["base_model"]), "factory.repo_commit": git_head(ctx.paths),
             "factory.code_version": meta["code_version"], "factory.model_digest": model_digest(target),
             "factory.variant": meta.get("variant") or "",
+            "factory.restrictions": json.dumps(meta.get("restrictions") or {}, sort_keys=True),
             **{f"factory.metric.{k}": str(v) for k, v in meta["metrics"].items()},
         }
         ref = registry.register(ctx.paths, meta["name"], target, run_id=meta["mlflow_run_id"], tags=tags)

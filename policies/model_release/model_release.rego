@@ -4,7 +4,8 @@
 #   May this model leave the site that trained it for the recipient?
 #   Input: {model: {id, site, metrics: {name: value}, watermark: {verified},
 #   signature: {verified}, lineage: [{dataset_id, owner, local_only, export_authorized,
-#   releasable_to}]}, recipient, purpose: "collaboration"|"export"|"review", requested_by,
+#   releasable_to}], restrictions (optional): {abstain_classes: [class index], max_confidence:
+#   number in (0, 1]}}, recipient, purpose: "collaboration"|"export"|"review", requested_by,
 #   approvals: [{user, site, roles, decision}], end_use (optional)}.
 #
 #   Every release: a non-empty lineage with no local-only source, every source owned by
@@ -17,7 +18,9 @@
 #   own test data before deciding on an export) goes only to a site that owns a source in
 #   the model's lineage; it needs no approval (the review is what leads to one).
 #   Export adds: every source export-authorized; a licence of the recipient that covers
-#   the purpose (and the end use when given) and has not expired
+#   the purpose (and the end use when given), whose required_restrictions the model's
+#   capability restrictions meet (it abstains on every class the licence names, its confidence
+#   cap is at most the licence's max_confidence) and has not expired
 #   (data.factory.export_licences); approvals by distinct users, a compliance_officer of
 #   every data owner in the lineage other than the sender (the sender's own when it is
 #   the only owner) and an export_control_officer of the sender, none by the requester.
@@ -84,6 +87,56 @@ source_problems := data.factory.helpers.list_reasons(input.model.lineage, source
 
 well_formed if count(field_problems) == 0
 
+# METADATA
+# description: The model's capability restrictions ({} when it has none or they are not an object).
+granted := r if {
+	r := input.model.restrictions
+	is_object(r)
+} else := {}
+
+restriction_keys := {"abstain_classes", "max_confidence"}
+
+# METADATA
+# description: What is wrong with the form of model.restrictions.
+restriction_problems contains msg if {
+	r := input.model.restrictions
+	not is_object(r)
+	msg := sprintf("field model.restrictions must be an object, got %v", [r])
+}
+
+restriction_problems contains msg if {
+	some key, _ in granted
+	not key in restriction_keys
+	msg := sprintf("model.restrictions has unknown key %v (known: abstain_classes, max_confidence)", [key])
+}
+
+restriction_problems contains msg if {
+	classes := object.get(granted, "abstain_classes", [])
+	not class_indices(classes)
+	msg := sprintf("model.restrictions.abstain_classes must be a list of class indices, got %v", [classes])
+}
+
+restriction_problems contains msg if {
+	cap := object.get(granted, "max_confidence", 1)
+	not confidence_cap(cap)
+	msg := sprintf("model.restrictions.max_confidence must be a number in (0, 1], got %v", [cap])
+}
+
+class_indices(classes) if {
+	is_array(classes)
+	every c in classes {
+		is_number(c)
+		c >= 0
+		c == round(c)
+	}
+}
+
+confidence_cap(cap) if {
+	is_number(cap)
+	cap > 0
+	cap <= 1
+}
+
 model := input.model
 
 thresholds := data.factory.release_thresholds[input.purpose]
@@ -94,6 +147,11 @@ verify := data.factory.release_verification[input.purpose]
 # description: Why the release is denied; each reason names the field, dataset, metric or user.
 deny contains msg if {
 	some msg in field_problems
+}
+
+deny contains msg if {
+	well_formed
+	some msg in restriction_problems
 }
 
 deny contains msg if {
@@ -224,6 +282,19 @@ licence_problems(licence) := {msg |
 	end_use := object.get(input, "end_use", null)
 	not end_use in array.concat(licence.end_uses, [null])
 	msg := sprintf("export licence %s of %s does not cover end use %v", [licence.id, input.recipient, end_use])
+} | {msg |
+	some c in object.get(object.get(licence, "required_restrictions", {}), "abstain_classes", [])
+	not c in object.get(granted, "abstain_classes", [])
+	msg := sprintf("export licence %s of %s requires the model to abstain on class %v; model %s does not", [
+		licence.id, input.recipient, c, model.id,
+	])
+} | {msg |
+	cap := object.get(licence, "required_restrictions", {}).max_confidence
+	returned := object.get(granted, "max_confidence", 1)
+	returned > cap
+	msg := sprintf("export licence %s of %s requires confidence capped at %v; model %s returns up to %v", [
+		licence.id, input.recipient, cap, model.id, returned,
+	])
 } | {msg |
 	data.factory.helpers.today > licence.expires
 	msg := sprintf("export licence %s of %s expired on %s", [licence.id, input.recipient, licence.expires])

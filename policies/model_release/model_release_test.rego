@@ -364,3 +364,70 @@ test_denies_non_object_input if {
 	not d.allow
 	d.reasons == ["input must be an object, got \"release it\""]
 }
+
+# --- capability restrictions of an export variant (checked against the licence's required_restrictions)
+
+restricting_licence := {"destination": [{
+	"id": "EL-R", "purposes": ["export"], "end_uses": ["evaluation"], "expires": "2999-12-31",
+	"required_restrictions": {"abstain_classes": [3, 7], "max_confidence": 0.9},
+}]}
+
+restricted := replace_model(export, "restrictions", {"abstain_classes": [1, 3, 7], "max_confidence": 0.8})
+
+test_allows_restricted_model_meeting_the_licence if {
+	model_release.decision == {"allow": true, "reasons": []} with input as restricted
+		with data.factory.export_licences as restricting_licence
+}
+
+test_allows_unrestricted_model_under_a_licence_requiring_nothing if {
+	model_release.decision == {"allow": true, "reasons": []} with input as export
+	model_release.decision.allow with input as replace_model(export, "restrictions", {})
+}
+
+test_denies_unrestricted_model_under_a_licence_requiring_restrictions if {
+	d := model_release.decision with input as export with data.factory.export_licences as restricting_licence
+	not d.allow
+	d.reasons == [
+		"export licence EL-R of destination requires confidence capped at 0.9; model digits-cnn-export/3 returns up to 1",
+		"export licence EL-R of destination requires the model to abstain on class 3; model digits-cnn-export/3 does not",
+		"export licence EL-R of destination requires the model to abstain on class 7; model digits-cnn-export/3 does not",
+	]
+}
+
+test_denies_model_abstaining_on_too_few_classes if {
+	d := model_release.decision with input as replace_model(export, "restrictions", {"abstain_classes": [3], "max_confidence": 0.9})
+		with data.factory.export_licences as restricting_licence
+	not d.allow
+	d.reasons == ["export licence EL-R of destination requires the model to abstain on class 7; model digits-cnn-export/3 does not"]
+}
+
+test_denies_confidence_cap_above_the_licence if {
+	d := model_release.decision with input as replace_model(export, "restrictions", {"abstain_classes": [3, 7], "max_confidence": 0.95})
+		with data.factory.export_licences as restricting_licence
+	not d.allow
+	d.reasons == ["export licence EL-R of destination requires confidence capped at 0.9; model digits-cnn-export/3 returns up to 0.95"]
+}
+
+test_allows_when_another_licence_requires_no_restriction if {
+	model_release.decision.allow with input as export with data.factory.export_licences as {"destination": [
+		restricting_licence.destination[0],
+		{"id": "EL-2", "purposes": ["export"], "end_uses": [], "expires": "2999-12-31"},
+	]}
+}
+
+test_restrictions_are_not_required_of_collaboration_or_review if {
+	model_release.decision.allow with input as collaboration with data.factory.export_licences as restricting_licence
+	model_release.decision.allow with input as review with data.factory.export_licences as restricting_licence
+}
+
+test_denies_malformed_restrictions if {
+	d := model_release.decision with input as replace_model(export, "restrictions", {
+		"abstain_classes": [3, -1, 1.5, "7"], "max_confidence": 0, "hide": true,
+	})
+	not d.allow
+	has_reason(d, "model.restrictions.abstain_classes must be a list of class indices")
+	has_reason(d, "model.restrictions.max_confidence must be a number in (0, 1], got 0")
+	has_reason(d, "model.restrictions has unknown key hide (known: abstain_classes, max_confidence)")
+	denied_for(replace_model(export, "restrictions", [3, 7]), "field model.restrictions must be an object, got [3, 7]")
+	denied_for(replace_model(export, "restrictions", {"max_confidence": 1.5}), "max_confidence must be a number in (0, 1], got 1.5")
+}

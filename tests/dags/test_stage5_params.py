@@ -32,6 +32,12 @@ def stage5():
     ({"thresholds": {"supplier_test": 0.5}}, "less than the minimum"),
     ({"thresholds": {"made_up_metric": 0.99}}, "Additional properties are not allowed"),
     ({"end_use": "Targeting!"}, "does not match"),
+    ({"restrictions": {"abstain_classes": []}}, "should be non-empty"),
+    ({"restrictions": {"abstain_classes": [3, 3]}}, "has non-unique elements"),
+    ({"restrictions": {"abstain_classes": [-1]}}, "less than the minimum"),
+    ({"restrictions": {"max_confidence": 0}}, "less than or equal to the minimum"),
+    ({"restrictions": {"max_confidence": 1.5}}, "greater than the maximum"),
+    ({"restrictions": {"hide": [3]}}, "Additional properties are not allowed"),
 ])
 def test_bad_params_are_refused_with_the_schema_message(stage5, conf, message):
     from airflow.sdk.definitions.param import ParamsDict
@@ -51,6 +57,9 @@ def test_stricter_thresholds_and_defaults_are_accepted(stage5):
     params.update({"variant": "night-v2", "thresholds": {"supplier_test": 0.95}, "subset": {"labels": [0, 1, 7]}})
     assert params.validate()["thresholds"] == {"supplier_test": 0.95}
     assert params.validate()["end_use"] == "evaluation"  # the destination licence's default (policy data)
+    assert params.validate()["restrictions"] == {}  # no capability restriction unless asked
+    params.update({"restrictions": {"abstain_classes": [3, 7], "max_confidence": 0.9}})
+    assert params.validate()["restrictions"] == {"abstain_classes": [3, 7], "max_confidence": 0.9}
 
 
 def test_the_params_go_into_the_export_request_sent_for_review(stage5):
@@ -60,6 +69,13 @@ def test_the_params_go_into_the_export_request_sent_for_review(stage5):
     assert {params[name] for name in ("destination", "variant", "thresholds", "end_use")} == {
         "{{ params.destination }}", "{{ params.variant }}", "{{ params.thresholds }}", "{{ params.end_use }}"}
     assert "training_flow.register_model" in request.get_flat_relative_ids(upstream=True)
+
+
+def test_restrictions_go_into_training_and_the_request(stage5):
+    """The variant's restrictions are trained into the model's signed metadata; the request checks them."""
+    _, _, train = stage5.get_task("training_flow.train_model").op_args
+    _, _, request = stage5.get_task("request_review").op_args
+    assert train["restrictions"] == request["restrictions"] == "{{ params.restrictions }}"
 
 
 @pytest.mark.parametrize("dag_id", ["stage_5_export_review", "stage_5_export_release"])

@@ -232,6 +232,73 @@ def test_default_end_use_comes_from_the_destination_licence():
     assert default_end_use("origin") is None  # no licence: no end use, and the export gate denies
 
 
+def test_restricted_variant_carries_its_restrictions_to_the_gate_and_the_destination_serves_them(home, m5):
+    """An export variant trained with restrictions records them in its signed metadata and in MLflow;
+    the request, both gate pages and the export gate's input carry them; the destination's service
+    built from the received package never returns an abstained class nor a confidence above the cap."""
+    import numpy as np
+    import pandas as pd
+    from fastapi.testclient import TestClient
+
+    from pipelines.data.schema import FEATURE_COLUMNS
+    from pipelines.learning import registry
+    from pipelines.serving.app import create_app
+    from pipelines.steps.exchange import _release_input
+
+    supplier = _ctx(home, "supplier", run_id="prepare-r", dag_id="stage_5_export_preparation")
+    with pytest.raises(StepError, match=r"abstain_classes names no class \[12\] of this data"):
+        run_step("train_model", supplier, stage="M5", profile="export", datasets=["train", "origin-export"],
+                 variant="restricted", restrictions={"abstain_classes": [3, 12]})
+    wanted = {"abstain_classes": [7, 3], "max_confidence": 0.6}
+    trained = run_step("train_model", supplier, stage="M5", profile="export", datasets=["train", "origin-export"],
+                       variant="restricted", restrictions=wanted)
+    evaluated = run_step("evaluate_model", supplier, trained=trained, test_sets={"supplier_test": "test"})
+    exported = run_step("export_model", supplier, trained=evaluated, parity_set="test")
+    registered = run_step("register_model", supplier, trained=exported)
+    ref = registry.resolve_model(supplier.paths, f"{registered['name']}/{registered['version']}")
+    assert ref.metadata["restrictions"] == {"abstain_classes": [3, 7], "max_confidence": 0.6}  # signed with it
+    assert json.loads(ref.tags["factory.restrictions"]) == ref.metadata["restrictions"]
+    assert "restrictions" not in registry.resolve_model(supplier.paths, f"{m5['name']}/{m5['version']}").metadata
+    assert _release_input(supplier, ref, recipient="destination", purpose="export", approvals=[],
+                          requested_by="x")["model"]["restrictions"] == {"abstain_classes": [3, 7],
+                                                                         "max_confidence": 0.6}
+
+    with pytest.raises(StepError, match="is restricted to abstains on classes 3, 7; confidence capped at 0.6, "
+                                        "not abstains on classes 3 as this run asks"):
+        run_step("request_review", supplier, model=registered, recipient="origin", kind="m5-review",
+                 destination="destination", variant="restricted", restrictions={"abstain_classes": [3]})
+    run_step("request_review", supplier, model=registered, recipient="origin", kind="m5-review",
+             destination="destination", variant="restricted", restrictions=wanted)
+    assert _requests(home)["prepare-r"]["restrictions"] == {"abstain_classes": [3, 7], "max_confidence": 0.6}
+    review = _review(home, "review-r")["review"]
+    assert review["restrictions"] == {"abstain_classes": [3, 7], "max_confidence": 0.6}
+    row = "| abstains on classes 3, 7; confidence capped at 0\\.6 | by factory serve wherever the model runs"
+    assert row in review["evidence"]
+    supplier = _ctx(home, "supplier", run_id="release-r", dag_id="stage_5_export_release")
+    decided = run_step("receive_approval", supplier, kind="m5-approval")
+    assert decided["request_id"] == "prepare-r" and row in decided["evidence_md"]
+    export_ok = _answer(supplier, user="supplier_export_officer", role="export_control_officer")
+    run_step("release_export", supplier, request=decided, approvals=[export_ok], recipient="destination", kind="m5")
+
+    _carry(home, "supplier", "destination")
+    destination = _ctx(home, "destination", run_id="intake-r")
+    received = run_step("receive_model", destination, kind="m5", test_sets={"destination_test": "test"})
+    served = registry.resolve_model(destination.paths, f"{received['name']}/{received['version']}")
+    assert served.metadata["restrictions"] == {"abstain_classes": [3, 7], "max_confidence": 0.6}
+    rows = pd.read_parquet(destination.paths.data_dir / "test.parquet")[list(FEATURE_COLUMNS)].to_numpy(np.float32)
+    with TestClient(create_app(destination.paths, served, auth=False)) as client:
+        response = client.post("/predict", json={"inputs": rows[:256].tolist(), "context": {
+            "sensor_id": "DST-SN-0001", "location": {"lat": 59.33, "lon": 18.07}}})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["restrictions"] == {"abstain_classes": [3, 7], "max_confidence": 0.6}
+    assert not {3, 7} & set(body["predictions"])
+    abstained = [o for o in body["outputs"] if o["abstained"]]
+    assert abstained and all(o == {"label": None, "confidence": None, "abstained": True} for o in abstained)
+    confidences = [o["confidence"] for o in body["outputs"] if not o["abstained"]]
+    assert confidences and max(confidences) == 0.6  # a well-trained M5 is surer than that: the cap holds it
+
+
 # ---------------------------------------------------------------- the approval document itself
 
 
