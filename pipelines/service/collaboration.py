@@ -315,16 +315,21 @@ class Collaboration:
             self.tend_gates()
             time.sleep(self.poll)
 
+    def start(self, dag_id: str, stage: int | None = None) -> tuple[Deployment, str]:
+        """The deployment that has `dag_id` and its run of this drive: triggered there if the DAG has no
+        schedule, else the run an asset event started (gates of `gate_dags` are answered meanwhile)."""
+        deployment, dag = self.locate(dag_id)
+        if stage is not None:
+            self.say(f"stage {stage}: {dag_id} at {deployment.site}")
+        manual = dag.get("timetable_summary") is None
+        return deployment, self._trigger(deployment, dag_id) if manual else self._await_run(deployment, dag_id)
+
     def run_stages(self, stages: list[int]) -> None:
         config = load_config().stages
         self.gate_dags = {dag for number in stages for dag in config.stage(number).dags}
         for number in stages:
-            stage = config.stage(number)
-            for dag_id in stage.dags:
-                deployment, dag = self.locate(dag_id)
-                self.say(f"stage {number}: {dag_id} at {deployment.site}")
-                manual = dag.get("timetable_summary") is None
-                run_id = self._trigger(deployment, dag_id) if manual else self._await_run(deployment, dag_id)
+            for dag_id in config.stage(number).dags:
+                deployment, run_id = self.start(dag_id, number)
                 self.follow(deployment, dag_id, run_id)
 
 

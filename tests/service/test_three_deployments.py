@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -261,3 +262,109 @@ def test_three_sovereign_deployments_carry_m1_to_the_origin_and_reach_its_approv
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "three_deployments.json").write_text(json.dumps(figures, indent=2) + "\n")
     print("\nthree deployments:", json.dumps(figures, indent=2))
+
+
+def _chromium():
+    """Headless Debian Chromium through Selenium (as tests/service/test_approvals_browser.py)."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        pytest.skip("Debian chromium/chromium-driver not installed (apt-get install -y chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as ChromeService
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1400"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=ChromeService(chromedriver), options=options)
+    driver.implicitly_wait(30)
+    return driver
+
+
+@pytest.mark.browser
+def test_origin_officer_reads_m5_on_its_test_data_at_the_export_review_gate_and_approves(deployments):
+    """Stages 1-4 (3-4 when the test above ran 1-2) and stage 5's data release and export preparation
+    are driven with their gates answered; the origin's review gate (M5 arrived from the supplier and
+    was evaluated on the origin's own test data) waits for the origin officer, who logs in to the
+    origin's Airflow, opens the Data Docs page the data-release gate links to, reads M5's metrics on
+    the review gate's page (screenshot kept in test-artifacts/) and approves there."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from pipelines.service.collaboration import Collaboration, Deployment
+
+    home, figures = deployments["home"], deployments["figures"]
+    sites = {site: Deployment(site, record, home) for site, record in _records(home).items()}
+    origin = sites["origin"]
+    drive = Collaboration(sites, approve=True, timeout=600, say=print)
+    started = time.monotonic()
+    ran_1_2 = any(run["state"] == "success" for run in origin.runs("stage_2_sovereign_data_release"))
+    drive.run_stages([3, 4] if ran_1_2 else [1, 2, 3, 4])
+    before_review = ("stage_5_export_data_release", "stage_5_export_preparation")
+    drive.gate_dags = set(before_review)  # the review's gate is left to the officer in the browser
+    for dag_id in before_review:
+        deployment, run = drive.start(dag_id, 5)
+        drive.follow(deployment, dag_id, run)
+    deployment, run_id = drive.start("stage_5_export_review", 5)
+    assert deployment is origin
+    dag, gate = "stage_5_export_review", "review_approval"
+    deadline = time.monotonic() + 300
+    while (state := {ti["task_id"]: ti["state"] for ti in origin.task_instances(dag, run_id)}).get(gate) != \
+            "awaiting_input":
+        assert "failed" not in state.values() and time.monotonic() < deadline, state
+        time.sleep(1)
+    origin.observe_scheduler()
+    parked = origin.heartbeats[-1] if origin.heartbeats else None
+    figures["stages_to_review_gate_s"] = round(time.monotonic() - started, 1)
+
+    driver = _chromium()
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        driver.get(origin.url)
+        driver.find_element(By.NAME, "username").send_keys("origin_officer")
+        driver.find_element(By.NAME, "password").send_keys(origin.password("origin_officer"))
+        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        WebDriverWait(driver, 60).until(lambda d: "/auth/login" not in d.current_url)
+
+        # the data-release gate (answered by the drive) links to the validation's Data Docs page
+        release_run = next(run["dag_run_id"] for run in origin.runs("stage_5_export_data_release")
+                           if run["state"] == "success")
+        driver.get(f"{origin.url}/dags/stage_5_export_data_release/runs/{release_run}/tasks/release_approval/"
+                   "required_actions")
+        docs = driver.find_element(By.PARTIAL_LINK_TEXT, "Data Docs page").get_attribute("href")
+        driver.get(docs)
+        assert "/factory/data-docs/origin/validations/release/" in driver.current_url, driver.current_url
+        assert "export_authorized-sanitized" in driver.page_source and "Expectation" in driver.page_source
+
+        driver.get(f"{origin.url}/dags/{dag}/runs/{run_id}/tasks/{gate}/required_actions")
+        row = driver.find_element(By.XPATH, "//tr[td[contains(., 'M5 under review')]]").text
+        header = driver.find_element(By.XPATH, "//tr[td[contains(., 'M5 under review')]]/ancestor::table//th"
+                                     "[contains(., 'origin_test')]")
+        assert header.is_displayed() and re.search(r"\b[01]\.\d{4}\b", row), row
+        driver.execute_script("arguments[0].scrollIntoView()", driver.find_element(By.XPATH, "//table"))
+        driver.save_screenshot(str(ARTIFACTS / "export_review_in_browser.png"))
+
+        while not origin.settled(parked):  # answering before the scheduler took in the park fails the gate
+            time.sleep(1)
+            origin.observe_scheduler()
+        driver.find_element(By.ID, "element_comment").send_keys("M5 holds up on our test data")
+        approve = driver.find_element(By.XPATH, "//button[normalize-space()='Approve']")
+        WebDriverWait(driver, 30).until(lambda d: approve.is_enabled())
+        approve.click()
+        deadline = time.monotonic() + 180
+        while (state := {ti["task_id"]: ti["state"] for ti in origin.task_instances(dag, run_id)}).get(gate) != \
+                "success":
+            assert "failed" not in state.values() and time.monotonic() < deadline, state
+            time.sleep(1)
+    except Exception:
+        driver.save_screenshot(str(ARTIFACTS / "export_review_in_browser_failure.png"))
+        raise
+    finally:
+        driver.quit()
+    answer = origin.get(f"/api/v2/dags/{dag}/dagRuns/{run_id}/taskInstances/{gate}/-1/hitlDetails")
+    assert (answer["responded_by_user"] or {}).get("id") == "origin_officer", answer
+    assert answer["params_input"].get("comment") == "M5 holds up on our test data"
+    for deployment in sites.values():
+        deployment.close()
+    figures["export_review_s"] = round(time.monotonic() - started, 1)
+    print("\nexport review in the browser:", json.dumps(figures, indent=2))
