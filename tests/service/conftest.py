@@ -172,3 +172,20 @@ def service_factory():
         leftover_before = service.pids()
         stop()
         assert not service.pids(), f"processes left after factory down: {service.pids()} (before: {leftover_before})"
+
+
+def chromium_driver(window: str = "1400,1400"):
+    """Headless Debian Chromium through Selenium (apt-get install chromium chromium-driver; nothing is downloaded)."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        pytest.skip("Debian chromium/chromium-driver not installed (apt-get install -y chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as ChromeService
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={window}"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=ChromeService(chromedriver), options=options)
+    driver.implicitly_wait(30)
+    return driver

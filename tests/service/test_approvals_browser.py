@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from .conftest import chromium_driver
+
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 DAG, GATE = "approval_probe", "approve_release"
-
-
-def _driver():
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not chromedriver:
-        pytest.skip("Debian chromium/chromium-driver not installed (apt-get install -y chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as ChromeService
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=ChromeService(chromedriver), options=options)
-    driver.implicitly_wait(30)
-    return driver
 
 
 @pytest.mark.browser
@@ -36,7 +21,7 @@ def test_officer_approves_in_required_actions_and_task_succeeds(service_factory)
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = _driver()
+    driver = chromium_driver()
     ARTIFACTS.mkdir(exist_ok=True)
     try:
         service = service_factory("sqlite")

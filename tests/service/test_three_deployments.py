@@ -31,6 +31,8 @@ from pipelines.config import SITES, load_config
 from pipelines.service.up import conf_with_free_ports, deployment_pids
 from pipelines.workspace import SitePaths
 
+from .conftest import chromium_driver
+
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -264,23 +266,6 @@ def test_three_sovereign_deployments_carry_m1_to_the_origin_and_reach_its_approv
     print("\nthree deployments:", json.dumps(figures, indent=2))
 
 
-def _chromium():
-    """Headless Debian Chromium through Selenium (as tests/service/test_approvals_browser.py)."""
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not chromedriver:
-        pytest.skip("Debian chromium/chromium-driver not installed (apt-get install -y chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as ChromeService
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1400"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=ChromeService(chromedriver), options=options)
-    driver.implicitly_wait(30)
-    return driver
-
-
 @pytest.mark.browser
 def test_origin_officer_reads_m5_on_its_test_data_at_the_export_review_gate_and_approves(deployments):
     """Stages 1-4 (3-4 when the test above ran 1-2) and stage 5's data release and export preparation
@@ -317,7 +302,7 @@ def test_origin_officer_reads_m5_on_its_test_data_at_the_export_review_gate_and_
     parked = origin.heartbeats[-1] if origin.heartbeats else None
     figures["stages_to_review_gate_s"] = round(time.monotonic() - started, 1)
 
-    driver = _chromium()
+    driver = chromium_driver()
     ARTIFACTS.mkdir(exist_ok=True)
     try:
         driver.get(origin.url)
