@@ -151,9 +151,8 @@ def test_service_refuses_values_outside_the_model_envelope(service, model):
     assert source in detail
 
 
+@pytest.mark.parametrize("model", ["tabular-mlp"], indirect=True)  # resnet-small's envelope is conf/odd.yaml's
 def test_tabular_envelope_is_derived_from_the_training_data(service, model, datasets):
-    if model["family"] != "tabular-mlp":
-        pytest.skip("resnet-small has its envelope in conf/odd.yaml")
     _, app = service
     envelope = app.state.inputs.envelope
     train_rows = TABULAR.features(frame(TABULAR, 400, seed=11))
@@ -226,9 +225,8 @@ def test_evaluation_refuses_a_test_set_of_another_spec(home, model):
         run_step("evaluate_registered", _ctx(home), model=model["ref"].uri, test_sets={"other": other})
 
 
+@pytest.mark.parametrize("model", ["tabular-mlp"], indirect=True)  # one fine-tuning run is enough
 def test_fine_tuning_continues_the_base_family(home, model):
-    if model["family"] != "tabular-mlp":
-        pytest.skip("one fine-tuning run is enough")
     registered = _train(_ctx(home), stage="M8", datasets=["sensors"], test="sensors_test",
                         base_model=model["ref"].uri)
     ref = registry.resolve_model(SitePaths.of("origin", home), f"{registered['name']}/{registered['version']}")
