@@ -303,7 +303,8 @@ def _release_input(ctx: StepContext, ref: registry.ModelRef, *, recipient: str, 
     metrics = {k: float(v) for k, v in meta.get("metrics", {}).items()}
     return {
         "model": {"id": ref.uri, "site": ctx.site, "stage": meta["stage"], "metrics": metrics,
-                  "watermark": {"verified": False},  # no watermarking yet: the export policy data decides
+                  # release_checked_model replaces it with the check of the directory it seals
+                  "watermark": {"verified": False, "reason": "not checked"},
                   "signature": {"verified": signature_ok}, "lineage": meta.get("lineage", []),
                   # capability restrictions as the signed metadata records them; checked against the licence
                   "restrictions": meta.get("restrictions") or {}},
@@ -360,6 +361,7 @@ def release_checked_model(ctx: StepContext, ref: registry.ModelRef, *, recipient
     header beside the model's; `key` names the release in the site's `sent` records (a re-run of a
     finished release returns what it sealed); `end_use` (an export's) goes to the gate, which checks
     it against the recipient's licence."""
+    from pipelines.protection.release import release_checks
     from pipelines.trust import audit
 
     if sent := _already_sent(ctx, key):
@@ -370,8 +372,10 @@ def release_checked_model(ctx: StepContext, ref: registry.ModelRef, *, recipient
         value = document["model"]["metrics"].get(metric)
         if value is None or value < floor:
             raise StepError(f"{ref.uri} {metric} {value} is below this run's threshold {floor}")
-    _gate(ctx, "model_release", document)
     with _release_dir(ctx, ref, document["approvals"]) as release:
+        # watermark and robustness of the exact directory that is sealed (the signature was checked above)
+        document["model"].update(release_checks(ctx, release, recipient=recipient, purpose=purpose))
+        _gate(ctx, "model_release", document)
         header, target = _seal_to_outbox(
             ctx, recipient, release, purpose=purpose, content_type="model",
             metadata={**(metadata or {}), "kind": kind, "model": ref.uri, "stage": ref.metadata["stage"],
