@@ -38,6 +38,11 @@ A request the ODD withholds gets `"predictions": null, "outputs": null`.
 `ServiceGuard` (guard.py) authenticates and bounds the body before FastAPI parses anything; the
 context is a closed schema (known keys, bounded strings, ranged numbers), so an audit entry holds
 only bounded data.
+
+Extraction (`pipelines.protection.extraction`, conf/protection.yaml `extraction`): each row is a
+query of the authenticated client. A client over its query budget, or throttled after a detection,
+gets 429 with `Retry-After` and a message saying which; answered rows feed the client's PRADA
+detector, and a detection is audited once per episode as `serving.extraction_suspected`.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.learning import restrictions as capability
+from pipelines.protection.extraction import Detection, ExtractionConfError, ExtractionMonitor
 from pipelines.serving.clients import AuthResult, ClientRegistry
 from pipelines.serving.guard import ANONYMOUS, CLIENT_SCOPE_KEY, AuditLimiter, ServiceGuard, Suppressed
 from pipelines.serving.odd import (
@@ -175,8 +181,10 @@ def model_inputs(model_ref: Any, metadata: dict[str, Any], service: dict[str, An
 class Metrics:
     """Counters and a latency histogram rendered in the Prometheus text exposition format."""
 
-    def __init__(self, site: str, model: dict[str, Any], suppressed: dict[str, AuditLimiter] | None = None) -> None:
+    def __init__(self, site: str, model: dict[str, Any], suppressed: dict[str, AuditLimiter] | None = None,
+                 extraction: ExtractionMonitor | None = None) -> None:
         self.labels = f'site="{site}",model="{model["name"]}",version="{model["version"]}"'
+        self.extraction = extraction
         self._lock = threading.Lock()
         self.requests: dict[str, int] = {}
         self.breaches: dict[str, int] = {}
@@ -236,6 +244,17 @@ class Metrics:
                 "# TYPE factory_serving_audit_suppressed_total counter",
                 *(f'factory_serving_audit_suppressed_total{{{lab},event="{e}",key="{k}"}} {n}'
                   for e, k, n in suppressed),
+            ]
+        if self.extraction is not None:
+            monitor = self.extraction
+            lines += [
+                "# HELP factory_serving_extraction_suspected_total Clients detected as extracting the model"
+                " (episodes opened).",
+                "# TYPE factory_serving_extraction_suspected_total counter",
+                f"factory_serving_extraction_suspected_total{{{lab}}} {monitor.detections_total}",
+                "# HELP factory_serving_extraction_throttled_clients Clients throttled now.",
+                "# TYPE factory_serving_extraction_throttled_clients gauge",
+                f"factory_serving_extraction_throttled_clients{{{lab}}} {len(monitor.throttled())}",
             ]
         if drift:
             site_lab = lab.split(",model=")[0]
@@ -324,11 +343,22 @@ def _audit_suppressed(paths: SitePaths, model: dict[str, Any], event: str, summa
     )
 
 
+def _audit_extraction(paths: SitePaths, model: dict[str, Any], detection: Detection) -> None:
+    from pipelines.trust import audit
+
+    audit.append(
+        paths, action="serving.extraction_suspected", actor=f"client:{detection.client}",
+        object=f"{model['name']}/{model['version']}", outcome="throttled",
+        details={**detection.as_dict(), "detector": "prada", "security_event": True},
+    )
+
+
 def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | None = None,
-               auth: bool = True) -> FastAPI:
+               auth: bool = True, extraction: dict[str, Any] | None = None) -> FastAPI:
     """The inference app for `model_ref` at `site_paths.site`; raises ServingError if it may not serve.
 
-    `auth=False` (local development only) lets every caller in as `anonymous`."""
+    `auth=False` (local development only) lets every caller in as `anonymous`. `extraction` replaces
+    conf/protection.yaml's `extraction` section (budgets, detector, throttle)."""
     import onnxruntime as ort
 
     conf = conf or serving_conf()
@@ -375,11 +405,15 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
             )
 
     model = model_info(model_ref)
+    try:
+        monitor = ExtractionMonitor.for_site(site_paths, inputs.n_features, extraction)
+    except ExtractionConfError as exc:
+        raise ServingError(f"refusing to serve {model_ref.name}/{model_ref.version}: {exc}") from exc
     gate = OddGate(site_paths)
     store = InputStore.for_site(site_paths, conf.get("store"), n_features=inputs.n_features)
     limiters = {"odd.breach": AuditLimiter(int(limits.get("breaches_per_client", 10)), window_s),
                 "serving.auth_denied": AuditLimiter(int(limits.get("auth_failures", 10)), window_s)}
-    metrics = Metrics(site_paths.site, model, limiters)
+    metrics = Metrics(site_paths.site, model, limiters, monitor)
     drift_file = site_paths.state_dir / "drift" / "latest.json"
 
     def write_summaries(flush_all: bool = False) -> None:
@@ -407,6 +441,7 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
     app.state.gate, app.state.store, app.state.metrics, app.state.model = gate, store, metrics, model
     app.state.inputs = inputs
     app.state.registry = registry
+    app.state.extraction = monitor
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -437,6 +472,11 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
         except InvalidInput as exc:
             metrics.observe("invalid")
             return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
+        refusal = monitor.admit(client, len(x))
+        if refusal is not None:
+            metrics.observe(refusal.reason)
+            return JSONResponse(status_code=429, content={"detail": refusal.detail, "reason": refusal.reason},
+                                headers={"Retry-After": str(refusal.retry_after_s)})
         request_id = uuid.uuid4().hex
         context = body.context.model_dump(exclude_none=True)
         t0 = time.perf_counter()
@@ -448,7 +488,9 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
             store.append(x)
         flagged = not decision.allow and decision.mode == "flag"
         predictions = outputs = None
+        detection = None
         if decision.allow or flagged:
+            detection = monitor.observe(client, x, logits.argmax(axis=1))
             answered = capability.apply(logits, inputs.restrictions)
             predictions = answered.labels
             outputs = [{"label": label, "confidence": confidence, "abstained": abstained}
@@ -458,6 +500,8 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
         write_summaries()  # of windows that ended with events left out: before this window's first entry
         if audited:
             _audit_breach(site_paths, model, decision, request_id, client, context)
+        if detection is not None:
+            _audit_extraction(site_paths, model, detection)
         metrics.observe("ok" if decision.allow else "odd_breach", time.perf_counter() - started, len(x),
                         None if decision.allow else decision.mode)
         return JSONResponse({
