@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SITES = ("supplier", "origin", "destination")
@@ -97,11 +97,31 @@ class ServiceIdentity(_Strict):
     airflow_role: str = "OP"
 
 
+class AdversarialTraining(_Strict):
+    """Adversarial training: this share of every batch is replaced by FGSM or PGD examples within an
+    L-inf budget `eps` (a fraction of the training data's value range, as the robustness budgets of
+    conf/protection.yaml); PGD takes `steps` steps."""
+
+    method: Literal["fgsm", "pgd"] = "fgsm"
+    eps: float = Field(gt=0, le=1)
+    ratio: float = Field(default=0.5, gt=0, le=1)
+    steps: int = Field(default=5, ge=1, le=100)
+
+
 class TrainingProfile(_Strict):
     epochs: int = Field(gt=0)
     lr: float = Field(gt=0)
     batch_size: int = Field(gt=0)
     weight_decay: float = Field(ge=0)
+    adversarial: AdversarialTraining | None = None  # off unless a profile asks for it
+
+    @model_serializer(mode="wrap")
+    def _plain_stays_plain(self, handler) -> dict[str, Any]:
+        """A profile without adversarial training dumps as before (run keys of plain runs are unchanged)."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("adversarial") is None:
+            data.pop("adversarial", None)
+        return data
 
 
 class Resources(_Strict):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.config import TrainingProfile
+from pipelines.config import AdversarialTraining, TrainingProfile
 from pipelines.data.spec import DIGITS, DataSpec
 
 # Collaboration modes the training step can take; federated rounds come later.
@@ -75,6 +75,7 @@ def train(
     if base_state is None and mode == "centralized" and hasattr(model, "fit_inputs"):
         model.fit_inputs(xs)  # a new model takes its input standardisation from the training rows
     generator = torch.Generator().manual_seed(seed)
+    adversarial, bounds = profile.adversarial, (float(x.min()), float(x.max()))  # the data's range
     result = TrainResult(model)
     for epoch in range(profile.epochs):
         model.train()
@@ -82,8 +83,13 @@ def train(
         total, correct, loss_sum = 0, 0, 0.0
         for start in range(0, len(xs), profile.batch_size):
             batch = order[start : start + profile.batch_size]
+            inputs = xs[batch]
+            if adversarial is not None:  # the first share of a shuffled batch becomes adversarial
+                n = max(1, round(adversarial.ratio * len(batch)))
+                inputs = torch.cat([adversarial_examples(model, inputs[:n], ys[batch][:n], adversarial, bounds),
+                                    inputs[n:]])
             optimiser.zero_grad()
-            logits = model(xs[batch])
+            logits = model(inputs)
             loss = loss_fn(logits, ys[batch])
             loss.backward()
             optimiser.step()
@@ -96,6 +102,28 @@ def train(
             on_epoch(epoch, metrics)
     model.eval()
     return result
+
+
+def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adversarial: AdversarialTraining,
+                         bounds: tuple[float, float]) -> torch.Tensor:
+    """FGSM or PGD (L-inf, no random start) examples of `x` against `model` within `adversarial.eps`
+    of the value range `bounds`, clipped to it. The model's mode is kept; its gradients are not touched."""
+    low, high = bounds
+    eps = adversarial.eps * max(high - low, 1e-12)
+    steps = 1 if adversarial.method == "fgsm" else adversarial.steps
+    step_size = eps if adversarial.method == "fgsm" else 2.5 * eps / steps
+    was_training = model.training
+    model.eval()
+    x_adv = x.detach().clone()
+    try:
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(x_adv), y), x_adv)
+            x_adv = x_adv.detach() + step_size * grad.sign()
+            x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(low, high)
+    finally:
+        model.train(was_training)
+    return x_adv.detach()
 
 
 def logits_torch(model: nn.Module, x: np.ndarray) -> np.ndarray:
