@@ -9,7 +9,8 @@ restrictions (`{"abstain_classes": [3, 7], "max_confidence": 0.9}`, both optiona
 served model abstains on, a cap on the confidence it returns; they become part of the signed
 model, `model_release` checks them against what the destination's licence requires and
 `factory serve` enforces them). The supplier trains **M5** on its
-own data and the origin's export-authorized data and registers the variant. It
+own data and the origin's export-authorized data, with the supplier's ownership watermark
+and the destination's own mark (the export release verifies that mark), and registers the variant. It
 then records the export request (this run's id, the model and its digest, the
 destination, variant and thresholds) and sends M5 to the origin for review
 through the `model_release` gate (purpose `review`: only to a data owner in the
@@ -71,7 +72,7 @@ def stage_5_export_preparation():
     validated = dataset_intake(site=SITE, kind="origin-export", name="origin-export")
     registered = training_flow(site=SITE, stage="M5", profile="export", variant="{{ params.variant }}",
                                subset="{{ params.subset }}", restrictions="{{ params.restrictions }}",
-                               after=[validated])
+                               recipient="{{ params.destination }}", after=[validated])
     step_task("request_review", site=SITE, model=registered, recipient="origin", kind="m5-review",
               destination="{{ params.destination }}", variant="{{ params.variant }}",
               thresholds="{{ params.thresholds }}", end_use="{{ params.end_use }}",

@@ -30,6 +30,7 @@ COMMANDS = {
     "bundle": "pipelines.runtime.bundle:bundle_command",
     "serve": "pipelines.serving.cli:serve",
     "drift": "pipelines.serving.cli:drift",
+    "watermark": "pipelines.protection.cli:watermark",
 }
 
 

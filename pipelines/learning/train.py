@@ -40,13 +40,17 @@ def train(
     base_state: dict[str, torch.Tensor] | None = None,
     mode: str = "centralized",
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    watermark: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TrainResult:
     """Train a new model of `family` (default: conf/stages.yaml model_family) for rows of `spec`
     (default: the digits demo), or fine-tune `base_state` (transfer learning) when given.
 
     `architecture` ({architecture, hyper}, as metadata.json records it) builds that model instead of
     the family's from conf/models.yaml (fine-tuning continues the base model's architecture). The
-    model is built after seeding, so its initial weights follow `seed`."""
+    model is built after seeding, so its initial weights follow `seed`.
+
+    `watermark` (rows, labels) are trigger rows (`pipelines.protection.watermark.embedding_rows`)
+    trained on with the data; they do not enter the input standardisation a new model fits."""
     from pipelines.learning.families import build_architecture, build_model, default_family
 
     if mode not in COLLABORATION_MODES:
@@ -74,6 +78,12 @@ def train(
     xs, ys = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
     if base_state is None and mode == "centralized" and hasattr(model, "fit_inputs"):
         model.fit_inputs(xs)  # a new model takes its input standardisation from the training rows
+    if watermark is not None and len(watermark[0]):
+        marks_x, marks_y = watermark
+        if marks_x.shape[1:] != x.shape[1:] or len(marks_y) != len(marks_x):
+            raise ValueError(f"watermark rows of shape {tuple(marks_x.shape)} do not fit training rows of {n_features}")
+        xs = torch.cat([xs, torch.from_numpy(np.ascontiguousarray(marks_x, dtype=np.float32))])
+        ys = torch.cat([ys, torch.from_numpy(marks_y.astype(np.int64))])
     generator = torch.Generator().manual_seed(seed)
     adversarial, bounds = profile.adversarial, (float(x.min()), float(x.max()))  # the data's range
     result = TrainResult(model)

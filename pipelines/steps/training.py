@@ -11,6 +11,10 @@ and max), so export, evaluation, serving, ODD and drift follow the model and not
 An export variant's capability restrictions (`pipelines.learning.restrictions`: classes it abstains
 on, a cap on the confidence it returns) are recorded there too (key `restrictions`, only when there
 are some), so they are signed with the model and `factory serve` enforces them wherever it runs.
+At a site that marks its models (conf/protection.yaml `watermark.sites`: the supplier) the run
+embeds watermarks (`pipelines.protection.watermark`): the ownership mark in a new model, the marks
+a base model of this site's key carries, and the mark of the `recipient` a model is prepared for
+(stage 5's destination); metadata.json records them (key `watermark`: key id, marks, trigger scale).
 """
 
 from __future__ import annotations
@@ -149,6 +153,7 @@ def train_model(
     purpose: str = "training",
     family: str | None = None,
     restrictions: dict | None = None,
+    recipient: str | None = None,
 ) -> dict[str, Any]:
     """Train the `stage` model on the site's `datasets`, fine-tuning `base_model` when given.
 
@@ -158,6 +163,7 @@ def train_model(
     `subset` ({"labels": [...]}) selects records of the datasets named in `subset_datasets` (all when None).
     `restrictions` ({"abstain_classes": [...], "max_confidence": x}, both optional) restrict what the
     model may return; checked against the data's classes and recorded in its metadata.
+    `recipient` (a site) gets its own watermark in the model, besides the supplier's ownership mark.
     """
     import pandas as pd
 
@@ -215,11 +221,22 @@ def train_model(
         name = registry.registered_name(stage, variant, family=family)
     except registry.ModelNotFound as exc:
         raise StepError(str(exc)) from None
+    from pipelines.protection import watermark as wm
+
+    try:
+        marks = wm.training_marks(ctx.paths, new_model=base is None, base_meta=base.metadata if base else None,
+                                  recipient=recipient or None)
+        mark_key = wm.ensure_key(ctx.paths) if marks else None
+    except (wm.WatermarkError, ValueError) as exc:
+        raise StepError(f"{stage}: watermark: {exc}") from None
+    mark_conf = wm.settings()
     key_material = {
         "stage": stage, "variant": variant, "profile": training_profile.model_dump(), "seed": conf.seed,
         "datasets": sorted(v.md5 for v in versions), "base": base_digest, "subset": subset,
         "family": family, "architecture": architecture, "code": code_version(),
         **({"restrictions": restrictions} if restrictions else {}),  # unrestricted runs keep their earlier keys
+        **({"watermark": {"key_id": mark_key.key_id, "marks": marks, "size": mark_conf["trigger_set_size"],
+                          "repeats": mark_conf["repeats"]}} if marks else {}),  # unmarked runs keep theirs too
     }
     run_key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:16]
     done = registry.find_version_by_tag(ctx.paths, name, "factory.run_key", run_key)
@@ -230,6 +247,13 @@ def train_model(
 
     data = pd.concat(frames, ignore_index=True)
     x, y = _xy(data, spec, f"training data {', '.join(v.id for v in versions)}")
+    mark_record, mark_rows = None, None
+    if marks:
+        scale = wm.trigger_scale(family, _envelope(x, None), spec.n_features,
+                                 inherited=((base.metadata.get("watermark") or {}).get("scale") if base else None))
+        mark_rows = wm.embedding_rows(mark_key, marks, n_features=spec.n_features, n_classes=spec.n_classes,
+                                      scale=scale, conf=mark_conf)
+        mark_record = {"key_id": mark_key.key_id, "marks": marks, "scale": scale}
     staging = _staging(ctx, run_key)
     if staging.exists():
         shutil.rmtree(staging)
@@ -243,7 +267,8 @@ def train_model(
                            "records": len(data), "datasets": ",".join(v.id for v in versions),
                            "base_model": base.uri if base else "none", "variant": variant or "", "family": family,
                            "mode": "fine_tune" if base else "centralized",
-                           "restrictions": json.dumps(restrictions, sort_keys=True)})
+                           "restrictions": json.dumps(restrictions, sort_keys=True),
+                           "watermark_marks": ",".join(marks)})
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics(metrics, step=epoch)
@@ -252,7 +277,8 @@ def train_model(
 
         result = train(x, y, training_profile, seed=conf.seed, architecture=architecture, spec=spec,
                        mode="fine_tune" if base else "centralized",
-                       base_state=load_weights(base.model_dir) if base else None, on_epoch=on_epoch)
+                       base_state=load_weights(base.model_dir) if base else None, on_epoch=on_epoch,
+                       watermark=mark_rows)
         save_weights(result.model, staging)
         lineage = list(base.metadata.get("lineage", [])) if base else []
         for entry in lineage_entries(ctx.paths, [v.id for v in versions]):
@@ -268,6 +294,7 @@ def train_model(
             "reference_data": [v.id for v in versions], "code_version": code_version(),
             "mlflow_run_id": run.info.run_id, "dag_id": ctx.dag_id, "dag_run_id": ctx.run_id,
             **({"restrictions": restrictions} if restrictions else {}),
+            **({"watermark": mark_record} if mark_record else {}),
         })
     return {"run_key": run_key, "name": name, "staging": str(staging), "mlflow_run_id": run.info.run_id,
             "stage": stage}

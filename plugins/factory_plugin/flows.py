@@ -67,18 +67,20 @@ def received_test_sets(site: str) -> dict[str, str]:
 @task_group
 def training_flow(*, site: str, stage: str, profile: str, base_model: str | None = None,
                   base_variant: str | None = None, variant: Any = None, subset: Any = None,
-                  restrictions: Any = None, min_accuracy: dict[str, float] | None = None, after: list | None = None,
-                  outlets: list | None = None):
+                  restrictions: Any = None, recipient: Any = None, min_accuracy: dict[str, float] | None = None,
+                  after: list | None = None, outlets: list | None = None):
     """train → evaluate → export to ONNX (parity) → register, at one site, after the tasks in `after`.
 
     The datasets, test sets and parity set are the stage model's `inputs` in conf/stages.yaml;
-    `restrictions` (an export variant's capability restrictions) go into the model's metadata."""
+    `restrictions` (an export variant's capability restrictions) go into the model's metadata;
+    `recipient` (stage 5's destination) gets its own watermark in the model."""
     inputs = model_inputs(stage)
     subset_datasets = list(inputs.subset_datasets) if inputs.subset_datasets is not None else None
     trained = step_task("train_model", site=site, resources="train", stage=stage, profile=profile,
                         datasets=list(inputs.datasets), base_model=base_model, base_variant=base_variant,
                         variant=variant, subset=subset, subset_datasets=subset_datasets,
-                        **({"restrictions": restrictions} if restrictions is not None else {}))
+                        **({"restrictions": restrictions} if restrictions is not None else {}),
+                        **({"recipient": recipient} if recipient is not None else {}))
     for upstream in after or []:
         upstream >> trained
     evaluated = step_task("evaluate_model", site=site, trained=trained, test_sets=dict(inputs.test_sets),

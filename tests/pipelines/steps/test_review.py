@@ -71,7 +71,7 @@ def m5(home: Path) -> dict:
     received = run_step("receive_dataset", supplier, kind="origin-export", name="origin-export")
     run_step("validate_dataset", supplier, dataset=received, suite="training")
     trained = run_step("train_model", supplier, stage="M5", profile="export", datasets=["train", "origin-export"],
-                       variant="default")
+                       variant="default", recipient="destination")  # the destination's watermark, as the DAG asks
     evaluated = run_step("evaluate_model", supplier, trained=trained, test_sets={"supplier_test": "test"})
     exported = run_step("export_model", supplier, trained=evaluated, parity_set="test")
     return run_step("register_model", supplier, trained=exported)
