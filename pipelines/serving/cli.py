@@ -1,4 +1,5 @@
-"""`factory serve`, `factory serve token add|list|revoke` and `factory drift simulate|check`."""
+"""`factory serve`, `factory serve token add|list|revoke`, `factory serve throttle clear` and
+`factory drift simulate|check`."""
 
 from __future__ import annotations
 
@@ -211,6 +212,34 @@ def token_revoke(site: str, client: str) -> None:
         raise click.ClickException(str(exc)) from None
     _audit_client(paths, "serving.client_revoked", client)
     click.echo(f"revoked the token of client {client} at {site} ({entry['revoked']})", err=True)
+
+
+@serve.group("throttle")
+def throttle() -> None:
+    """Clients the extraction detector throttled (pipelines.protection.extraction)."""
+
+
+@throttle.command("clear")
+@click.option("--site", required=True, type=click.Choice(["origin", "destination", "supplier"]))
+@click.option("--client", "client", required=True)
+def throttle_clear(site: str, client: str) -> None:
+    """Release a throttled client now; the running service lets it in again from its next request
+    (with a fresh detector history, so a resumed attack is detected again)."""
+    from pipelines.protection.extraction import ExtractionConfError, clear_client
+    from pipelines.serving.clients import ClientError, check_client_name
+    from pipelines.trust import audit
+    from pipelines.trust.keys import TrustError, keyring
+
+    paths = _paths(site)
+    try:
+        check_client_name(client)
+        keyring(paths)
+        clear_client(paths, client)
+    except (ClientError, TrustError, ExtractionConfError) as exc:
+        raise click.ClickException(str(exc)) from None
+    audit.append(paths, action="serving.extraction_cleared", actor=_operator(), object=f"serving-client:{client}",
+                 outcome="ok", details={"client": client})
+    click.echo(f"cleared client {client} at {site}: the service releases it at its next request", err=True)
 
 
 @click.group("drift")

@@ -219,3 +219,23 @@ def test_service_flags_audits_once_and_throttles(guarded, origin):
     assert "factory_serving_extraction_throttled_clients" in metrics
     assert 'outcome="throttled"' in metrics
     assert "prada-thief" in app.state.extraction.throttled()
+
+
+def test_cli_clear_is_audited_and_releases(origin):
+    from click.testing import CliRunner
+
+    from pipelines.serving.cli import serve
+
+    paths = origin[0]
+    monitor = ExtractionMonitor(ExtractionConf(), 64, clearances=clearances_path(paths), clock=Clock())
+    ax, ay = _attack_rows(1500)
+    assert _feed(monitor, "cli-cleared", ax, ay, 32) is not None
+    result = CliRunner().invoke(serve, ["throttle", "clear", "--site", "origin", "--client", "cli-cleared"],
+                                env={"FACTORY_HOME": str(paths.home)})
+    assert result.exit_code == 0, result.output
+    assert monitor.admit("cli-cleared", 1) is None
+    assert [e for e in audit.entries(paths) if e["action"] == "serving.extraction_cleared"
+            and e["details"]["client"] == "cli-cleared"]
+    bad = CliRunner().invoke(serve, ["throttle", "clear", "--site", "origin", "--client", "Bad Name"],
+                             env={"FACTORY_HOME": str(paths.home)})
+    assert bad.exit_code != 0 and "not allowed" in bad.output
