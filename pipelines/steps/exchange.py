@@ -417,7 +417,12 @@ def _checked_model(ctx: StepContext, header: dict[str, Any], model_dir: Path) ->
 def receive_model(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) -> dict[str, Any]:
     """Open the newest model package of `kind`, verify signature, provenance and BOM, register it and
     evaluate it on this site's test data."""
+    from pipelines.protection.robustness import received_robustness
+
     received = receive_model_package(ctx, kind=kind, test_sets=test_sets)
+    if received is not None:  # its robustness on this site's own test data, recorded before it is adopted
+        received[0]["robustness"] = received_robustness(ctx, received[0], test_sets)
+        _remember(ctx, "received", received[0]["package_id"], received[0])
     return _last_received(ctx, kind) if received is None else received[0]
 
 

@@ -324,12 +324,15 @@ def evaluate_model(ctx: StepContext, *, trained: dict, test_sets: dict[str, str]
     model_dir = Path(trained["staging"])
     if trained.get("registered"):
         return {"metrics": _metadata(model_dir)["metrics"], **trained}
+    from pipelines.protection.robustness import evaluation_robustness, robustness_metrics
+
     metrics = _test_metrics(ctx, model_dir, test_sets)
-    _update_metadata(model_dir, metrics=metrics)
+    robustness = evaluation_robustness(ctx, model_dir, test_sets)  # None when conf/protection.yaml turns it off
+    _update_metadata(model_dir, metrics=metrics, **({"robustness": robustness} if robustness else {}))
     with _mlflow_run(ctx, trained["mlflow_run_id"]):
         import mlflow
 
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics({**metrics, **robustness_metrics(robustness)})
     for key, floor in (min_accuracy or {}).items():
         if metrics.get(key, 0.0) < floor:
             raise StepError(f"{trained['stage']} {key} accuracy {metrics.get(key, 0.0):.4f} is below the "
@@ -374,7 +377,18 @@ def _model_card(meta: dict[str, Any], intended_use: str) -> dict[str, Any]:
         "limitations": f"{families.describe(spec)} inputs as in its training data; evaluated only on the test "
                        "sets listed in metrics.",
         **({"restrictions": meta["restrictions"]} if meta.get("restrictions") else {}),
+        **_robustness_card(meta.get("robustness")),
     }
+
+
+def _robustness_card(robustness: dict[str, Any] | None) -> dict[str, Any]:
+    """The card's robustness section: accuracy under attack at the budgets measured (when measured)."""
+    if not robustness or not robustness.get("evaluated"):
+        return {}
+    return {"robustness": {"accuracy": robustness["accuracy"], "test_set": robustness.get("test_set"),
+                           "attacks": "FGSM and PGD (L-inf; budgets as fractions of the input range), "
+                                      "Adversarial Robustness Toolbox",
+                           "budgets": robustness.get("budgets", {})}}
 
 
 def write_model_provenance(ctx: StepContext, model_dir: Path, *, approvals=()) -> Path:
