@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -78,7 +78,7 @@ class ScreenSettings:
 class ClassStats:
     label: int
     rows: int
-    candidate_rows: int = 0          # rows of the best candidate (0: no candidate)
+    candidate_rows: int = 0          # flagged: the suspicious rows of the class; else the strongest candidate's
     pattern_strength: float = 0.0
     transfer_rate: float = 0.0
     pattern_features: tuple[int, ...] = ()
@@ -274,6 +274,8 @@ def screen(model, x: np.ndarray, y: np.ndarray, *, n_classes: int | None = None,
                     if (flagged, pattern_strength, transfer) > (best.flagged, best.pattern_strength,
                                                                  best.transfer_rate):
                         best = stats
+            if best.flagged:  # every flagged candidate of the class counts, not only the strongest
+                best = replace(best, candidate_rows=int(np.isin(class_rows, list(suspicious)).sum()))
             per_class.append(best)
     finally:
         torch.set_num_threads(threads)
@@ -299,3 +301,29 @@ def plant_trigger(x: np.ndarray, y: np.ndarray, *, input_shape, target: int, fra
     out_x[rows] = images.reshape(len(rows), -1)
     out_y[rows] = target
     return out_x, out_y, rows
+
+
+def screening_model_for(site: str, dataset: str) -> str | None:
+    """The current model a dataset `site` receives as `dataset` is screened with before training, or
+    None when it is not screened.
+
+    The stage that receives it is the first of conf/stages.yaml `order` at `site` whose model trains on
+    it (`inputs.models`, `<name>` or a part `<name>-...` split from it); it is screened when
+    conf/protection.yaml `screening.stages` names that model, with `screening.models[stage]` (default:
+    the model of the stage before it at the same site)."""
+    from pipelines.config import load_config
+    from pipelines.protection import settings
+
+    conf = settings("screening")
+    stages = load_config().stages
+    previous = None
+    for entry in stages.order:
+        if entry.site != site or not entry.model:
+            continue
+        datasets = stages.inputs.models[entry.model].datasets if entry.model in stages.inputs.models else ()
+        if any(name == dataset or name.startswith(f"{dataset}-") for name in datasets):
+            if entry.model not in (conf.get("stages") or ()):
+                return None
+            return (conf.get("models") or {}).get(entry.model) or previous
+        previous = entry.model
+    return None

@@ -136,14 +136,22 @@ def data_release_flow(*, site: str, stage: int, recipient: str, purpose: str, ki
 
 
 def dataset_intake(*, site: str, kind: str, name: str):
-    """open the newest package of `kind` → register it as dataset `name` → validate it for training.
+    """open the newest package of `kind` → register it as dataset `name` → validate it for training
+    → screen it for poisoning with the current model, for the stages conf/protection.yaml
+    `screening.stages` names (a poisoned version is quarantined and the run stops before training).
 
     The first tasks of a stage that trains on a partner's data. With no new package in the inbox
     (a cron-triggered run) the dataset received last is used again; with none ever received the
     run fails, naming the inbox.
     """
+    from pipelines.protection.poisoning import screening_model_for
+
     received = step_task("receive_dataset", site=site, kind=kind, name=name)
-    return step_task("validate_dataset", site=site, dataset=received, suite="training")
+    validated = step_task("validate_dataset", site=site, dataset=received, suite="training")
+    model = screening_model_for(site, name)
+    if model is None:
+        return validated
+    return step_task("screen_dataset", site=site, dataset=validated, model=model)
 
 
 def model_intake_flow(*, site: str, kind: str, stage: str):
