@@ -2,7 +2,10 @@
 
 Evaluation happens where the test data lives, so the table is assembled from the
 metrics each site recorded on its own registered versions; a cell stays empty
-where that site may not hold the model.
+where that site may not hold the model. Robust accuracy (FGSM/PGD at the budgets of
+conf/protection.yaml, `pipelines.protection.robustness`) is the figure the training site
+measured on its own test set (metadata.json `robustness`), and per receiving site the figure it
+measured on its own before adopting the model (version tags `factory.robustness.*`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,34 @@ def _metrics_at(paths: SitePaths, model: str) -> dict[str, float]:
             if k.startswith("factory.metric.") and k.removeprefix("factory.metric.") in keys}
 
 
+def robustness_keys() -> tuple[str, ...]:
+    """The attacked budgets of conf/protection.yaml, in order (fgsm@<eps>..., pgd@<eps>...)."""
+    from pipelines.protection.robustness import budget_key, budgets
+
+    conf = budgets()
+    return tuple([budget_key("fgsm", e) for e in conf["fgsm_eps"]] + [budget_key("pgd", e) for e in conf["pgd_eps"]])
+
+
+def _robustness_at(paths: SitePaths, model: str, *, trained_here: bool) -> dict[str, float]:
+    """Robust accuracy of the latest `model` a site holds: measured at evaluation where it was
+    trained, at intake where it was received; {} when not measured."""
+    from pipelines.learning.registry import ModelNotFound, resolve_model
+    from pipelines.protection.robustness import mlflow_name
+
+    if not paths.mlflow_dir.exists():
+        return {}
+    try:
+        ref = resolve_model(paths, model)
+    except ModelNotFound:
+        return {}
+    if trained_here and ref.metadata.get("site") == paths.site:
+        measured = ref.metadata.get("robustness") or {}
+        return {k: float(v) for k, v in (measured.get("accuracy") or {}).items()
+                if k in robustness_keys()} if measured.get("evaluated") else {}
+    return {key: float(ref.tags[f"factory.{mlflow_name(key)}"]) for key in robustness_keys()
+            if f"factory.{mlflow_name(key)}" in ref.tags}
+
+
 def build_report(home: Path | None = None) -> dict[str, Any]:
     home = home or factory_home()
     SitePaths.of("supplier", home).require()
@@ -50,7 +81,11 @@ def build_report(home: Path | None = None) -> dict[str, Any]:
         for holder in SITES:
             metrics.update(_metrics_at(SitePaths.of(holder, home), stage.model))
         if metrics:
-            stages.append({"stage": stage.stage, "model": stage.model, "site": stage.site, "metrics": metrics})
+            robustness = {holder: figures for holder in SITES
+                          if (figures := _robustness_at(SitePaths.of(holder, home), stage.model,
+                                                        trained_here=holder == stage.site))}
+            stages.append({"stage": stage.stage, "model": stage.model, "site": stage.site, "metrics": metrics,
+                           **({"robustness": robustness} if robustness else {})})
     return {"stages": stages}
 
 
@@ -83,6 +118,7 @@ def log_report(home: Path, report: dict[str, Any], chart: Path) -> None:
     import mlflow
 
     from pipelines.learning.registry import experiment_id
+    from pipelines.protection.robustness import mlflow_name
 
     paths = SitePaths.of("supplier", home)
     mlflow.set_tracking_uri(paths.mlflow_uri)
@@ -91,6 +127,8 @@ def log_report(home: Path, report: dict[str, Any], chart: Path) -> None:
         mlflow.log_artifact(str(chart))
         for row in report["stages"]:
             mlflow.log_metrics({f"{row['model']}.{k}": v for k, v in row["metrics"].items()})
+            mlflow.log_metrics({f"{row['model']}.{site}.{mlflow_name(k)}": v
+                                for site, figures in row.get("robustness", {}).items() for k, v in figures.items()})
 
 
 def render_table(report: dict[str, Any]) -> Table:
@@ -104,8 +142,27 @@ def render_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def render_robustness(report: dict[str, Any]) -> Table | None:
+    """Robust accuracy per stage model and the site that measured it on its own test set (None when
+    nothing was measured)."""
+    rows = [(row, site, figures) for row in report["stages"] for site, figures in row.get("robustness", {}).items()]
+    if not rows:
+        return None
+    keys = robustness_keys()
+    table = Table(title="Robust accuracy (FGSM / PGD, L-inf budgets as fractions of the input range)")
+    for column in ("stage", "model", "measured at", *keys):
+        table.add_column(column, justify="right" if column in keys else "left")
+    for row, site, figures in rows:
+        table.add_row(str(row["stage"]), row["model"], site,
+                      *[f"{figures[k]:.4f}" if k in figures else "" for k in keys])
+    return table
+
+
 def print_summary(home: Path) -> None:
-    Console().print(render_table(build_report(home)))
+    report = build_report(home)
+    Console().print(render_table(report))
+    if (robustness := render_robustness(report)) is not None:
+        Console().print(robustness)
 
 
 @click.command("report")
@@ -124,4 +181,6 @@ def report_command(as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
     else:
         Console().print(render_table(report))
+        if (robustness := render_robustness(report)) is not None:
+            Console().print(robustness)
         click.echo(f"chart: {chart}")

@@ -92,3 +92,22 @@ def test_received_model_is_evaluated_on_the_receivers_test_set_before_adoption(h
     assert logged[-1]["object"] == ref.uri and logged[-1]["details"]["accuracy"] == robustness["accuracy"]
     # receiving again returns the recorded intake, robustness included, without measuring again
     assert run_step("receive_model", origin, kind="m1", test_sets={"origin_test": "test"}) == record
+
+
+def test_report_shows_robustness_measured_where_each_test_set_lives(home, m1):
+    from rich.console import Console
+
+    from pipelines.report import build_report, render_robustness
+
+    supplier, origin = _ctx(home, "supplier"), _ctx(home, "origin")
+    if not any(e["action"] == "model.robustness" for e in audit.entries(origin.paths)):
+        test_received_model_is_evaluated_on_the_receivers_test_set_before_adoption(home, m1)
+    row = next(row for row in build_report(home)["stages"] if row["model"] == "M1")
+    trained = registry.resolve_model(supplier.paths, f"{m1['name']}/{m1['version']}").metadata["robustness"]
+    assert row["robustness"]["supplier"] == {k: v for k, v in trained["accuracy"].items() if k != "clean"}
+    assert set(row["robustness"]["origin"]) == KEYS - {"clean"}
+    console = Console(width=160, record=True)
+    console.print(render_robustness({"stages": [row]}))
+    text = console.export_text()
+    assert "fgsm@0.1" in text and "origin" in text and f"{trained['accuracy']['pgd@0.05']:.4f}" in text
+    assert render_robustness({"stages": [{**row, "robustness": {}}]}) is None
