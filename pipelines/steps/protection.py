@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from pipelines.fileio import read_json, update_json, write_json
@@ -12,7 +13,7 @@ SCREENING_REPORTS = ("reports", "screening")  # under the site repo, beside repo
 QUARANTINE_PREFIX = "poisoning screen"
 
 
-def screening_report_path(ctx: StepContext, version) -> Any:
+def screening_report_path(ctx: StepContext, version) -> Path:
     """Where the screen of a dataset version is reported (its catalog name and md5, both the site's own)."""
     return ctx.paths.repo.joinpath(*SCREENING_REPORTS, f"{version.name}-{version.md5[:12]}.json")
 
