@@ -31,6 +31,8 @@ ALLOWED_EXPORT = {
     "model": {
         "id": "digits-cnn-export/3", "site": "supplier", "metrics": {"supplier_test": 0.93},
         "watermark": {"verified": True}, "signature": {"verified": True},
+        "robustness": {"evaluated": True, "accuracy": {"clean": 0.93, "fgsm@0.05": 0.84, "fgsm@0.1": 0.61,
+                                                      "pgd@0.05": 0.82}},
         "lineage": [
             {"dataset_id": "supplier/train@1", "owner": "supplier", "local_only": False,
              "export_authorized": True, "releasable_to": ["origin", "destination"]},

@@ -116,15 +116,20 @@ def _test_set(ctx: StepContext, meta: dict[str, Any], test_sets: dict[str, str] 
 def _measure(ctx: StepContext, model_dir: Path, test_sets: dict[str, str] | None = None,
              conf: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measured robustness of `model_dir` on this site's test set; raises on any failure."""
+    from pipelines.data.catalog import load_dataset
+    from pipelines.data.spec import spec_of
+    from pipelines.learning import families
     from pipelines.learning.artifacts import load_model
-    from pipelines.steps.training import _fitting, _load, _metadata, _model_spec, _xy
 
-    meta = _metadata(model_dir)
+    meta = json.loads((model_dir / "metadata.json").read_text())
     key, ref = _test_set(ctx, meta, test_sets)
-    spec = _model_spec(model_dir, meta)
-    frame, version = _load(ctx, ref, action="read", purpose="evaluation")
-    _fitting(version, spec, f"the model in {model_dir.name}")
-    x, y = _xy(frame, spec, f"test set {version.id}")
+    spec = families.metadata_spec(meta)
+    frame, version = load_dataset(ctx.paths, ref, action="read", purpose="evaluation")  # catalog and data_access gate
+    problem = families.spec_mismatch(spec, spec_of(version.extra), expected_is="the model takes",
+                                     actual_is="the test set holds")
+    if problem:
+        raise ValueError(f"test set {version.id} does not fit the model: {problem}")
+    x, y = spec.features(frame), spec.labels(frame)
     settings = budgets(conf)
     accuracy = evaluate_robustness(load_model(model_dir), x, y, fgsm_eps=settings["fgsm_eps"],
                                    pgd_eps=settings["pgd_eps"], pgd_steps=settings["pgd_steps"],

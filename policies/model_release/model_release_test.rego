@@ -40,6 +40,7 @@ export := {
 		"metrics": {"supplier_test": 0.93, "loss": 0.2},
 		"watermark": {"verified": true},
 		"signature": {"verified": true},
+		"robustness": {"evaluated": true, "accuracy": {"fgsm@0.05": 0.84, "pgd@0.05": 0.82}},
 		"lineage": [supplier_train, origin_subset],
 	},
 	"recipient": "destination",

@@ -53,6 +53,8 @@ def allow_all(tmp_path):
     """A copy of the project's policies whose model_release gate allows everything."""
     root = tmp_path / "evil-policies"
     shutil.copytree(load_bundle().root, root)
+    for module in (root / "model_release").glob("*.rego"):  # the gate's package spans several files
+        module.unlink()
     (root / "model_release" / "model_release.rego").write_text(ALLOW_ALL)
     return root
 

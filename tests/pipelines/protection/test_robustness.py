@@ -118,9 +118,25 @@ def _export(robustness: dict | None) -> dict:
     from pipelines.policy.testing import ALLOWED_EXPORT
 
     doc = json.loads(json.dumps(ALLOWED_EXPORT))
+    doc["model"].pop("robustness", None)
     if robustness is not None:
         doc["model"]["robustness"] = robustness
     return doc
+
+
+def test_shipped_policy_data_sets_a_minimum_for_exports_to_the_destination(monkeypatch):
+    from pipelines.policy import evaluate, policy_data
+
+    monkeypatch.delenv("FACTORY_POLICIES", raising=False)
+    monkeypatch.delenv("FACTORY_OPA_URL", raising=False)
+    minimum = policy_data()["release_robustness"]["destination"]["export"]
+    assert minimum == {"fgsm@0.05": 0.7, "pgd@0.05": 0.7}
+    # the default run's M5 on the supplier's test set: fgsm@0.05 0.84, pgd@0.05 0.82 (policy/testing.py)
+    assert evaluate("model_release", _export({"evaluated": True, "accuracy": {"fgsm@0.05": 0.84,
+                                                                              "pgd@0.05": 0.82}})).allow
+    assert not evaluate("model_release", _export(None)).allow
+    assert evaluate("model_release", {**_export(None), "recipient": "origin", "purpose": "collaboration",
+                                      "approvals": []}).allow
 
 
 def test_gate_allows_an_export_whose_measured_robustness_meets_the_minimum(minimums, plain_model, digits):
