@@ -84,11 +84,11 @@ def test_batch_rows_count_as_single_queries():
 
 
 def test_memory_is_bounded_per_client():
-    monitor, _ = _monitor(history_per_class=16, window=200, min_queries=100, threshold=0.0)
+    monitor, _ = _monitor(history=300, window=200, min_queries=100, threshold=0.0)
     x, y = _digits_traffic(2000, seed=2)
     _feed(monitor, "c", x, y, 256)
     state = monitor._clients["c"]
-    assert all(len(entry[0]) == 16 and entry[2] == 16 for entry in state.history.values())
+    assert state.ring.shape == (300, 64) and state.filled == 300
     assert len(state.distances) == 200 and state.n_distances > 200
 
 
