@@ -109,3 +109,27 @@ def test_received_training_data_of_the_screened_stages_is_screened_with_their_ba
     assert screening_model_for("supplier", "destination-contribution") == "M3"  # stage 8, split first
     assert screening_model_for("supplier", "origin-export") is None  # M5 is not screened by default
     assert screening_model_for("origin", "origin-shared") is None
+
+
+@pytest.mark.parametrize(("dag_id", "model"), [("stage_3_collaborative_optimization", "M1"),
+                                               ("stage_8_reciprocal_contribution", "M3")])
+def test_stage_dags_screen_the_received_data_before_training(dag_id, model):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from pipelines.config import PROJECT_ROOT
+
+    dag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / f"{dag_id}.py")).dags[dag_id]
+    screen_task = dag.get_task("screen_dataset")
+    assert screen_task.upstream_task_ids == {"validate_dataset"} and screen_task.op_args[2]["model"] == model
+    train_task = dag.get_task("training_flow.train_model")
+    assert "screen_dataset" in train_task.get_flat_relative_ids(upstream=True)
+
+
+def test_stages_that_are_not_screened_keep_their_intake():
+    from airflow.dag_processing.dagbag import DagBag
+
+    from pipelines.config import PROJECT_ROOT
+
+    dag_id = "stage_6_destination_collaboration"
+    dag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / f"{dag_id}.py")).dags[dag_id]
+    assert "screen_dataset" not in dag.task_ids and "validate_dataset" in dag.task_ids
