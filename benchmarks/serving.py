@@ -3,7 +3,7 @@
 Serves a freshly trained, signed model over real HTTP (uvicorn on 127.0.0.1, in this process) with
 client authentication (a bearer token), the body limit, ODD checks, input storage and the extraction
 monitor (query budget and PRADA detector, conf/protection.yaml; the budget is raised to this run's
-volume), and compares
+volume; `det p50`: the detector's own time on the same batches), and compares
 its latency and throughput on the same batches (batch sizes 1, 32, 256) with the peer a team would
 otherwise write — a minimal FastAPI + ONNX Runtime endpoint over uvicorn (pydantic body, argmax), the
 two called in turn request by request, by the same HTTP client — and with a bare ONNX Runtime
@@ -114,6 +114,7 @@ def bench_service(paths, ref, requests: int) -> list[dict]:
 
     from pipelines.data.builder import digits, origin_sensor
     from pipelines.protection import settings
+    from pipelines.protection.extraction import ExtractionMonitor
     from pipelines.serving.app import create_app
     from pipelines.serving.clients import add_client
 
@@ -140,7 +141,7 @@ def bench_service(paths, ref, requests: int) -> list[dict]:
                     peer.post("/predict", json={"inputs": p["inputs"]})
                     session.run(["logits"], {"input": b})
                 payloads, batches = payloads[5:], batches[5:]
-                service, minimal, bare = [], [], []
+                service, minimal, bare, detector = [], [], [], []
                 for p in payloads:  # the two endpoints in turn, so load changes hit both alike
                     t = time.perf_counter()
                     response = svc.post("/predict", json=p)
@@ -150,12 +151,17 @@ def bench_service(paths, ref, requests: int) -> list[dict]:
                     response = peer.post("/predict", json={"inputs": p["inputs"]})
                     minimal.append(time.perf_counter() - t)
                     assert response.status_code == 200, response.text
+                probe = ExtractionMonitor(app.state.extraction.conf, b.shape[1])  # its share of the service's time
                 for b in batches:
                     t = time.perf_counter()
-                    session.run(["logits"], {"input": b})
+                    labels = session.run(["logits"], {"input": b})[0].argmax(axis=1)
                     bare.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    probe.observe("probe", b, labels)
+                    detector.append(time.perf_counter() - t)
                 s, m, o = _stats(service, batch), _stats(minimal, batch), _stats(bare, batch)
                 out.append({"batch": batch, "requests": n, "service": s, "peer": m, "bare_onnx": o,
+                            "detector_p50_ms": float(np.percentile(np.asarray(detector) * 1000, 50)),
                             "p50_ratio_peer": s["p50_ms"] / m["p50_ms"],
                             "throughput_ratio_peer": m["samples_per_s"] / s["samples_per_s"],
                             "p50_ratio_bare": s["p50_ms"] / o["p50_ms"]})
@@ -209,12 +215,13 @@ def main() -> None:
         print("service (uvicorn over HTTP: token, body limit, ODD, store, extraction monitor) vs minimal FastAPI + "
               "ONNX Runtime peer (uvicorn over HTTP) vs bare ONNX Runtime, same batches, same HTTP client; ms")
         print(f"{'batch':>5} {'svc p50':>8} {'svc p95':>8} {'peer p50':>8} {'peer p95':>8} {'ort p50':>8} "
-              f"{'svc samp/s':>11} {'peer samp/s':>11} {'p50 x peer':>10} {'tput x peer':>11} {'p50 x ort':>9}")
+              f"{'det p50':>8} {'svc samp/s':>11} {'peer samp/s':>11} {'p50 x peer':>10} {'tput x peer':>11} "
+              f"{'p50 x ort':>9}")
         results = bench_service(paths, ref, args.requests)
         for r in results:
             s, m, o = r["service"], r["peer"], r["bare_onnx"]
             print(f"{r['batch']:>5} {s['p50_ms']:>8.3f} {s['p95_ms']:>8.3f} {m['p50_ms']:>8.3f} {m['p95_ms']:>8.3f} "
-                  f"{o['p50_ms']:>8.3f} {s['samples_per_s']:>11.0f} {m['samples_per_s']:>11.0f} "
+                  f"{o['p50_ms']:>8.3f} {r['detector_p50_ms']:>8.3f} {s['samples_per_s']:>11.0f} {m['samples_per_s']:>11.0f} "
                   f"{r['p50_ratio_peer']:>10.2f} {r['throughput_ratio_peer']:>11.2f} {r['p50_ratio_bare']:>9.1f}")
         worst = max(r["p50_ratio_peer"] for r in results)
         print(f"worst p50 ratio to the peer: {worst:.2f}x (target: within 1.5x)")

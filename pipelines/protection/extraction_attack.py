@@ -85,7 +85,7 @@ class _Endpoint:
         return np.concatenate(self.answered_x), np.concatenate(self.answered_y)
 
 
-def _thief(model, input_shape: Sequence[int], nb_classes: int, lr: float):
+def thief_classifier(model, input_shape: Sequence[int], nb_classes: int, lr: float):
     import torch
     from art.estimators.classification import PyTorchClassifier
 
@@ -120,7 +120,7 @@ def run_extraction(url: str, token: str | None, pool: np.ndarray, *, n_queries: 
                                 clip_values=(0.0, 1.0))
     attack = KnockoffNets(classifier=victim, batch_size_fit=32, batch_size_query=query_batch, nb_epochs=epochs,
                           nb_stolen=n_queries, sampling_strategy="random", verbose=False)
-    thief = _thief(surrogate, (n_features,), nb_classes, lr)
+    thief = thief_classifier(surrogate, (n_features,), nb_classes, lr)
     started = time.perf_counter()
     refused = None
     try:
