@@ -34,7 +34,8 @@ positive value the client gets at most that many rows per minute. The episode en
 --site S --client C`, written to `state_dir/serving-extraction-clearances.json`, which the running
 service reads when a throttled client calls). A cleared or cooled-down client starts afresh: its
 query history and distances are dropped, so an attack that resumes is detected and audited again as
-a new episode. Budgets and episodes live in the service process: a restart resets them.
+a new episode. Budgets and episodes live in the service process: a restart resets them. With
+authentication off (`--no-auth`) every caller is `anonymous`: one budget and one detector for all.
 
 Limits (stated, not hidden): PRADA looks at the spacing of queries, not their content. Queries
 drawn independently from a broad distribution (natural images of another domain, uniform noise that
@@ -46,6 +47,7 @@ attacker can take. The other way round, a client whose rows are one scene with f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -205,12 +207,31 @@ def _blas_controller():
     return ThreadpoolController()
 
 
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_restore: Any = None
+
+
+@contextlib.contextmanager
 def _single_threaded_blas():
     """The detector's small matrix products on one BLAS thread: the service runs requests in threads
     of its own, and a multi-threaded BLAS on products this small costs several times more (measured:
     26 x 64 by 64 x 282 in float64, 0.37 ms on two OpenBLAS threads of a busy host, 0.11 ms on one).
-    The limit is process-wide while it lasts (threadpoolctl); nothing else in the service uses BLAS."""
-    return _blas_controller().limit(limits=1, user_api="blas")
+    The limit is process-wide (threadpoolctl): the first of concurrent users sets it, the last one
+    restores what was there before."""
+    global _blas_users, _blas_restore
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_restore = _blas_controller().limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_restore.restore_original_limits()
+                _blas_restore = None
 
 
 def _ring_write(ring: np.ndarray, at: int, values: np.ndarray) -> int:

@@ -239,3 +239,32 @@ def test_cli_clear_is_audited_and_releases(origin):
     bad = CliRunner().invoke(serve, ["throttle", "clear", "--site", "origin", "--client", "Bad Name"],
                              env={"FACTORY_HOME": str(paths.home)})
     assert bad.exit_code != 0 and "not allowed" in bad.output
+
+
+def test_concurrent_clients_are_independent():
+    """Requests of several clients in threads (as the service runs them): each client's detector sees
+    exactly its own rows, and the process's BLAS thread setting is restored afterwards."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    before = [i["num_threads"] for i in threadpool_info()]
+    monitor, _ = _monitor(threshold=0.0)
+    x, y = _digits_traffic(1024, seed=9)
+
+    def run(name):
+        for start in range(0, len(x), 64):
+            monitor.observe(name, x[start:start + 64], y[start:start + 64])
+
+    threads = [threading.Thread(target=run, args=(f"c{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    alone, _ = _monitor(threshold=0.0)
+    for start in range(0, len(x), 64):
+        alone.observe("solo", x[start:start + 64], y[start:start + 64])
+    expected = alone._clients["solo"].distances
+    for i in range(4):
+        np.testing.assert_array_equal(monitor._clients[f"c{i}"].distances, expected)
+    assert [i["num_threads"] for i in threadpool_info()] == before
