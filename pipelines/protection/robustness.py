@@ -152,21 +152,29 @@ def model_robustness(ctx: StepContext, model_dir: Path, test_sets: dict[str, str
         return _failure(error)
 
 
-def _cache_key(model_dir: Path, test_sets: dict[str, str] | None) -> str:
+def _cache_key(ctx: StepContext, model_dir: Path) -> str:
+    """The model's digest, the budgets and the test set it is measured on (a figure is reused
+    only for the same weights measured the same way)."""
     from pipelines.learning.artifacts import model_digest
 
-    material = {"digest": model_digest(model_dir), "budgets": budgets(), "test_sets": test_sets or {}}
+    digest = model_digest(model_dir)  # first: a directory without weights fails here
+    test_set = _test_set(ctx, json.loads((model_dir / "metadata.json").read_text()), None)
+    material = {"digest": digest, "budgets": budgets(), "test_set": list(test_set)}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _log_to_run(ctx: StepContext, run_id: str | None, accuracy: dict[str, float]) -> None:
+    """The figures as metrics of the model's MLflow run (a model received from elsewhere has none here)."""
     if not run_id:
         return
     from pipelines.learning import registry
 
-    client = registry.client(ctx.paths)
-    for key, value in accuracy.items():
-        client.log_metric(run_id, mlflow_name(key), value)
+    try:
+        client = registry.client(ctx.paths)
+        for key, value in accuracy.items():
+            client.log_metric(run_id, mlflow_name(key), value)
+    except Exception as error:  # the measurement stands; only its copy in MLflow is missing
+        print(f"robustness figures not logged to MLflow run {run_id}: {error}")
 
 
 def release_robustness(ctx: StepContext, model_dir: Path, *, recipient: str, purpose: str) -> dict[str, Any]:
@@ -178,20 +186,22 @@ def release_robustness(ctx: StepContext, model_dir: Path, *, recipient: str, pur
 
     model_dir = Path(model_dir)
     try:
-        key = _cache_key(model_dir, None)
+        key = _cache_key(ctx, model_dir)
         cache = ctx.paths.state_dir / CACHE_FILE
         cached = (read_json(cache) if cache.exists() else {}).get(key)
         if cached:
-            return {**cached, "cached": True}
-        result = _measure(ctx, model_dir)
-        run_id = json.loads((model_dir / "metadata.json").read_text()).get("mlflow_run_id")
-        _log_to_run(ctx, run_id, result["accuracy"])
-        with update_json(cache, {}) as records:
-            records[key] = result
+            result = {**cached, "cached": True}
+        else:
+            result = _measure(ctx, model_dir)
+            _log_to_run(ctx, json.loads((model_dir / "metadata.json").read_text()).get("mlflow_run_id"),
+                        result["accuracy"])
+            with update_json(cache, {}) as records:
+                records[key] = result
     except Exception as error:  # a failure is a result (`evaluated: false`), never an allow
         result = _failure(error)
     print(f"robustness of {model_dir.name} for {purpose} to {recipient}: "
-          + (json.dumps(result["accuracy"]) if result["evaluated"] else result["reason"]))
+          + (json.dumps(result["accuracy"]) if result["evaluated"] else result["reason"])
+          + (" (measured before)" if result.get("cached") else ""))
     return result
 
 

@@ -190,3 +190,13 @@ def test_a_broken_model_dir_is_not_evaluated_and_says_why(tmp_path, damage):
     result = release_robustness(_ctx(tmp_path), model_dir, recipient="destination", purpose="export")
     assert result["evaluated"] is False
     assert result["reason"].startswith("robustness not evaluated: ") and len(result["reason"]) > 30
+
+
+def test_intake_and_evaluation_of_a_model_that_cannot_be_measured_give_reasons(tmp_path):
+    from pipelines.protection.robustness import model_robustness, received_robustness
+
+    ctx = _ctx(tmp_path)
+    received = received_robustness(ctx, {"name": "digits-cnn-m1", "version": "7"}, {"origin_test": "test"})
+    assert received["evaluated"] is False and "robustness not evaluated" in received["reason"]
+    staged = model_robustness(ctx, tmp_path / "nowhere", {"supplier_test": "test"})
+    assert staged["evaluated"] is False and "metadata.json" in staged["reason"]
