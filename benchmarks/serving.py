@@ -108,7 +108,7 @@ def _start(app):
     return server, thread, f"http://127.0.0.1:{port}"
 
 
-def bench_service(paths, ref, requests: int) -> list[dict]:
+def bench_service(paths, ref, requests: int, extraction_on: bool = True) -> list[dict]:
     import httpx
     import onnxruntime as ort
 
@@ -121,6 +121,7 @@ def bench_service(paths, ref, requests: int) -> list[dict]:
     token = add_client(paths, "benchmark")
     extraction = settings("extraction")
     extraction["budget"] = {**extraction.get("budget", {}), "per_window": 10 * requests * 256}
+    extraction["enabled"] = extraction_on
     app = create_app(paths, ref, extraction=extraction)
     servers = [_start(app), _start(peer_app(ref.model_dir / "model.onnx"))]
     options = ort.SessionOptions()
@@ -165,8 +166,9 @@ def bench_service(paths, ref, requests: int) -> list[dict]:
                             "p50_ratio_peer": s["p50_ms"] / m["p50_ms"],
                             "throughput_ratio_peer": m["samples_per_s"] / s["samples_per_s"],
                             "p50_ratio_bare": s["p50_ms"] / o["p50_ms"]})
-        detector = app.state.extraction._clients["benchmark"]
-        print(f"(extraction monitor: {detector.n_distances} distances seen from the benchmark client, the latest "
+        detector = app.state.extraction._clients.get("benchmark")
+        print("(extraction monitor off)" if detector is None else
+              f"(extraction monitor: {detector.n_distances} distances seen from the benchmark client, the latest "
               f"{min(detector.n_distances, app.state.extraction.conf.window)} tested; "
               f"clients throttled: {sorted(app.state.extraction.throttled()) or 'none'})")
     finally:
@@ -208,6 +210,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--no-drift", action="store_true", help="time the service only")
+    parser.add_argument("--no-extraction", action="store_true",
+                        help="the service without its extraction monitor (to see what the monitor adds)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="factory-bench-") as home:
         os.environ["FACTORY_HOME"] = home
@@ -217,7 +221,7 @@ def main() -> None:
         print(f"{'batch':>5} {'svc p50':>8} {'svc p95':>8} {'peer p50':>8} {'peer p95':>8} {'ort p50':>8} "
               f"{'det p50':>8} {'svc samp/s':>11} {'peer samp/s':>11} {'p50 x peer':>10} {'tput x peer':>11} "
               f"{'p50 x ort':>9}")
-        results = bench_service(paths, ref, args.requests)
+        results = bench_service(paths, ref, args.requests, extraction_on=not args.no_extraction)
         for r in results:
             s, m, o = r["service"], r["peer"], r["bare_onnx"]
             print(f"{r['batch']:>5} {s['p50_ms']:>8.3f} {s['p95_ms']:>8.3f} {m['p50_ms']:>8.3f} {m['p95_ms']:>8.3f} "
