@@ -43,11 +43,12 @@ METHOD = "activation-clustering+trigger-test"
 class ScreenSettings:
     """conf/protection.yaml `screening` (the keys below; `stages` and `models` are read by the step)."""
 
-    epochs: int = 20                 # fine-tuning epochs of the screening model on the contribution,
+    epochs: int = 12                 # fine-tuning epochs of the screening model on the contribution,
     min_steps: int = 200             # ... at least this many optimiser steps (small contributions)
     lr: float = 0.003
     batch_size: int = 32
     clusters: tuple[int, ...] = (2, 3, 4)
+    kmeans_inits: int = 1            # k-means++ restarts per split (each k and the neighbour groups add candidates)
     neighbour_groups_below: int = 40  # classes with fewer rows also try each row's nearest neighbours
     pca_dims: int = 10
     min_class_rows: int = 4          # classes with fewer rows are not clustered
@@ -224,7 +225,7 @@ def _candidates(reps: np.ndarray, class_rows: np.ndarray, settings: ScreenSettin
     for k in settings.clusters:
         if len(class_rows) <= k:
             continue
-        labels = KMeans(n_clusters=k, n_init=10, random_state=settings.seed).fit_predict(reduced)
+        labels = KMeans(n_clusters=k, n_init=settings.kmeans_inits, random_state=settings.seed).fit_predict(reduced)
         for cluster in range(k):
             members = class_rows[labels == cluster]
             if settings.min_cluster_rows <= len(members) <= settings.max_cluster_fraction * len(class_rows):
