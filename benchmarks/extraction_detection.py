@@ -129,7 +129,7 @@ def main() -> None:
         print(f"victim: accuracy {victim_accuracy:.3f} on 400 fresh origin-sensor digits; ownership mark "
               f"verified={mark['verified']} (trigger accuracy {mark['trigger_accuracy']}, p={mark['p_value']:.1e})")
         tokens = {name: add_client(paths, name) for name in [f"thief-{i}" for i in range(4)]
-                  + [f"sensor-{i}" for i in range(5)]}
+                  + [f"sensor-{i}" for i in range(10)]}
         app = create_app(paths, ref)
         conf = app.state.extraction.conf
         print(f"detector: PRADA, threshold W < {conf.threshold}, min {conf.min_queries} distances, window "
@@ -164,7 +164,7 @@ def main() -> None:
             print(f"\nbenign clients: fresh in-distribution rows, {args.queries} queries each, batches of {args.batch}")
 
             monitor = app.state.extraction
-            for seed in range(5):
+            for seed in range(10):
                 name = f"sensor-{seed}"
                 token = tokens[name]
                 rows, _ = _digits(args.queries, seed=100 + seed)

@@ -78,7 +78,7 @@ class ExtractionConf:
     min_queries: int = 100       # distances before the test is applied
     window: int = 1000           # latest distances tested
     history: int = 512           # latest queries kept per client (all classes)
-    threshold: float = 0.92      # flag when Shapiro-Wilk W falls below this
+    threshold: float = 0.90      # flag when Shapiro-Wilk W falls below this
     test_every: int = 64         # new distances between two tests (a request adds as many as its rows)
     cool_down_s: float = 3600.0  # a throttled client is released after this long
     rows_per_minute: int = 0     # what a throttled client may still send; 0: nothing
