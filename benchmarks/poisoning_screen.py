@@ -1,6 +1,7 @@
 """Poisoning screen: detection rate, false positives and cost beside the stage's training.
 
-The factory's real data (`factory init`'s build): stage 3 screens the origin's shared data with M1,
+The factory's real data (`factory init`'s build): stage 3 screens the origin's shared data (without
+the defects the builder injects, which the origin's sanitization removes before release) with M1,
 stage 8 the destination's contribution (its train part, as split_holdout makes it) with M3. Each
 trial plants a bright trigger patch (2x2 or 3x3, in a corner) in 3-5 % of the rows, relabelled to a
 target class. Printed per stage, side by side:
@@ -15,7 +16,7 @@ on the clean contribution, and contributions flagged. Cost: the screen of the cl
 against the training the stage runs on the same data (conf/stages.yaml profile, fine-tuning the base
 model on the stage's datasets), as a ratio.
 
-Run: `.venv/bin/python benchmarks/poisoning_screen.py [--trials 8]`.
+Run: `.venv/bin/python benchmarks/poisoning_screen.py [--trials 8] [--family resnet-small --no-art]`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def _data():
     from pipelines.data.spec import DIGITS
 
     supplier, _ = build_frames("supplier")
-    origin, _ = build_frames("origin")
+    origin, defects = build_frames("origin")
+    injected = {i for key in ("outliers", "contradictory_duplicates", "exact_duplicates") for i in defects[key]}
+    shared = origin["shared"][~origin["shared"]["record_id"].isin(injected)]  # as the origin's sanitization sends it
     destination, _ = build_frames("destination")
     contribution = destination["contribution"]
     contribution_train, _ = train_test_split(contribution, test_size=1 / 3, random_state=load_config().stages.seed,
@@ -47,11 +50,11 @@ def _data():
     def xy(frame):
         return DIGITS.features(frame), DIGITS.labels(frame)
 
-    return {"train": xy(supplier["train"]), "origin-shared": xy(origin["shared"]),
+    return {"train": xy(supplier["train"]), "origin-shared": xy(shared),
             "origin-export": xy(origin["export_authorized"]), "destination-contribution-train": xy(contribution_train)}
 
 
-def _train(data, names, profile_name, base=None):
+def _train(data, names, profile_name, base=None, family=None):
     from pipelines.config import load_config
     from pipelines.data.spec import DIGITS
     from pipelines.learning import families
@@ -62,7 +65,7 @@ def _train(data, names, profile_name, base=None):
     y = np.concatenate([data[n][1] for n in names])
     started = time.perf_counter()
     model = train(x, y, conf.training[profile_name], seed=conf.seed, spec=DIGITS,
-                  architecture=families.architecture_record(conf.model_family),
+                  architecture=families.architecture_record(family or conf.model_family),
                   base_state=base.state_dict() if base is not None else None,
                   mode="fine_tune" if base is not None else "centralized").model
     return model, time.perf_counter() - started
@@ -98,6 +101,9 @@ def _art_detect(classifier, x, onehot, which):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trials", type=int, default=len(TRIGGERS))
+    parser.add_argument("--family", default=None,
+                        help="conf/models.yaml family of M1 and M3 (default: conf/stages.yaml model_family)")
+    parser.add_argument("--no-art", action="store_true", help="the factory screen only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import torch
@@ -109,12 +115,14 @@ def main() -> int:
     torch.set_num_threads(1)
     conf = ScreenSettings.of(settings("screening"))
     data = _data()
-    m1, _ = _train(data, ["train"], "initial")
-    m3, _ = _train(data, ["train", "origin-shared"], "collaborative", m1)
+    m1, _ = _train(data, ["train"], "initial", family=args.family)
+    m3, _ = _train(data, ["train", "origin-shared"], "collaborative", m1, family=args.family)
+    print(f"family {args.family or 'of conf/stages.yaml'}: {type(m1).__name__}")
     stages = [("stage 3 (M3)", "origin-shared", m1, ["train", "origin-shared"]),
               ("stage 8 (M8)", "destination-contribution-train", m3,
                ["train", "origin-shared", "origin-export", "destination-contribution-train"])]
-    methods = ("factory screen", "ART ActivationDefence", "ART SpectralSignature")
+    methods = ("factory screen",) if args.no_art else ("factory screen", "ART ActivationDefence",
+                                                        "ART SpectralSignature")
     print(f"{'stage':14} {'method':22} {'recall':>7} {'FP poisoned':>12} {'FP clean':>9} {'flagged':>8} "
           f"{'clean flagged':>13}")
     for stage, name, current, training_sets in stages:
@@ -124,9 +132,10 @@ def main() -> int:
             target = trial % 10
             px, py, planted = plant_trigger(x, y, input_shape=DIGITS.input_shape, target=target, fraction=fraction,
                                             size=size, corner=corner, seed=trial)
-            found = {"factory screen": set(screen(current, px, py, n_classes=10, settings=conf).suspicious_rows),
-                     "ART ActivationDefence": _art(current, px, py, "activation"),
-                     "ART SpectralSignature": _art(current, px, py, "spectral")}
+            found = {"factory screen": set(screen(current, px, py, n_classes=10, settings=conf).suspicious_rows)}
+            if not args.no_art:
+                found |= {"ART ActivationDefence": _art(current, px, py, "activation"),
+                          "ART SpectralSignature": _art(current, px, py, "spectral")}
             for method, named in found.items():
                 c = counts[method]
                 if named is None:
@@ -140,9 +149,10 @@ def main() -> int:
         started = time.perf_counter()
         clean_result = screen(current, x, y, n_classes=10, settings=conf)
         screen_seconds = time.perf_counter() - started
-        clean = {"factory screen": set(clean_result.suspicious_rows),
-                 "ART ActivationDefence": _art(current, x, y, "activation"),
-                 "ART SpectralSignature": _art(current, x, y, "spectral")}
+        clean = {"factory screen": set(clean_result.suspicious_rows)}
+        if not args.no_art:
+            clean |= {"ART ActivationDefence": _art(current, x, y, "activation"),
+                      "ART SpectralSignature": _art(current, x, y, "spectral")}
         for method in methods:
             c, named = counts[method], clean[method]
             if not c["planted"]:
@@ -152,7 +162,7 @@ def main() -> int:
                   f"{'failed' if named is None else f'{len(named) / len(x):.2%}':>9} "
                   f"{c['flagged']:>4}/{args.trials - c['errors']:<3} "
                   f"{'failed' if named is None else 'yes' if named else 'no':>13}")
-        _, training_seconds = _train(data, training_sets, "collaborative", current)
+        _, training_seconds = _train(data, training_sets, "collaborative", current, family=args.family)
         print(f"{stage:14} cost: screen of {len(x)} rows {screen_seconds:.2f} s, the stage's training on "
               f"{sum(len(data[n][1]) for n in training_sets)} rows {training_seconds:.2f} s, "
               f"ratio {screen_seconds / training_seconds:.2f}x")
