@@ -65,7 +65,7 @@ def test_benign_traffic_is_not_flagged_and_seed_expansion_is():
     ax, ay = _attack_rows(1500)
     found = _feed(monitor, "thief", ax, ay, 32)
     assert found is not None and found.client == "thief"
-    assert found.statistic < 0.90 and 100 <= found.queries < 1500
+    assert found.statistic < 0.80 and 100 <= found.queries < 1500
     assert set(monitor.throttled()) == {"thief"}
 
 
@@ -80,7 +80,7 @@ def test_batch_rows_count_as_single_queries():
         batched.observe("c", x[start:start + 64], y[start:start + 64])
     a, b = one._clients["c"], batched._clients["c"]
     assert a.n_distances == b.n_distances > 0
-    np.testing.assert_allclose(np.sort(a.distances[:a.n_distances]), np.sort(b.distances[:b.n_distances]), atol=1e-6)
+    np.testing.assert_allclose(np.sort(a.distances[:a.n_distances]), np.sort(b.distances[:b.n_distances]), atol=1e-4)
 
 
 def test_memory_is_bounded_per_client():
@@ -213,7 +213,7 @@ def test_service_flags_audits_once_and_throttles(guarded, origin):
               and e["details"]["client"] == "prada-thief"]
     assert len(events) == 1
     details = events[0]["details"]
-    assert details["queries"] == first * 50 and details["statistic"] < details["threshold"] == 0.90
+    assert details["queries"] == first * 50 and details["statistic"] < details["threshold"] == 0.80
     assert details["security_event"] is True and events[0]["outcome"] == "throttled"
     metrics = client.get("/metrics", headers=bearer(tokens["prada-thief"])).text  # /metrics is not throttled
     assert "factory_serving_extraction_throttled_clients" in metrics
@@ -268,3 +268,16 @@ def test_concurrent_clients_are_independent():
     for i in range(4):
         np.testing.assert_array_equal(monitor._clients[f"c{i}"].distances, expected)
     assert [i["num_threads"] for i in threadpool_info()] == before
+
+
+def test_repeats_inside_one_batch_and_near_rows_are_measured_exactly():
+    monitor, _ = _monitor(threshold=0.0)
+    x, y = _digits_traffic(64, seed=4)
+    near = x.copy()
+    near[:, 0] += 0.01  # a real, tiny step: 0.01 away from its original
+    rows = np.concatenate([x, x, near])
+    labels = np.concatenate([y, y, y])
+    monitor.observe("c", rows, labels)
+    state = monitor._clients["c"]
+    distances = state.distances[: state.n_distances]
+    assert np.sum(np.abs(distances - 0.01) < 1e-4) == 64  # the steps, measured exactly; the repeats left out
