@@ -10,8 +10,10 @@ therefore works in three steps:
    alone (a few seconds on the stage's data). It learns the trigger if there is one, so in its
    penultimate activations the poisoned rows of the target class form a cluster of their own.
 2. **Activation clustering** (Chen et al., as ART's ActivationDefence): per labelled class, the
-   penultimate activations, reduced by PCA, split by k-means (k = 2 and 3); every cluster of at most
-   `max_cluster_fraction` of the class is a candidate.
+   penultimate activations, reduced by PCA, split by k-means (k = 2, 3, 4; in small classes also each
+   row's nearest neighbours); every cluster of at most `max_cluster_fraction` of the class is a
+   candidate. So are groups of rows of the class that are extreme on the same input features (a
+   model-independent candidate, for triggers the activations of a small model blur).
 3. **Trigger test** per candidate: the input features in which the candidate's rows agree with
    each other and differ most from the rest of the data (its *pattern*), refined to the rows of the
    class that carry it. A candidate is a backdoor when (a) that pattern is strong: consistent within
@@ -195,12 +197,15 @@ def _carriers(x: np.ndarray, class_rows: np.ndarray, seed_rows: np.ndarray, k: i
 
 
 def _transfer_rate(model, x: np.ndarray, y: np.ndarray, rows: np.ndarray, label: int, k: int,
-                   min_effect: float) -> float:
-    """How many more of the other classes' rows the model puts in `label` once `rows`' pattern is stamped on."""
+                   settings: ScreenSettings) -> float:
+    """How many more of the other classes' rows the model puts in `label` once `rows`' pattern (its
+    features of at least `min_strength`, up to `k`) is stamped on."""
     others = np.flatnonzero(y != label)
     if len(others) == 0:
         return 0.0
-    features, values, _ = _pattern(x, rows, k, min_effect)
+    features, values, strength = _pattern(x, rows, k, settings.min_effect)
+    strong = strength >= settings.min_strength
+    features, values = features[strong], values[strong]
     stamped = x[others].copy()
     stamped[:, features] = values
     before = float((_predict(model, x[others]) == label).mean())
@@ -233,6 +238,22 @@ def _candidates(reps: np.ndarray, class_rows: np.ndarray, settings: ScreenSettin
     return out
 
 
+def _shared_extremes(extreme: np.ndarray, class_rows: np.ndarray, k: int, settings: ScreenSettings) -> list[np.ndarray]:
+    """Input-space candidates: per row of the class with at least `k` extreme features (`min_effect`
+    standard deviations from the data's mean), the rows of the class extreme on at least `k` of them
+    in the same direction. Model-independent, so a trigger the activations hide is still examined."""
+    signs = np.where(np.abs(extreme[class_rows]) >= settings.min_effect, np.sign(extreme[class_rows]), 0)
+    out, seen = [], set()
+    for index in np.flatnonzero((signs != 0).sum(1) >= k):
+        shared = ((signs == signs[index]) & (signs[index] != 0)).sum(1)
+        members = class_rows[shared >= k]
+        key = tuple(members.tolist())
+        if key not in seen and settings.min_cluster_rows <= len(members) <= settings.max_cluster_fraction * len(class_rows):
+            seen.add(key)
+            out.append(members)
+    return out
+
+
 def screen(model, x: np.ndarray, y: np.ndarray, *, n_classes: int | None = None,
            settings: ScreenSettings | None = None) -> ScreenResult:
     """Screen rows `x` (float32, the flat rows the model takes) labelled `y` (class indices) with the
@@ -254,17 +275,21 @@ def screen(model, x: np.ndarray, y: np.ndarray, *, n_classes: int | None = None,
         n_features = x.shape[1]
         k_pattern = max(2, round(settings.pattern_fraction * n_features))
         k_transfer = max(k_pattern, round(settings.transfer_fraction * n_features))
+        spread = x.std(0) + 1e-6
+        extreme = (x - x.mean(0)) / spread
         suspicious: set[int] = set()
         per_class = []
         for label in range(n_classes):
             class_rows = np.flatnonzero(y == label)
             best = ClassStats(label=label, rows=len(class_rows))
             if len(class_rows) >= settings.min_class_rows:
-                for seed_rows in _candidates(reps, class_rows, settings):
+                candidates = _candidates(reps, class_rows, settings)
+                candidates += _shared_extremes(extreme, class_rows, k_pattern, settings)
+                for seed_rows in candidates:
                     rows = _carriers(x, class_rows, seed_rows, k_pattern, settings.min_effect)
                     features, _, strength = _pattern(x, rows, k_pattern, settings.min_effect)
                     pattern_strength = float(strength.min())
-                    transfer = (_transfer_rate(screener, x, y, rows, label, k_transfer, settings.min_effect)
+                    transfer = (_transfer_rate(screener, x, y, rows, label, k_transfer, settings)
                                 if pattern_strength >= settings.min_strength else 0.0)
                     flagged = pattern_strength >= settings.min_strength and transfer >= settings.min_transfer
                     stats = ClassStats(label=label, rows=len(class_rows), candidate_rows=len(rows),
