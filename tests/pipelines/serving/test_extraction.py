@@ -71,7 +71,7 @@ def test_benign_traffic_is_not_flagged_and_seed_expansion_is():
 
 def test_batch_rows_count_as_single_queries():
     """A batch of n rows gives the detector the same distances as n requests of one row."""
-    x, y = _attack_rows(300)
+    x, y = _attack_rows(320)  # whole gathers of 32 either way
     one, _ = _monitor(threshold=0.0)
     batched, _ = _monitor(threshold=0.0)
     for i in range(len(x)):
@@ -281,3 +281,14 @@ def test_repeats_inside_one_batch_and_near_rows_are_measured_exactly():
     state = monitor._clients["c"]
     distances = state.distances[: state.n_distances]
     assert np.sum(np.abs(distances - 0.01) < 1e-4) == 64  # the steps, measured exactly; the repeats left out
+
+
+def test_one_row_requests_are_measured_together():
+    monitor, _ = _monitor(threshold=0.0, gather=8)
+    x, y = _digits_traffic(16, seed=6)
+    for i in range(7):
+        monitor.observe("c", x[i:i + 1], y[i:i + 1])
+    state = monitor._clients["c"]
+    assert state.filled == 0 and state.pending_rows == 7 and state.queries == 7
+    monitor.observe("c", x[7:8], y[7:8])
+    assert state.filled == 8 and state.pending_rows == 0
