@@ -216,7 +216,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="factory-bench-") as home:
         os.environ["FACTORY_HOME"] = home
         paths, ref = _site(Path(home))
-        print("service (uvicorn over HTTP: token, body limit, ODD, store, extraction monitor) vs minimal FastAPI + "
+        monitor = "extraction monitor OFF" if args.no_extraction else "extraction monitor"
+        print(f"service (uvicorn over HTTP: token, body limit, ODD, store, {monitor}) vs minimal FastAPI + "
               "ONNX Runtime peer (uvicorn over HTTP) vs bare ONNX Runtime, same batches, same HTTP client; ms")
         print(f"{'batch':>5} {'svc p50':>8} {'svc p95':>8} {'peer p50':>8} {'peer p95':>8} {'ort p50':>8} "
               f"{'det p50':>8} {'svc samp/s':>11} {'peer samp/s':>11} {'p50 x peer':>10} {'tput x peer':>11} "
