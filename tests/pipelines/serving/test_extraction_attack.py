@@ -96,7 +96,11 @@ def test_knockoff_attack_is_flagged_and_throttled_benign_client_is_not(service, 
     assert not stats["completed"] and stats["refused"]["status"] == 429
     assert stats["refused"]["reason"] == "throttled" and "model-extraction" in stats["refused"]["detail"]
     assert 100 <= stats["queries_until_refused"] < N_QUERIES
-    assert 0.0 <= stats["surrogate_accuracy"] <= 1.0 and surrogate is not None
+    assert 0.0 <= stats["surrogate_accuracy"] <= 1.0
+    from pipelines.protection import watermark  # the stolen copy can be checked for a mark as it is
+
+    checked = watermark.verify(surrogate, watermark.WatermarkKey.of(bytes(32)))
+    assert checked["triggers"] > 0 and checked["p_value"] is not None, checked
 
     events = [e for e in audit.entries(paths) if e["action"] == "serving.extraction_suspected"]
     mine = [e for e in events if e["details"]["client"] == "knockoff"]
