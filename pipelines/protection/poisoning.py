@@ -60,7 +60,8 @@ class ScreenSettings:
     transfer_fraction: float = 0.1   # share of the features stamped in the transfer test
     min_effect: float = 2.0          # each pattern feature: |mean difference| / spread of the other rows
     min_strength: float = 8.0        # ... and / (spread within the candidate + 0.1 x that of the other rows)
-    min_transfer: float = 0.3       # share of other classes' rows the stamped pattern turns into the class
+    min_transfer: float = 0.3        # share of other classes' rows the stamped pattern turns into the class
+    transfer_rows: int = 1000        # other classes' rows stamped per test (a seeded sample when there are more)
     seed: int = 20261202
 
     @classmethod
@@ -196,19 +197,18 @@ def _carriers(x: np.ndarray, class_rows: np.ndarray, seed_rows: np.ndarray, k: i
     return rows
 
 
-def _transfer_rate(model, x: np.ndarray, y: np.ndarray, rows: np.ndarray, label: int, k: int,
-                   settings: ScreenSettings) -> float:
-    """How many more of the other classes' rows the model puts in `label` once `rows`' pattern (its
-    features of at least `min_strength`, up to `k`) is stamped on."""
-    others = np.flatnonzero(y != label)
+def _transfer_rate(model, x: np.ndarray, predicted: np.ndarray, others: np.ndarray, rows: np.ndarray,
+                   label: int, k: int, settings: ScreenSettings) -> float:
+    """How many more of the other classes' rows (`others`, the model's predictions on all rows in
+    `predicted`) the model puts in `label` once `rows`' pattern (its features of at least
+    `min_strength`, up to `k`) is stamped on."""
     if len(others) == 0:
         return 0.0
     features, values, strength = _pattern(x, rows, k, settings.min_effect)
     strong = strength >= settings.min_strength
-    features, values = features[strong], values[strong]
     stamped = x[others].copy()
-    stamped[:, features] = values
-    before = float((_predict(model, x[others]) == label).mean())
+    stamped[:, features[strong]] = values[strong]
+    before = float((predicted[others] == label).mean())
     return float((_predict(model, stamped) == label).mean()) - before
 
 
@@ -271,7 +271,9 @@ def screen(model, x: np.ndarray, y: np.ndarray, *, n_classes: int | None = None,
     torch.set_num_threads(1)  # deterministic and friendly to a shared machine, as training
     try:
         screener = screening_model(model, x, y, settings)
-        reps, _ = activations(screener, x)
+        reps, logits = activations(screener, x)
+        predicted = logits.argmax(1)
+        rng = np.random.default_rng(settings.seed)
         n_features = x.shape[1]
         k_pattern = max(2, round(settings.pattern_fraction * n_features))
         k_transfer = max(k_pattern, round(settings.transfer_fraction * n_features))
@@ -281,15 +283,22 @@ def screen(model, x: np.ndarray, y: np.ndarray, *, n_classes: int | None = None,
         per_class = []
         for label in range(n_classes):
             class_rows = np.flatnonzero(y == label)
+            others = np.flatnonzero(y != label)
+            if len(others) > settings.transfer_rows:  # a fixed sample bounds the cost of each transfer test
+                others = np.sort(rng.choice(others, size=settings.transfer_rows, replace=False))
             best = ClassStats(label=label, rows=len(class_rows))
             if len(class_rows) >= settings.min_class_rows:
                 candidates = _candidates(reps, class_rows, settings)
                 candidates += _shared_extremes(extreme, class_rows, k_pattern, settings)
+                examined: set[tuple[int, ...]] = set()
                 for seed_rows in candidates:
                     rows = _carriers(x, class_rows, seed_rows, k_pattern, settings.min_effect)
+                    if tuple(rows.tolist()) in examined:  # candidates often refine to the same rows
+                        continue
+                    examined.add(tuple(rows.tolist()))
                     features, _, strength = _pattern(x, rows, k_pattern, settings.min_effect)
                     pattern_strength = float(strength.min())
-                    transfer = (_transfer_rate(screener, x, y, rows, label, k_transfer, settings)
+                    transfer = (_transfer_rate(screener, x, predicted, others, rows, label, k_transfer, settings)
                                 if pattern_strength >= settings.min_strength else 0.0)
                     flagged = pattern_strength >= settings.min_strength and transfer >= settings.min_transfer
                     stats = ClassStats(label=label, rows=len(class_rows), candidate_rows=len(rows),
