@@ -191,8 +191,8 @@ def model_md(candidate: Mapping[str, Any], others: list[Mapping[str, Any]],
 
     `candidate`: {label, model, metrics}; `others`: [{label, model, metrics}] (the model it would
     replace, the site's own models), each row showing the candidate's difference to it; `checks`:
-    name -> {passed: bool, required: bool | None, detail} or None (not available yet); every name of
-    CHECKS is shown. `restrictions` (an export variant's, from its signed metadata; `{}`: none) adds a
+    name -> {passed: bool (None: checked at another site), required: bool | None, detail} or None
+    (not available yet); every name of CHECKS is shown. `restrictions` (an export variant's, from its signed metadata; `{}`: none) adds a
     row "capability restrictions" under the checks, enforced by `factory serve` where the model runs."""
     metrics = candidate.get("metrics") or {}
     keys = sorted({*metrics, *(k for o in others for k in (o.get("metrics") or {}))})
@@ -218,8 +218,8 @@ def model_md(candidate: Mapping[str, Any], others: list[Mapping[str, Any]],
         if check is None:
             rows.append([text(name), NOT_AVAILABLE, "", ""])
             continue
-        required = check.get("required")
-        rows.append([text(name), "pass" if check.get("passed") else "**FAIL**",
+        required, passed = check.get("required"), check.get("passed")
+        rows.append([text(name), "elsewhere" if passed is None else "pass" if passed else "**FAIL**",
                      "" if required is None else ("required" if required else "not required"),
                      text(check.get("detail") or "")])
     lines += ["", *_table(["check", "result", "policy", "detail"], rows, what="checks")]

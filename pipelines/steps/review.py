@@ -274,14 +274,48 @@ def _signature_check(ctx: StepContext, ref: registry.ModelRef) -> dict[str, Any]
             "detail": f"verified at {ctx.site} against {ref.metadata['site']}'s key"}
 
 
-def export_evidence(ctx: StepContext, model: str) -> str:
+def _watermark_check(ctx: StepContext, ref: registry.ModelRef, recipient: str) -> dict[str, Any]:
+    """The recipient's mark verified with this site's watermark key, as the release step will."""
+    from pipelines.protection.watermark import verify_release
+
+    result = verify_release(ctx, ref.model_dir, recipient=recipient, purpose=EXPORT)
+    return {"passed": bool(result.get("verified")), "required": _required("watermark"),
+            "detail": f"mark {result.get('mark')} of key {result.get('key_id')}: {result.get('reason') or ''}"[:300]}
+
+
+def _robustness_check(ctx: StepContext, robustness: dict[str, Any] | None, recipient: str, *,
+                      at_gate: bool) -> dict[str, Any]:
+    """Robust accuracy as measured at this site, against the policy minimum for exports to
+    `recipient` (`release_robustness`) where this site's measurement is the one the gate reads."""
+    from pipelines.policy import policy_data
+
+    minimum = policy_data().get("release_robustness", {}).get(recipient, {}).get(EXPORT, {}) if at_gate else {}
+    if not robustness or not robustness.get("evaluated"):
+        reason = (robustness or {}).get("reason") or "not evaluated"
+        return {"passed": False, "required": bool(minimum) if at_gate else None, "detail": str(reason)[:300]}
+    accuracy = robustness.get("accuracy") or {}
+    shown = ", ".join(f"{key} {value:.3f}" for key, value in accuracy.items() if isinstance(value, (int, float)))
+    below = [f"{key} < {floor}" for key, floor in minimum.items()
+             if not isinstance(accuracy.get(key), (int, float)) or accuracy[key] < floor]
+    where = f"measured at {ctx.site} on {robustness.get('dataset') or 'its test data'}"
+    detail = f"{shown} ({where})" + (f"; policy minimum {', '.join(f'{k} {v}' for k, v in minimum.items())}"
+                                     if minimum else "")
+    return {"passed": not below, "required": bool(minimum) if at_gate else None,
+            "detail": detail + (f"; below: {', '.join(below)}" if below else "")}
+
+
+def export_evidence(ctx: StepContext, model: str, recipient: str) -> str:
     """The export-control gate's evidence at the requesting site: the model's metrics on this site's
-    test sets beside the version it would replace and this site's own M1, and the checks."""
+    test sets beside the version it would replace and this site's own M1, and the checks the
+    release step repeats on the sealed directory (signature, the recipient's watermark, robustness)."""
     from pipelines.evidence import model_md
+    from pipelines.protection.robustness import release_robustness
 
     ref = registry.resolve_model(ctx.paths, model)
     metrics = _metrics(ref)
-    checks = {"signature": _signature_check(ctx, ref)}
+    checks = {"signature": _signature_check(ctx, ref), "watermark": _watermark_check(ctx, ref, recipient),
+              "robustness": _robustness_check(ctx, release_robustness(ctx, ref.model_dir, recipient=recipient,
+                                                                      purpose=EXPORT), recipient, at_gate=True)}
     if (parity := metrics.pop(PARITY_METRIC, None)) is not None:  # not a test set: export_model's ONNX check
         checks["ONNX parity"] = {"passed": True, "required": None,
                                  "detail": f"largest difference to PyTorch {parity:.2e} on the parity set"}
@@ -305,6 +339,7 @@ def receive_review(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) ->
     """Open the newest review package of `kind`, check the model is the one its request names (digest
     computed here), register it and evaluate it on this site's test data, beside this site's M3/M4."""
     from pipelines.learning.artifacts import model_digest
+    from pipelines.protection.robustness import received_robustness
     from pipelines.trust.packages import PackageRejected
 
     def check(header: dict[str, Any], meta: dict[str, Any], model_dir: Path) -> None:
@@ -342,7 +377,12 @@ def receive_review(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) ->
                                   sorted(record["metrics"]), ("M3", "M4")),
         "checks": {"signature": {"passed": True, "required": _required("signature"),
                                  "detail": f"signature, provenance and BOM verified against {header['sender']}'s key "
-                                           "at intake here"}},
+                                           "at intake here"},
+                   # the mark is verified with the supplier's secret key, at the supplier's export gate
+                   "watermark": {"passed": None, "required": _required("watermark"),
+                                 "detail": f"verified by {header['sender']} with its watermark key at release"},
+                   "robustness": _robustness_check(ctx, received_robustness(ctx, record, test_sets),
+                                                   request["destination"], at_gate=False)},
         "status": "pending",
     }
     review["evidence"] = _evidence(review)
@@ -470,7 +510,7 @@ def receive_approval(ctx: StepContext, *, kind: str, gate_name: str = GATE,
               "thresholds": request["thresholds"], "end_use": request.get("end_use"),
               "restrictions": request.get("restrictions") or {}, "requested_by": request["requested_by"]}
     if approved:
-        record["evidence_md"] = export_evidence(ctx, request["model"])
+        record["evidence_md"] = export_evidence(ctx, request["model"], request["destination"])
     _remember(ctx, "received", header["package_id"], record)
     if not approved:
         raise _rejected(record)

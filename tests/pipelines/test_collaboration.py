@@ -243,7 +243,10 @@ def test_gate_pages_showed_the_evidence(collaboration: Path):
     assert "**Validation** (suite *release*" in data_release and "reports/sanitization" not in data_release
     review = of_this_run("stage_5_export_review", m5)
     assert "| **M5 under review** " in review and r"origin\_test" in review
-    assert "End use: `evaluation`" in review and "| watermark | not available |" in review
+    assert "End use: `evaluation`" in review and "| watermark | elsewhere | required |" in review
     export_control = of_this_run("stage_5_export_release", m5)
     assert "| **M5 to export** " in export_control and r"supplier\_test" in export_control
     assert "| signature | pass | required |" in export_control and "end use `evaluation`" in export_control
+    # the recipient's watermark and the robust accuracy the gate requires, checked before the officer decides
+    assert "| watermark | pass | required | " in export_control and "recipient:destination" in export_control
+    assert "| robustness | pass | required | " in export_control and "policy minimum" in export_control

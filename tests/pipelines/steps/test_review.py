@@ -115,7 +115,11 @@ def test_request_review_approval_release_end_to_end(home, m5):
     assert any(line.startswith(r"| **M5 under review** digits\-cnn\-m5\-default/") for line in evidence)
     assert not any("own\\)" in line for line in evidence)  # this workspace's origin holds no M3 or M4 yet
     assert any(line.startswith("| signature | pass | required | ") for line in evidence)
-    assert "| watermark | not available |  |  |" in evidence and "| privacy | not available |  |  |" in evidence
+    assert "| privacy | not available |  |  |" in evidence
+    # the origin holds no watermark key: the supplier verifies the mark at its export gate
+    assert any(line.startswith("| watermark | elsewhere | required | verified by supplier") for line in evidence)
+    (robust,) = [line for line in evidence if line.startswith("| robustness | pass |  | ")]
+    assert r"fgsm@0\.05" in robust and "measured at origin" in robust  # on the origin's own test data
     assert reviewed["sent"]["decision"] == "approve"
 
     supplier = _ctx(home, "supplier", run_id="release-1", dag_id="stage_5_export_release")
@@ -127,6 +131,8 @@ def test_request_review_approval_release_end_to_end(home, m5):
     assert _requests(home)["prepare-1"]["approval"]["end_use"] == "evaluation"  # what the origin signed
     assert r"| model | supplier\_test |" in decided["evidence_md"]
     assert "| signature | pass | required | verified at supplier" in decided["evidence_md"]
+    assert r"| watermark | pass | required | mark recipient:destination of key " in decided["evidence_md"]
+    assert "| robustness | pass | required | " in decided["evidence_md"]  # the destination's minimum is met
     export_ok = _answer(supplier, user="supplier_export_officer", role="export_control_officer")
     released = run_step("release_export", supplier, request=decided, approvals=[export_ok],
                         recipient="destination", kind="m5")
@@ -251,7 +257,7 @@ def test_restricted_variant_carries_its_restrictions_to_the_gate_and_the_destina
                  variant="restricted", restrictions={"abstain_classes": [3, 12]})
     wanted = {"abstain_classes": [7, 3], "max_confidence": 0.6}
     trained = run_step("train_model", supplier, stage="M5", profile="export", datasets=["train", "origin-export"],
-                       variant="restricted", restrictions=wanted)
+                       variant="restricted", restrictions=wanted, recipient="destination")
     evaluated = run_step("evaluate_model", supplier, trained=trained, test_sets={"supplier_test": "test"})
     exported = run_step("export_model", supplier, trained=evaluated, parity_set="test")
     registered = run_step("register_model", supplier, trained=exported)
