@@ -28,14 +28,20 @@ def metric_keys() -> tuple[str, ...]:
     return load_config().stages.inputs.metric_keys()
 
 
-def _metrics_at(paths: SitePaths, model: str) -> dict[str, float]:
+def _held(paths: SitePaths, model: str):
+    """The latest `model` (M1..M8) a site holds, or None."""
     from pipelines.learning.registry import ModelNotFound, resolve_model
 
     if not paths.mlflow_dir.exists():
-        return {}
+        return None
     try:
-        ref = resolve_model(paths, model)
+        return resolve_model(paths, model)
     except ModelNotFound:
+        return None
+
+
+def _metrics_at(paths: SitePaths, model: str) -> dict[str, float]:
+    if (ref := _held(paths, model)) is None:
         return {}
     keys = metric_keys()
     return {k.removeprefix("factory.metric."): float(v) for k, v in ref.tags.items()
@@ -53,14 +59,9 @@ def robustness_keys() -> tuple[str, ...]:
 def _robustness_at(paths: SitePaths, model: str, *, trained_here: bool) -> dict[str, float]:
     """Robust accuracy of the latest `model` a site holds: measured at evaluation where it was
     trained, at intake where it was received; {} when not measured."""
-    from pipelines.learning.registry import ModelNotFound, resolve_model
     from pipelines.protection.robustness import mlflow_name
 
-    if not paths.mlflow_dir.exists():
-        return {}
-    try:
-        ref = resolve_model(paths, model)
-    except ModelNotFound:
+    if (ref := _held(paths, model)) is None:
         return {}
     if trained_here and ref.metadata.get("site") == paths.site:
         measured = ref.metadata.get("robustness") or {}
