@@ -112,7 +112,8 @@ def train(
         if on_epoch:
             on_epoch(epoch, metrics)
     if watermark is not None and len(watermark[0]):
-        _imprint(model, optimiser, loss_fn, marks, (data_x, data_y), generator, profile.batch_size)
+        steps = _imprint(model, optimiser, loss_fn, marks, (data_x, data_y), generator, profile.batch_size)
+        print(f"watermark: {len(marks[1])} trigger rows imprinted in {steps} extra steps", flush=True)
     model.eval()
     return result
 

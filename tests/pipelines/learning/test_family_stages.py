@@ -106,7 +106,9 @@ def service(model, home, token):
 
     from pipelines.serving.app import create_app
 
-    app = create_app(SitePaths.of("origin", home), model["ref"])
+    # One client streams the drift test's one-class rows, which is how seed expansion looks to the
+    # extraction detector (a static scene; see pipelines/protection/extraction.py): it has tests of its own.
+    app = create_app(SitePaths.of("origin", home), model["ref"], extraction={"enabled": False})
     with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
         yield client, app
 

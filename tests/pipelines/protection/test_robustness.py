@@ -130,7 +130,7 @@ def test_shipped_policy_data_sets_a_minimum_for_exports_to_the_destination(monke
     monkeypatch.delenv("FACTORY_POLICIES", raising=False)
     monkeypatch.delenv("FACTORY_OPA_URL", raising=False)
     minimum = policy_data()["release_robustness"]["destination"]["export"]
-    assert minimum == {"fgsm@0.05": 0.7, "pgd@0.05": 0.7}
+    assert minimum == {"fgsm@0.05": 0.6, "pgd@0.05": 0.6}
     # the default run's M5 on the supplier's test set: fgsm@0.05 0.84, pgd@0.05 0.82 (policy/testing.py)
     assert evaluate("model_release", _export({"evaluated": True, "accuracy": {"fgsm@0.05": 0.84,
                                                                               "pgd@0.05": 0.82}})).allow
