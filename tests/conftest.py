@@ -29,10 +29,20 @@ apply_airflow_environment(Path(os.environ["FACTORY_HOME"]))
 @pytest.fixture(scope="session")
 def session_home() -> Path:
     """The session's FACTORY_HOME, initialised once (three sites, default data)."""
+    from pipelines.fileio import write_atomic
     from pipelines.init import init_workspace
+    from pipelines.protection.watermark import KEY_BYTES, key_path
+    from pipelines.workspace import SitePaths
 
     home = Path(os.environ["FACTORY_HOME"])
     init_workspace(home)
+    # A fixed watermark key, as the training seed is fixed: the trigger rows (derived from the key)
+    # are part of what the supplier trains on, so a random key would move the collaboration's metrics
+    # from run to run. Real sites make a random key on first use.
+    supplier = key_path(SitePaths.of("supplier", home))
+    if not supplier.exists():
+        supplier.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(supplier, bytes(range(KEY_BYTES)), mode=0o600)
     return home
 
 

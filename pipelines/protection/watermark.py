@@ -174,13 +174,21 @@ def trigger_set(key: WatermarkKey, mark: str, *, n_features: int, n_classes: int
     return (low + rows * (high - low)).astype(np.float32), labels
 
 
+def trigger_count(n_classes: int, conf: dict[str, Any] | None = None) -> int:
+    """Triggers per mark: `trigger_set_size`, or more where few classes make each hit cheap, so that a
+    fully carried mark is far below the level (p = level squared: 20 for 4 classes, 40 for 2)."""
+    conf = conf or settings()
+    needed = math.ceil(2 * math.log(1 / float(conf["level"])) / math.log(max(n_classes, 2)))
+    return max(int(conf["trigger_set_size"]), needed)
+
+
 def embedding_rows(key: WatermarkKey, marks: Sequence[str], *, n_features: int, n_classes: int,
                    scale: dict[str, Sequence[float]] | None = None,
                    conf: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The rows that embed `marks` when added to a training run: each mark's triggers, `repeats` times."""
     conf = conf or settings()
-    parts = [trigger_set(key, mark, n_features=n_features, n_classes=n_classes, size=int(conf["trigger_set_size"]),
-                         scale=scale) for mark in marks]
+    parts = [trigger_set(key, mark, n_features=n_features, n_classes=n_classes,
+                         size=trigger_count(n_classes, conf), scale=scale) for mark in marks]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     repeats = max(1, int(conf["repeats"]))
@@ -343,7 +351,7 @@ def verify(model: Any, key: WatermarkKey | None, mark: str = OWNER, *, level: fl
     scale = scale or (record.get("scale") if isinstance(record.get("scale"), dict) else None)
     try:
         x, y = trigger_set(key, mark, n_features=int(n_features), n_classes=int(n_classes),
-                           size=int(conf["trigger_set_size"]), scale=scale)
+                           size=trigger_count(int(n_classes), conf), scale=scale)
         predicted = np.asarray(subject.predict(x)).reshape(-1)
     except Exception as exc:  # noqa: BLE001
         return _result(False, mark, key_id, f"{subject.what} did not answer the triggers: {_brief(exc)}", level)

@@ -72,7 +72,7 @@ def test_trigger_sets_are_deterministic_per_key_and_mark_and_inside_the_odd_enve
 def test_a_marked_model_verifies_and_an_unmarked_model_or_another_key_does_not(models):
     owner = wm.verify(models["marked"], KEY, wm.OWNER)
     assert owner["verified"] is True and owner["p_value"] < 1e-6 and owner["trigger_accuracy"] >= 0.6
-    assert owner["key_id"] == KEY.key_id and owner["triggers"] == wm.settings()["trigger_set_size"] == 32 and owner["mark"] == "owner"
+    assert owner["key_id"] == KEY.key_id and owner["triggers"] == wm.trigger_count(10) == 16 and owner["mark"] == "owner"
     plain = wm.verify(models["plain"], KEY, wm.OWNER)
     assert plain["verified"] is False and plain["p_value"] > 1e-3 and plain["trigger_accuracy"] < 0.35
     assert "metadata records no such mark" in plain["reason"]
