@@ -108,19 +108,48 @@ class AdversarialTraining(_Strict):
     steps: int = Field(default=5, ge=1, le=100)
 
 
+class DifferentialPrivacy(_Strict):
+    """DP-SGD (Opacus; `pipelines.learning.privacy`): every sample's gradient clipped to
+    `max_grad_norm`, Gaussian noise of `noise_multiplier` times that norm added to each batch's sum,
+    batches drawn by Poisson sampling (rate batch_size / rows). Give `noise_multiplier`, or
+    `target_epsilon` and Opacus picks the noise that spends it over the profile's epochs. The
+    accountant (`rdp`, or `prv`) reports the (epsilon, `delta`) spent."""
+
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    target_epsilon: float | None = Field(default=None, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> DifferentialPrivacy:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy takes exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
 class TrainingProfile(_Strict):
     epochs: int = Field(gt=0)
     lr: float = Field(gt=0)
     batch_size: int = Field(gt=0)
     weight_decay: float = Field(ge=0)
     adversarial: AdversarialTraining | None = None  # off unless a profile asks for it
+    privacy: DifferentialPrivacy | None = None  # DP-SGD, off unless a profile asks for it
+
+    @model_validator(mode="after")
+    def _not_adversarial_and_private(self) -> TrainingProfile:
+        if self.adversarial is not None and self.privacy is not None:
+            raise ValueError("a training profile takes adversarial training or differential privacy, not both "
+                             "(the adversarial examples would enter the per-sample gradients unaccounted)")
+        return self
 
     @model_serializer(mode="wrap")
     def _plain_stays_plain(self, handler) -> dict[str, Any]:
-        """A profile without adversarial training dumps as before (run keys of plain runs are unchanged)."""
+        """A profile without adversarial training or privacy dumps as before (run keys of plain runs are unchanged)."""
         data = handler(self)
-        if isinstance(data, dict) and data.get("adversarial") is None:
-            data.pop("adversarial", None)
+        for key in ("adversarial", "privacy"):
+            if isinstance(data, dict) and data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
