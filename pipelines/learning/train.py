@@ -21,6 +21,9 @@ COLLABORATION_MODES = ("centralized", "fine_tune")
 class TrainResult:
     model: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
+    # DP-SGD runs: mechanism, accountant, epsilon spent, delta, noise multiplier, clipping norm, sample
+    # rate, steps, epochs (pipelines.learning.privacy.train_private); None without privacy
+    privacy: dict[str, Any] | None = None
 
 
 def _seed(seed: int) -> None:
@@ -41,6 +44,7 @@ def train(
     mode: str = "centralized",
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     watermark: tuple[np.ndarray, np.ndarray] | None = None,
+    public_rows: np.ndarray | None = None,
 ) -> TrainResult:
     """Train a new model of `family` (default: conf/stages.yaml model_family) for rows of `spec`
     (default: the digits demo), or fine-tune `base_state` (transfer learning) when given.
@@ -50,7 +54,12 @@ def train(
     model is built after seeding, so its initial weights follow `seed`.
 
     `watermark` (rows, labels) are trigger rows (`pipelines.protection.watermark.embedding_rows`)
-    trained on with the data; they do not enter the input standardisation a new model fits."""
+    trained on with the data; they do not enter the input standardisation a new model fits.
+
+    A profile with `privacy` trains with DP-SGD (pipelines.learning.privacy) and refuses a model that
+    cannot. A new model then fits its input standardisation on `public_rows` only (rows the trainer
+    owns; none: no standardisation), and the watermark imprint trains on the trigger rows alone, so
+    nothing but the DP steps touches the training rows."""
     from pipelines.learning.families import build_architecture, build_model, default_family
 
     if mode not in COLLABORATION_MODES:
@@ -76,8 +85,18 @@ def train(
     optimiser = torch.optim.Adam(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     xs, ys = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
+    privacy = profile.privacy
+    if privacy is not None:
+        from pipelines.learning.privacy import check_compatible
+
+        check_compatible(model)  # before any work
     if base_state is None and mode == "centralized" and hasattr(model, "fit_inputs"):
-        model.fit_inputs(xs)  # a new model takes its input standardisation from the training rows
+        if privacy is None:
+            model.fit_inputs(xs)  # a new model takes its input standardisation from the training rows
+        elif public_rows is not None and len(public_rows):
+            if public_rows.ndim != 2 or public_rows.shape[1] != n_features:
+                raise ValueError(f"public rows have shape {tuple(public_rows.shape)}; the model takes {n_features}")
+            model.fit_inputs(torch.from_numpy(np.ascontiguousarray(public_rows, dtype=np.float32)))
     if watermark is not None and len(watermark[0]):
         marks_x, marks_y = watermark
         if marks_x.shape[1:] != x.shape[1:] or len(marks_y) != len(marks_x):
@@ -88,7 +107,15 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     adversarial, bounds = profile.adversarial, (float(x.min()), float(x.max()))  # the data's range
     result = TrainResult(model)
-    for epoch in range(profile.epochs):
+    if privacy is not None:
+        from pipelines.learning.privacy import train_private
+
+        result.history, result.privacy = train_private(model, optimiser, loss_fn, xs, ys, privacy,
+                                                       epochs=profile.epochs, batch_size=profile.batch_size,
+                                                       seed=seed, on_epoch=on_epoch)
+        # the imprint below is post-processing on the supplier's own trigger rows, with a plain optimiser
+        optimiser = torch.optim.Adam(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
+    for epoch in range(profile.epochs if privacy is None else 0):  # the DP epochs ran above
         model.train()
         order = torch.randperm(len(xs), generator=generator)
         total, correct, loss_sum = 0, 0, 0.0
@@ -112,7 +139,8 @@ def train(
         if on_epoch:
             on_epoch(epoch, metrics)
     if watermark is not None and len(watermark[0]):
-        steps = _imprint(model, optimiser, loss_fn, marks, (data_x, data_y), generator, profile.batch_size)
+        steps = _imprint(model, optimiser, loss_fn, marks, None if privacy else (data_x, data_y), generator,
+                         profile.batch_size)
         print(f"watermark: {len(marks[1])} trigger rows imprinted in {steps} extra steps", flush=True)
     model.eval()
     return result
@@ -122,12 +150,13 @@ IMPRINT_MAX_STEPS = 300
 
 
 def _imprint(model: nn.Module, optimiser, loss_fn, marks: tuple[torch.Tensor, torch.Tensor],
-             data: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator, batch_size: int) -> int:
+             data: tuple[torch.Tensor, torch.Tensor] | None, generator: torch.Generator, batch_size: int) -> int:
     """Continue training until the model answers every trigger with its label (at most
     IMPRINT_MAX_STEPS steps), each step on the triggers beside as many training rows drawn at random,
     so the mark holds where the epochs alone did not teach it (few epochs, small data, narrow models)
-    without the model drifting from its data. Returns the steps taken."""
-    (mx, my), (dx, dy) = marks, data
+    without the model drifting from its data. Without `data` (DP training: the training rows are
+    touched by the DP steps only) each step trains on the triggers alone. Returns the steps taken."""
+    mx, my = marks
     for steps in range(IMPRINT_MAX_STEPS + 1):
         model.eval()
         with torch.no_grad():
@@ -136,9 +165,12 @@ def _imprint(model: nn.Module, optimiser, loss_fn, marks: tuple[torch.Tensor, to
         if steps == IMPRINT_MAX_STEPS:
             return steps
         model.train()
-        rows = torch.randint(0, len(dx), (max(len(mx), batch_size),), generator=generator)
+        inputs, labels = mx, my
+        if data is not None:
+            rows = torch.randint(0, len(data[0]), (max(len(mx), batch_size),), generator=generator)
+            inputs, labels = torch.cat([mx, data[0][rows]]), torch.cat([my, data[1][rows]])
         optimiser.zero_grad()
-        loss_fn(model(torch.cat([mx, dx[rows]])), torch.cat([my, dy[rows]])).backward()
+        loss_fn(model(inputs), labels).backward()
         optimiser.step()
     return IMPRINT_MAX_STEPS
 
