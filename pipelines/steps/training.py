@@ -138,6 +138,24 @@ def _select(frame, subset: dict | None, spec: DataSpec):
     return frame
 
 
+def _privacy_params(privacy) -> dict[str, Any]:
+    """MLflow params of a DP-SGD profile (none without privacy)."""
+    if privacy is None:
+        return {}
+    return {"dp_mechanism": "dp-sgd", "dp_accountant": privacy.accountant, "dp_delta": privacy.delta,
+            "dp_max_grad_norm": privacy.max_grad_norm, "dp_noise_multiplier": privacy.noise_multiplier or "",
+            "dp_target_epsilon": privacy.target_epsilon or ""}
+
+
+def _own_rows(ctx: StepContext, frames, versions, spec: DataSpec, profile) -> np.ndarray | None:
+    """With DP, the rows of the datasets this site owns: the only ones a new model's input
+    standardisation may be fitted on (a partner's rows enter the model through DP-SGD alone)."""
+    if profile.privacy is None:
+        return None
+    own = [frame for frame, version in zip(frames, versions, strict=True) if version.owner == ctx.site]
+    return np.concatenate([_xy(frame, spec, "own training data")[0] for frame in own]) if own else None
+
+
 @step("train_model")
 def train_model(
     ctx: StepContext,
@@ -164,11 +182,15 @@ def train_model(
     `restrictions` ({"abstain_classes": [...], "max_confidence": x}, both optional) restrict what the
     model may return; checked against the data's classes and recorded in its metadata.
     `recipient` (a site) gets its own watermark in the model, besides the supplier's ownership mark.
+    A profile with `privacy` trains with DP-SGD (pipelines.learning.privacy): metadata.json `privacy`
+    records the mechanism and the (epsilon, delta) spent, each lineage entry its `dp` spend along the
+    model's chain (None: trained on without a bound), MLflow `dp_*` params and metrics.
     """
     import pandas as pd
 
     from pipelines.data.lineage import lineage_entries
     from pipelines.learning.artifacts import load_weights, save_weights
+    from pipelines.learning.privacy import PrivacyError, lineage_with_spend, spend
     from pipelines.learning.train import train
     from pipelines.profiles import ProfileError
     from pipelines.profiles import training_profile as site_training_profile
@@ -268,22 +290,28 @@ def train_model(
                            "base_model": base.uri if base else "none", "variant": variant or "", "family": family,
                            "mode": "fine_tune" if base else "centralized",
                            "restrictions": json.dumps(restrictions, sort_keys=True),
-                           "watermark_marks": ",".join(marks)})
+                           "watermark_marks": ",".join(marks),
+                           **_privacy_params(training_profile.privacy)})
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics(metrics, step=epoch)
             print(f"{stage} epoch {epoch + 1}/{training_profile.epochs}: "
                   f"loss {metrics['train_loss']:.4f} accuracy {metrics['train_accuracy']:.4f}", flush=True)
 
-        result = train(x, y, training_profile, seed=conf.seed, architecture=architecture, spec=spec,
-                       mode="fine_tune" if base else "centralized",
-                       base_state=load_weights(base.model_dir) if base else None, on_epoch=on_epoch,
-                       watermark=mark_rows)
+        try:
+            result = train(x, y, training_profile, seed=conf.seed, architecture=architecture, spec=spec,
+                           mode="fine_tune" if base else "centralized",
+                           base_state=load_weights(base.model_dir) if base else None, on_epoch=on_epoch,
+                           watermark=mark_rows, public_rows=_own_rows(ctx, frames, versions, spec, training_profile))
+        except PrivacyError as exc:
+            raise StepError(f"{stage}: {exc}") from None
         save_weights(result.model, staging)
-        lineage = list(base.metadata.get("lineage", [])) if base else []
-        for entry in lineage_entries(ctx.paths, [v.id for v in versions]):
-            if entry not in lineage:
-                lineage.append(entry)
+        if result.privacy:
+            mlflow.log_metrics({"dp_epsilon": result.privacy["epsilon"], "dp_delta": result.privacy["delta"],
+                                "dp_noise_multiplier": result.privacy["noise_multiplier"]})
+        # each source carries the (epsilon, delta) spent on it along the model's chain, None: no bound
+        lineage = lineage_with_spend(base.metadata.get("lineage", []) if base else [],
+                                     lineage_entries(ctx.paths, [v.id for v in versions]), spend(result.privacy))
         write_json(staging / "metadata.json", {
             "name": name, "stage": stage, "variant": variant, "site": ctx.site, "run_key": run_key,
             "family": family, "architecture": architecture, "spec": spec.to_dict(),
@@ -295,6 +323,7 @@ def train_model(
             "mlflow_run_id": run.info.run_id, "dag_id": ctx.dag_id, "dag_run_id": ctx.run_id,
             **({"restrictions": restrictions} if restrictions else {}),
             **({"watermark": mark_record} if mark_record else {}),
+            **({"privacy": result.privacy} if result.privacy else {}),
         })
     return {"run_key": run_key, "name": name, "staging": str(staging), "mlflow_run_id": run.info.run_id,
             "stage": stage}
