@@ -8,6 +8,10 @@ legitimately holds" (of the configured family, or of the one family that holds a
 M3 here). A model version's artifact `model/` is a
 directory: model.onnx, weights.safetensors, model_card.json, metadata.json and,
 once signed, model.sig, provenance.dsse.json, bom.cdx.json.
+
+A version revoked by a withdrawn contribution (`mark_revoked`; `pipelines.learning.revocations`)
+still resolves by NAME/VERSION or alias, for inspection, but never as a stage model: `resolve_model`
+of "M3" gives the newest unrevoked M3.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from pipelines.config import load_config
+from pipelines.learning import revocations
 from pipelines.workspace import SitePaths
 
 STAGE_MODELS = ("M1", "M2", "M3", "M4", "M5", "M6", "M7", "M8")
 DEFAULT_VARIANT = "default"
+REVOKED_TAG = "factory.revoked"  # model-version tag: JSON {revocation_id, dataset, owner, replaced_by, at}
 _FAMILY = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 
@@ -80,6 +86,21 @@ class ModelRef:
     @property
     def uri(self) -> str:
         return f"{self.name}/{self.version}"
+
+    @property
+    def revoked(self) -> dict[str, Any] | None:
+        """The revocation recorded on this version's registry tag (None when it is not revoked)."""
+        return _revocation_tag(self.tags.get(REVOKED_TAG))
+
+
+def _revocation_tag(value: str | None) -> dict[str, Any] | None:
+    if not value:
+        return None
+    try:
+        record = json.loads(value)
+    except ValueError:
+        record = None
+    return record if isinstance(record, dict) else {"revocation_id": None, "reason": f"unreadable tag {value[:80]!r}"}
 
 
 def _local_path(uri: str) -> Path:
@@ -138,7 +159,12 @@ def resolve_model(paths: SitePaths, ref: str, *, variant: str | None = None, fam
             name, versions = _stage_versions(mlflow_client, paths, ref, variant, family)
             if not versions:
                 raise ModelNotFound(f"site {paths.site} holds no {ref.upper()} ({name}) yet")
-            return _to_ref(paths, max(versions, key=lambda v: int(v.version)))
+            listed = revocations.revoked_models(paths)
+            usable = [v for v in versions if not v.tags.get(REVOKED_TAG) and f"{v.name}/{v.version}" not in listed]
+            if not usable:
+                raise ModelNotFound(f"every {ref.upper()} site {paths.site} holds ({name}) is revoked "
+                                    f"(`factory lineage` / the registry name each revocation)")
+            return _to_ref(paths, max(usable, key=lambda v: int(v.version)))
         match = _REF.match(ref)
         if not match:
             raise ModelNotFound(f"cannot read model reference {ref!r}; use M1..M8, NAME@ALIAS or NAME/VERSION")
@@ -181,3 +207,19 @@ def register(paths: SitePaths, name: str, model_dir: Path, *, run_id: str | None
 
 def list_models(paths: SitePaths) -> list[ModelRef]:
     return [_to_ref(paths, v) for v in client(paths).search_model_versions("")]
+
+
+def revocation_of(paths: SitePaths, ref: ModelRef) -> dict[str, Any] | None:
+    """The revocation of `ref` at this site: its registry tag, else its entry in the site's list."""
+    return ref.revoked or revocations.revoked_models(paths).get(ref.uri)
+
+
+def mark_revoked(paths: SitePaths, ref: ModelRef, revocation: dict[str, Any]) -> dict[str, Any]:
+    """Mark `ref` revoked: first in the site's revocation list (what serving reads), then on the
+    registry tag. Idempotent; a later call of the same revocation adds what it knows now
+    (`replaced_by`). `revocation`: {revocation_id, dataset, owner, replaced_by, at}."""
+    entry = revocations.record_revoked(paths, name=ref.name, version=ref.version,
+                                       run_key=ref.tags.get("factory.run_key"), revocation=revocation)
+    tag = {k: entry.get(k) for k in revocations.RECORD_KEYS}
+    client(paths).set_model_version_tag(ref.name, ref.version, REVOKED_TAG, json.dumps(tag, sort_keys=True))
+    return entry

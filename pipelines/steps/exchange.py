@@ -307,7 +307,9 @@ def _release_input(ctx: StepContext, ref: registry.ModelRef, *, recipient: str, 
                   "watermark": {"verified": False, "reason": "not checked"},
                   "signature": {"verified": signature_ok}, "lineage": meta.get("lineage", []),
                   # capability restrictions as the signed metadata records them; checked against the licence
-                  "restrictions": meta.get("restrictions") or {}},
+                  "restrictions": meta.get("restrictions") or {},
+                  # a version a withdrawn contribution revoked here is released to no one (revocation.rego)
+                  "revoked": registry.revocation_of(ctx.paths, ref)},
         "recipient": recipient, "purpose": purpose, "requested_by": requested_by or _requester(ctx),
         "approvals": approvals,
         **({"end_use": end_use} if end_use is not None else {}),  # checked against the recipient's licence
@@ -434,11 +436,16 @@ def receive_model_package(ctx: StepContext, *, kind: str, test_sets: dict[str, s
     when no package is pending. `check(header, meta, model_dir)` may refuse a verified model for
     reasons of its own (raising PackageRejected: the package is moved aside and the next one tried)."""
     from pipelines.data.repo import commit_tracked, site_lock
+    from pipelines.learning import revocations
     from pipelines.steps.training import _test_metrics
     from pipelines.trust import audit
+    from pipelines.trust.packages import PackageRejected
 
     def place(header: dict[str, Any], model_dir: Path) -> tuple[dict[str, Any], Path]:
         meta = _checked_model(ctx, header, model_dir)["meta"]
+        if revoked := revocations.revoked_run(ctx.paths, meta["name"], meta.get("run_key")):
+            raise PackageRejected(f"model {meta['name']} (run {meta.get('run_key')}) from {header['sender']} refused: "
+                                  f"{ctx.site} holds it as {revocations.describe(revoked)}")
         if check is not None:
             check(header, meta, model_dir)
         target = ctx.paths.models_dir / meta["name"] / f"received-{header['package_id'][:12]}"
