@@ -337,6 +337,16 @@ class StageInputs(_Strict):
         return tuple(keys)
 
 
+class Unlearning(_Strict):
+    """`unlearning:` of conf/stages.yaml: sliced training (pipelines.learning.slices), so that a
+    withdrawn contribution is unlearned by training again only the slices that followed it."""
+
+    # auto: slice a run that trains on data of more than one owner; always; never.
+    slicing: Literal["auto", "always", "never"] = "auto"
+    # The share of a run's epochs the trainer's own data (slice 0) carries; the contributions share the rest.
+    own_share: float = Field(default=0.625, gt=0, le=1)
+
+
 class StagesConf(_Strict):
     order: tuple[Stage, ...]
     seed: int
@@ -347,6 +357,7 @@ class StagesConf(_Strict):
     resources: dict[str, Resources]
     kubernetes: KubernetesConf
     inputs: StageInputs
+    unlearning: Unlearning = Unlearning()
 
     @field_validator("order")
     @classmethod
