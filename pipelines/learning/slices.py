@@ -67,6 +67,7 @@ class SlicedResult:
     slices: list[dict[str, Any]] = field(default_factory=list)  # per slice: datasets, epochs, key, checkpoint digest
     resumed_from_slice: int | None = None  # the first slice trained again (the ones before came from checkpoints)
     trained_slices: int = 0
+    privacy: dict[str, Any] | None = None  # sliced runs do not train with DP-SGD (as TrainResult's)
 
 
 def plan_slices(datasets: Sequence[str], *, own: int, epochs: int, own_share: float) -> list[Slice]:

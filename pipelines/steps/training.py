@@ -156,6 +156,39 @@ def _own_rows(ctx: StepContext, frames, versions, spec: DataSpec, profile) -> np
     return np.concatenate([_xy(frame, spec, "own training data")[0] for frame in own]) if own else None
 
 
+def _slice_plan(ctx: StepContext, versions, profile, requested: list[dict] | None):
+    """The slices a run trains in (pipelines.learning.slices), None for unsliced training.
+
+    conf/stages.yaml `unlearning.slicing`: auto slices a run whose datasets are not all of this
+    site's own data (a dataset is own when its whole lineage is), always slices every run, never
+    none. The own datasets form slice 0, each other dataset a slice of its own in the given order.
+    `requested` (slice records, as metadata.json keeps them) is the plan a withdrawal trains.
+    DP-SGD runs are not sliced (each slice would spend its own budget)."""
+    from pipelines.data.lineage import lineage_entries
+    from pipelines.learning import slices as sliced
+
+    ids = [v.id for v in versions]
+    if requested is not None:
+        try:
+            plan = sliced.from_records(requested)
+        except sliced.SliceError as exc:
+            raise StepError(str(exc)) from None
+        named = sorted({d for s in plan for d in s.datasets})
+        if named != sorted(ids):
+            raise StepError(f"the slice plan trains on {', '.join(named)}, the run on {', '.join(sorted(ids))}")
+        if profile.privacy is not None:
+            raise StepError("sliced training does not run with DP-SGD")
+        return plan
+    settings = load_config().stages.unlearning
+    if profile.privacy is not None or settings.slicing == "never":
+        return None
+    own = [v.id for v in versions if all(e.get("owner") == ctx.site for e in lineage_entries(ctx.paths, [v.id]))]
+    if settings.slicing == "auto" and len(own) == len(ids):
+        return None
+    return sliced.plan_slices(own + [i for i in ids if i not in own], own=len(own), epochs=profile.epochs,
+                              own_share=settings.own_share)
+
+
 @step("train_model")
 def train_model(
     ctx: StepContext,
@@ -172,6 +205,7 @@ def train_model(
     family: str | None = None,
     restrictions: dict | None = None,
     recipient: str | None = None,
+    slices: list[dict] | None = None,
 ) -> dict[str, Any]:
     """Train the `stage` model on the site's `datasets`, fine-tuning `base_model` when given.
 
@@ -185,6 +219,10 @@ def train_model(
     A profile with `privacy` trains with DP-SGD (pipelines.learning.privacy): metadata.json `privacy`
     records the mechanism and the (epsilon, delta) spent, each lineage entry its `dp` spend along the
     model's chain (None: trained on without a bound), MLflow `dp_*` params and metrics.
+    A run on several owners' data trains in slices (`_slice_plan`; metadata.json `slices`: datasets,
+    epochs, checkpoint digest), each slice's weights kept under the site's state dir, so a withdrawn
+    dataset is unlearned by training again only the slices from its own (pipelines.steps.unlearning,
+    which passes `slices`: the plan without it).
     """
     import pandas as pd
 
@@ -252,6 +290,7 @@ def train_model(
     except (wm.WatermarkError, ValueError) as exc:
         raise StepError(f"{stage}: watermark: {exc}") from None
     mark_conf = wm.settings()
+    plan = _slice_plan(ctx, versions, training_profile, slices)
     key_material = {
         "stage": stage, "variant": variant, "profile": training_profile.model_dump(), "seed": conf.seed,
         "datasets": sorted(v.md5 for v in versions), "base": base_digest, "subset": subset,
@@ -259,6 +298,8 @@ def train_model(
         **({"restrictions": restrictions} if restrictions else {}),  # unrestricted runs keep their earlier keys
         **({"watermark": {"key_id": mark_key.key_id, "marks": marks, "size": mark_conf["trigger_set_size"],
                           "repeats": mark_conf["repeats"]}} if marks else {}),  # unmarked runs keep theirs too
+        **({"slices": [[sorted(v.md5 for v in versions if v.id in s.datasets), s.epochs] for s in plan]}
+           if plan else {}),  # unsliced runs keep theirs too
     }
     run_key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:16]
     done = registry.find_version_by_tag(ctx.paths, name, "factory.run_key", run_key)
@@ -299,10 +340,26 @@ def train_model(
                   f"loss {metrics['train_loss']:.4f} accuracy {metrics['train_accuracy']:.4f}", flush=True)
 
         try:
-            result = train(x, y, training_profile, seed=conf.seed, architecture=architecture, spec=spec,
-                           mode="fine_tune" if base else "centralized",
-                           base_state=load_weights(base.model_dir) if base else None, on_epoch=on_epoch,
-                           watermark=mark_rows, public_rows=_own_rows(ctx, frames, versions, spec, training_profile))
+            if plan is None:
+                result = train(x, y, training_profile, seed=conf.seed, architecture=architecture, spec=spec,
+                               mode="fine_tune" if base else "centralized",
+                               base_state=load_weights(base.model_dir) if base else None, on_epoch=on_epoch,
+                               watermark=mark_rows, public_rows=_own_rows(ctx, frames, versions, spec, training_profile))
+            else:
+                from pipelines.learning.slices import checkpoint_dir, train_sliced
+
+                result = train_sliced(
+                    {v.id: _xy(f, spec, f"training data {v.id}") for f, v in zip(frames, versions, strict=True)},
+                    plan, training_profile, seed=conf.seed, digests={v.id: v.md5 for v in versions},
+                    material={"base": base_digest, "family": family, "architecture": architecture,
+                              "spec": spec.to_dict(), "subset": subset, "subset_datasets": subset_datasets,
+                              "profile": {k: v for k, v in training_profile.model_dump().items() if k != "epochs"}},
+                    checkpoints=checkpoint_dir(ctx.paths.state_dir), architecture=architecture, spec=spec,
+                    base_state=load_weights(base.model_dir) if base else None, on_epoch=on_epoch,
+                    watermark=mark_rows, watermark_id=key_material.get("watermark"))
+                print(f"{stage}: {len(plan)} slices, {result.trained_slices} trained"
+                      + (f", from slice {result.resumed_from_slice} on (checkpoints before it)"
+                         if result.resumed_from_slice else ""), flush=True)
         except PrivacyError as exc:
             raise StepError(f"{stage}: {exc}") from None
         save_weights(result.model, staging)
@@ -318,15 +375,18 @@ def train_model(
             "input_envelope": _envelope(x, base_meta.get("input_envelope") if base else None),
             "datasets": [{"id": v.id, "md5": v.md5, "owner": v.owner} for v in versions],
             "base_model": {"name": base.name, "version": base.version, "digest": base_digest} if base else None,
-            "lineage": lineage, "metrics": {}, "training": {"profile": profile, "records": len(data), "subset": subset},
+            "lineage": lineage, "metrics": {}, "training": {"profile": profile, "records": len(data), "subset": subset,
+                                                             "subset_datasets": subset_datasets, "purpose": purpose,
+                                                             "recipient": recipient or None},
             "reference_data": [v.id for v in versions], "code_version": code_version(),
             "mlflow_run_id": run.info.run_id, "dag_id": ctx.dag_id, "dag_run_id": ctx.run_id,
             **({"restrictions": restrictions} if restrictions else {}),
             **({"watermark": mark_record} if mark_record else {}),
             **({"privacy": result.privacy} if result.privacy else {}),
+            **({"slices": result.slices} if plan else {}),
         })
     return {"run_key": run_key, "name": name, "staging": str(staging), "mlflow_run_id": run.info.run_id,
-            "stage": stage}
+            "stage": stage, **({"resumed_from_slice": result.resumed_from_slice} if plan else {})}
 
 
 def _test_metrics(ctx: StepContext, model_dir: Path, test_sets: dict[str, str]) -> dict[str, float]:
