@@ -16,6 +16,10 @@ client holds a token (`factory serve token add`) unless authentication is switch
 - `GET /metrics` (Prometheus text format), both behind a bearer token per client;
 - `GET /healthz`, open (says the input width the model takes).
 
+A model version revoked at the site (a withdrawn contribution, `pipelines.learning.revocations`) is
+refused at start (`ServingError`), and once the site's revocation list names it while it is served,
+`/predict` answers 410 naming the revocation (no restart; the list is re-read only when it changed).
+
 The model's metadata (signed with it) says what a row is: its spec gives the width n (rows of
 another width are refused with 422 naming n), its family the input envelope every value must lie
 in (`odd.input_envelope`; outside it: 422).
@@ -64,6 +68,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.learning import restrictions as capability
+from pipelines.learning.revocations import RevocationWatch
+from pipelines.learning.revocations import describe as describe_revocation
 from pipelines.protection.extraction import Detection, ExtractionConfError, ExtractionMonitor
 from pipelines.serving.clients import AuthResult, ClientRegistry
 from pipelines.serving.guard import ANONYMOUS, CLIENT_SCOPE_KEY, AuditLimiter, ServiceGuard, Suppressed
@@ -368,6 +374,11 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
     limits = service.get("audit", {})
     window_s = float(limits.get("window_s", 60))
 
+    # A version a withdrawn contribution revoked here is never loaded, and stops answering (410) as soon
+    # as the site's revocation list names it: one stat of the list per request while it is unchanged.
+    revocation = RevocationWatch(site_paths, model_ref.name, str(model_ref.version))
+    if revoked := (getattr(model_ref, "revoked", None) or revocation.check()):
+        raise ServingError(f"refusing to serve {model_ref.name}/{model_ref.version}: it is {describe_revocation(revoked)}")
     metadata = verify_model(site_paths, model_ref)
     inputs = model_inputs(model_ref, metadata, service)
     max_body = int(service.get("max_body_bytes", 1 << 20))
@@ -452,7 +463,9 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "site": site_paths.site, "model": model, "stored_inputs": store.count(),
+        revoked = revocation.check()
+        return {"status": "revoked" if revoked else "ok", "site": site_paths.site, "model": model,
+                **({"revocation": revoked} if revoked else {}), "stored_inputs": store.count(),
                 "inputs": {"n_features": inputs.n_features, "input_shape": list(inputs.input_shape)}}
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -466,6 +479,11 @@ def create_app(site_paths: SitePaths, model_ref: Any, *, conf: dict[str, Any] | 
     @app.post("/predict")
     def predict(body: PredictRequest, request: Request) -> JSONResponse:
         started = time.perf_counter()
+        if revoked := revocation.check():
+            metrics.observe("revoked")
+            return JSONResponse(status_code=410, content={
+                "detail": f"{model['name']}/{model['version']} is {describe_revocation(revoked)}; it no longer answers",
+                "revocation": revoked})
         client = request.scope.get(CLIENT_SCOPE_KEY, ANONYMOUS)
         try:
             x = _validate(body, max_batch, inputs, (budget_lo, budget_hi))
