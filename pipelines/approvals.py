@@ -214,12 +214,14 @@ def verify_answer(record: Any, *, gate_name: str, owner_site: str, required_role
 
 def sign_document(paths: SitePaths, *, recipient: str, gate_name: str, request_id: str, model_uri: str,
                   model_digest: str, approval: dict[str, Any], answer: dict[str, Any] | None = None,
-                  end_use: str | None = None) -> dict[str, Any]:
+                  end_use: str | None = None, membership_audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """A decision of this site on `recipient`'s request, signed by this site.
 
     `approval` is what `verified_decision` returned for this site's officer; `answer` (optional)
     names the gate run that recorded it (`dag_id`, `run_id`, `task_id`) for the audit trail;
-    `end_use` is the end use the request named (the officer decided on that one)."""
+    `end_use` is the end use the request named (the officer decided on that one);
+    `membership_audit` (optional) the figures of this site's membership-inference audit of the
+    model (pipelines.protection.membership.signed_figures), which a release gate may require."""
     document = {
         "type": DOCUMENT_TYPE,
         "signer": paths.site,
@@ -234,6 +236,8 @@ def sign_document(paths: SitePaths, *, recipient: str, gate_name: str, request_i
         "responded_at": approval.get("responded_at"),
         "answer": {k: (answer or {}).get(k) for k in ("dag_id", "run_id", "task_id")},
     }
+    if membership_audit is not None:
+        document["membership_audit"] = membership_audit
     return _signed(paths, DOCUMENT_TYPE, document)
 
 

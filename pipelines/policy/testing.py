@@ -39,6 +39,10 @@ ALLOWED_EXPORT = {
             {"dataset_id": "origin/export_authorized@1", "owner": "origin", "local_only": False,
              "export_authorized": True, "releasable_to": ["supplier", "destination"]},
         ],
+        # the origin's membership-inference audit of these weights, as its signed approval carried it
+        "digest": "sha256:" + "3" * 64,
+        "membership_audits": [{"owner": "origin", "model_digest": "sha256:" + "3" * 64, "attack": "loss-threshold",
+                               "auc": 0.6, "tpr_at_1pct_fpr": 0.05, "advantage": 0.2}],
     },
     "recipient": "destination", "purpose": "export", "requested_by": "supplier_engineer",
     "approvals": [

@@ -175,8 +175,8 @@ def owner_audit(paths, model_dir: Path, test_sets: dict[str, str] | None) -> dic
         meta = json.loads((model_dir / "metadata.json").read_text())
         members = released_members(paths, meta)
         if not members:
-            return {"audited": False, "model_digest": digest, "reason": f"the model's lineage holds no dataset "
-                    f"{paths.site} released (no members to audit)"}
+            return {"audited": False, "no_members": True, "model_digest": digest, "reason": "the model's lineage "
+                    f"holds no dataset {paths.site} released (no members to audit)"}
         if not test_sets:
             return {"audited": False, "model_digest": digest, "reason": f"{paths.site} names no test set"}
         subset = (meta.get("training") or {}).get("subset") or {}
@@ -227,7 +227,7 @@ def record_audit(ctx, ref, result: dict[str, Any]) -> None:
 
 def received_audit(ctx, record: dict[str, Any], test_sets: dict[str, str] | None) -> dict[str, Any]:
     """The owner's audit of a received, registered model (`receive_model`'s record: name, version),
-    recorded as tags and in the audit log; never raises."""
+    recorded as tags and in the audit log where the model holds this site's data; never raises."""
     from pipelines.learning import registry
 
     try:
@@ -235,7 +235,8 @@ def received_audit(ctx, record: dict[str, Any], test_sets: dict[str, str] | None
     except Exception as error:  # noqa: BLE001 - reported as a result
         return {"audited": False, "reason": f"not audited: {str(error)[:300]}"}
     result = owner_audit(ctx.paths, ref.model_dir, test_sets)
-    record_audit(ctx, ref, result)
+    if not result.get("no_members"):  # a model without this site's data is no business of this site's audit
+        record_audit(ctx, ref, result)
     print(f"membership audit of {ref.uri} at {ctx.site}: {summary(result)}")
     return result
 

@@ -354,7 +354,8 @@ def release_model(ctx: StepContext, *, model: str | dict, recipient: str, purpos
 def release_checked_model(ctx: StepContext, ref: registry.ModelRef, *, recipient: str, purpose: str, kind: str,
                           key: str, approvals: list[dict[str, Any]], thresholds: dict[str, float] | None = None,
                           requested_by: str | None = None, metadata: dict[str, Any] | None = None,
-                          end_use: str | None = None) -> dict[str, Any]:
+                          end_use: str | None = None,
+                          membership_audits: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The run's thresholds and the model_release gate, then seal `ref` for `recipient` into the outbox.
 
     `approvals` must already be verified by the caller (`_verified_approvals`, or
@@ -362,7 +363,10 @@ def release_checked_model(ctx: StepContext, ref: registry.ModelRef, *, recipient
     (default: who runs this step) is who asked for the release; `metadata` travels in the package
     header beside the model's; `key` names the release in the site's `sent` records (a re-run of a
     finished release returns what it sealed); `end_use` (an export's) goes to the gate, which checks
-    it against the recipient's licence."""
+    it against the recipient's licence; `membership_audits` (`pipelines.protection.membership.gate_audit`
+    entries, each from a verified signed document of its owner) go to the gate with the digest of
+    the directory sealed, which a data owner's audit must name (owner_audit.rego)."""
+    from pipelines.learning.artifacts import model_digest
     from pipelines.protection.release import release_checks
     from pipelines.trust import audit
 
@@ -377,6 +381,7 @@ def release_checked_model(ctx: StepContext, ref: registry.ModelRef, *, recipient
     with _release_dir(ctx, ref, document["approvals"]) as release:
         # watermark and robustness of the exact directory that is sealed (the signature was checked above)
         document["model"].update(release_checks(ctx, release, recipient=recipient, purpose=purpose))
+        document["model"].update(digest=model_digest(release), membership_audits=list(membership_audits or []))
         _gate(ctx, "model_release", document)
         header, target = _seal_to_outbox(
             ctx, recipient, release, purpose=purpose, content_type="model",
@@ -419,11 +424,14 @@ def _checked_model(ctx: StepContext, header: dict[str, Any], model_dir: Path) ->
 def receive_model(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) -> dict[str, Any]:
     """Open the newest model package of `kind`, verify signature, provenance and BOM, register it and
     evaluate it on this site's test data."""
+    from pipelines.protection.membership import received_audit
     from pipelines.protection.robustness import received_robustness
 
     received = receive_model_package(ctx, kind=kind, test_sets=test_sets)
     if received is not None:  # its robustness on this site's own test data, recorded before it is adopted
         received[0]["robustness"] = received_robustness(ctx, received[0], test_sets)
+        # where it holds this site's released data: this site's membership-inference audit of it (figures only)
+        received[0]["membership"] = received_audit(ctx, received[0], test_sets)
         _remember(ctx, "received", received[0]["package_id"], received[0])
     return _last_received(ctx, kind) if received is None else received[0]
 

@@ -304,6 +304,32 @@ def _robustness_check(ctx: StepContext, robustness: dict[str, Any] | None, recip
             "detail": detail + (f"; below: {', '.join(below)}" if below else "")}
 
 
+def membership_limits(owner: str, purpose: str = EXPORT) -> dict[str, float]:
+    """The limits `owner`'s policy sets on its membership-inference audit of a model released for
+    `purpose` (policy data `membership_audits`; {} when none)."""
+    from pipelines.policy import policy_data
+
+    limits = policy_data().get("membership_audits", {}).get(owner, {}).get(purpose, {})
+    return {k: float(v) for k, v in limits.items() if isinstance(v, (int, float))} if isinstance(limits, dict) else {}
+
+
+def membership_summary(result: dict[str, Any] | None) -> str:
+    from pipelines.protection.membership import summary
+
+    return summary(result)
+
+
+def _membership_check(ctx: StepContext, result: dict[str, Any]) -> dict[str, Any]:
+    """This site's membership-inference audit against the limits its policy sets for exports (the
+    supplier's export gate checks the same figures, signed into this site's decision)."""
+    limits = membership_limits(ctx.site)
+    over = [f"{key} > {limit}" for key, limit in limits.items()
+            if not isinstance(result.get(key), (int, float)) or result[key] > limit]
+    detail = membership_summary(result) + (f"; limits {', '.join(f'{k} {v}' for k, v in limits.items())}"
+                                           if limits else "") + (f"; over: {', '.join(over)}" if over else "")
+    return {"passed": bool(result.get("audited")) and not over, "required": bool(limits), "detail": detail[:400]}
+
+
 def export_evidence(ctx: StepContext, model: str, recipient: str) -> str:
     """The export-control gate's evidence at the requesting site: the model's metrics on this site's
     test sets beside the version it would replace and this site's own M1, and the checks the
@@ -339,6 +365,7 @@ def receive_review(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) ->
     """Open the newest review package of `kind`, check the model is the one its request names (digest
     computed here), register it and evaluate it on this site's test data, beside this site's M3/M4."""
     from pipelines.learning.artifacts import model_digest
+    from pipelines.protection.membership import owner_audit, record_audit
     from pipelines.protection.robustness import received_robustness
     from pipelines.trust.packages import PackageRejected
 
@@ -366,6 +393,11 @@ def receive_review(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) ->
         return reviews[-1]
     record, header = received
     request = header["metadata"]["request"]
+    here = registry.resolve_model(ctx.paths, f"{record['name']}/{record['version']}")
+    # this site's membership-inference audit of the model on its own released rows and test set: only
+    # the figures are kept (registry tags, audit log, this review) and signed into the decision
+    membership = owner_audit(ctx.paths, here.model_dir, test_sets)
+    record_audit(ctx, here, membership)
     review = {
         "review_id": header["package_id"], "kind": kind, "from": header["sender"],
         "request_id": request["request_id"], "model": request["model"], "digest": request["digest"],
@@ -373,8 +405,7 @@ def receive_review(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) ->
         "thresholds": _thresholds(request.get("thresholds")), "requested_by": request["requested_by"],
         "end_use": request.get("end_use"), "restrictions": capability.parse(request.get("restrictions")),
         "here": f"{record['name']}/{record['version']}", "metrics": record["metrics"],
-        "comparison": _comparison(ctx, registry.resolve_model(ctx.paths, f"{record['name']}/{record['version']}"),
-                                  sorted(record["metrics"]), ("M3", "M4")),
+        "comparison": _comparison(ctx, here, sorted(record["metrics"]), ("M3", "M4")),
         "checks": {"signature": {"passed": True, "required": _required("signature"),
                                  "detail": f"signature, provenance and BOM verified against {header['sender']}'s key "
                                            "at intake here"},
@@ -382,7 +413,9 @@ def receive_review(ctx: StepContext, *, kind: str, test_sets: dict[str, str]) ->
                    "watermark": {"passed": None, "required": _required("watermark"),
                                  "detail": f"verified by {header['sender']} with its watermark key at release"},
                    "robustness": _robustness_check(ctx, received_robustness(ctx, record, test_sets),
-                                                   request["destination"], at_gate=False)},
+                                                   request["destination"], at_gate=False),
+                   "membership inference": _membership_check(ctx, membership)},
+        "membership": membership, "membership_summary": membership_summary(membership),
         "status": "pending",
     }
     review["evidence"] = _evidence(review)
@@ -397,6 +430,7 @@ def send_approval(ctx: StepContext, *, review: str | dict, approval: Any, recipi
     """Verify this site's officer's signed answer on a review and send the decision (approve or reject)
     to the requesting site `recipient` as an approval document signed by this site."""
     from pipelines.approvals import sign_document, verified_decision
+    from pipelines.protection.membership import signed_figures
     from pipelines.trust import audit
 
     review_id = review.get("review_id") if isinstance(review, dict) else review
@@ -413,9 +447,12 @@ def send_approval(ctx: StepContext, *, review: str | dict, approval: Any, recipi
     decision = verified_decision(approval, gate_name=gate_name, owner_site=ctx.site, required_role=required_role,
                                  requested_by=record["requested_by"], site_paths=ctx.paths, dag_id=ctx.dag_id,
                                  run_id=ctx.run_id)
+    audited = signed_figures(record.get("membership"))
+    if audited is not None and audited["model_digest"] != record["digest"]:
+        audited = None  # an audit of other weights says nothing about this model
     document = sign_document(ctx.paths, recipient=recipient, gate_name=gate_name, request_id=record["request_id"],
                              model_uri=record["model"], model_digest=record["digest"], approval=decision,
-                             answer=approval, end_use=record.get("end_use"))
+                             answer=approval, end_use=record.get("end_use"), membership_audit=audited)
     scratch = Path(tempfile.mkdtemp(prefix="approval-", dir=ctx.paths.state_dir))
     try:
         content = write_json(scratch / "approval.json", document)
@@ -527,6 +564,7 @@ def release_export(ctx: StepContext, *, request: str | dict, approvals: Any, rec
     run's signed gate `approvals`; the `model_release` export gate then decides. `recipient` must be
     the request's destination."""
     from pipelines.learning.artifacts import model_digest
+    from pipelines.protection.membership import gate_audit
 
     record = export_request(ctx, request)
     request_id = record["request_id"]
@@ -546,9 +584,12 @@ def release_export(ctx: StepContext, *, request: str | dict, approvals: Any, rec
     ref = registry.resolve_model(ctx.paths, record["model"])
     if model_digest(ref.model_dir) != record["digest"]:
         raise StepError(f"{ref.uri} no longer has the digest export request {request_id} was approved for")
+    # the owner's audit figures as its signed document (verified just now) carries them, as its own
+    audited = gate_audit(record["approval"].get("membership_audit"), owner=record["reviewer"])
     sent = release_checked_model(ctx, ref, recipient=record["destination"], purpose=EXPORT, kind=kind, key=key,
                                  approvals=[owner_approval, *own], thresholds=record["thresholds"],
                                  requested_by=record["requested_by"], end_use=record.get("end_use"),
-                                 metadata={"request_id": request_id, "end_use": record.get("end_use")})
+                                 metadata={"request_id": request_id, "end_use": record.get("end_use")},
+                                 membership_audits=[audited] if audited else [])
     _set_status(ctx, request_id, APPROVED, RELEASED, release_package=sent["package_id"])
     return {**sent, "request_id": request_id}

@@ -33,6 +33,8 @@ export_officer := {
 	"roles": ["export_control_officer"], "decision": "approve",
 }
 
+export_digest := "sha256:3333333333333333333333333333333333333333333333333333333333333333"
+
 export := {
 	"model": {
 		"id": "digits-cnn-export/3",
@@ -42,6 +44,11 @@ export := {
 		"signature": {"verified": true},
 		"robustness": {"evaluated": true, "accuracy": {"fgsm@0.05": 0.84, "pgd@0.05": 0.82}},
 		"lineage": [supplier_train, origin_subset],
+		"digest": export_digest,
+		"membership_audits": [{
+			"owner": "origin", "model_digest": export_digest, "attack": "loss-threshold",
+			"auc": 0.6, "tpr_at_1pct_fpr": 0.05, "advantage": 0.2,
+		}],
 	},
 	"recipient": "destination",
 	"purpose": "export",
