@@ -13,6 +13,7 @@ recover. The rounds stop at the round budget or when the global metric changes l
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,10 +166,10 @@ def run_rounds(
         record = RoundRecord(number, [], [], bytes_down=4 * layout.size)
         updates: dict[str, np.ndarray] = {}
         weights: dict[str, float] = {}
-        for index, participant in enumerate(participants):
+        for participant in participants:
             begin = time.perf_counter()
             update = local_update(state, participant.x, participant.y, architecture=architecture, spec=spec,
-                                  config=local, seed=seed + 7919 * number + index, who=participant.name)
+                                  config=local, seed=_unit_seed(seed, number, participant.name), who=participant.name)
             elapsed = time.perf_counter() - begin + participant.delay_s
             record.participant_metrics[participant.name] = {**update.metrics, "seconds": elapsed}
             if deadline_s is not None and elapsed > deadline_s:
@@ -214,6 +215,11 @@ def run_rounds(
                 break
             previous = current
     return FederatedResult(state, history, stopped)
+
+
+def _unit_seed(seed: int, number: int, name: str) -> int:
+    """A participant's training seed for a round: its own, whoever else takes part."""
+    return (seed * 1_000_003 + 7919 * number + zlib.crc32(name.encode())) % 2**31
 
 
 def _aggregate(rule: str, updates: dict[str, np.ndarray], weights: dict[str, float], record: RoundRecord, *,
