@@ -47,7 +47,8 @@ class Participant:
     """One unit taking part: a site may hold several (e.g. `origin/unit-a`, `origin/unit-b`), each
     with its own rows. `x_test`/`y_test`: the unit's own evaluation rows (the global model is
     evaluated there each round). `delay_s` and `attack` are for simulation only: latency added to
-    the unit's measured training time, and a transform of its update (a poisoned participant)."""
+    the unit's measured training time, a transform of its update and the sample count it claims
+    (a poisoned participant: FedAvg weighs by what a participant says it trained on)."""
 
     name: str
     x: np.ndarray
@@ -57,6 +58,7 @@ class Participant:
     y_test: np.ndarray | None = None
     delay_s: float = 0.0
     attack: Callable[[np.ndarray], np.ndarray] | None = None
+    claimed_samples: int | None = None
 
 
 def scaled(factor: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -183,7 +185,8 @@ def run_rounds(
                 if std:
                     delta = (delta + gaussian_noise(len(delta), std, rng)).astype(np.float32)
             updates[participant.name] = delta
-            weights[participant.name] = 1.0 if privacy is not None else float(update.n_samples)
+            claimed = participant.claimed_samples or update.n_samples
+            weights[participant.name] = 1.0 if privacy is not None else float(claimed)
         record.included = list(updates)
         try:
             aggregated = _aggregate(rule, updates, weights, record, secure=secure, threshold=threshold,
