@@ -31,6 +31,7 @@ COMMANDS = {
     "serve": "pipelines.serving.cli:serve",
     "drift": "pipelines.serving.cli:drift",
     "watermark": "pipelines.protection.cli:watermark",
+    "contribution": "pipelines.service.contribution:contribution",
 }
 
 
