@@ -41,11 +41,13 @@ from pipelines.federated.updates import (
     apply_update,
     evaluate_state,
     local_update,
+    update_bytes,
+    update_from_bytes,
 )
 
 __all__ = [
     "RULES", "AggregationError", "FederatedError", "FederatedResult", "LocalConfig", "LocalUpdate", "Participant",
     "PrivacyError", "RoundRecord", "SecAggCoordinator", "SecAggError", "SecAggParticipant", "SecAggSetup",
     "StateLayout", "UpdatePrivacy", "aggregate", "apply_update", "clip_update", "epsilon", "evaluate_state",
-    "local_update", "run_rounds", "scaled", "secure_sum", "sign_flipped",
+    "local_update", "run_rounds", "scaled", "secure_sum", "sign_flipped", "update_bytes", "update_from_bytes",
 ]

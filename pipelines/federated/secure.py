@@ -142,6 +142,18 @@ class SecAggSetup:
         if self.dimension < 1:
             raise SecAggError("the vectors to aggregate must have at least one value")
 
+    def to_dict(self) -> dict[str, object]:
+        return {"round_id": self.round_id, "participants": list(self.participants), "dimension": self.dimension,
+                "threshold": self.threshold, "frac_bits": self.frac_bits}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> SecAggSetup:
+        try:
+            return cls(str(data["round_id"]), tuple(data["participants"]), int(data["dimension"]),
+                       int(data["threshold"]), int(data.get("frac_bits", FRAC_BITS)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SecAggError(f"not a secure aggregation setup: {exc}") from None
+
     def index(self, name: str) -> int:
         """The participant's Shamir x coordinate (1..n)."""
         try:
@@ -160,6 +172,17 @@ class PublicKeys:
         return {"mask": self.mask.hex(), "channel": self.channel.hex(),
                 "self_mask_commitment": self.self_mask_commitment.hex()}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, str]) -> PublicKeys:
+        try:
+            keys = cls(bytes.fromhex(data["mask"]), bytes.fromhex(data["channel"]),
+                       bytes.fromhex(data["self_mask_commitment"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SecAggError(f"not a participant's public keys: {exc}") from None
+        if len(keys.mask) != 32 or len(keys.channel) != 32 or len(keys.self_mask_commitment) != 32:
+            raise SecAggError("public keys and the commitment must be 32 bytes each")
+        return keys
+
 
 class SecAggParticipant:
     """A participant's side of one round. Its secrets never leave it except as Shamir shares."""
@@ -173,6 +196,30 @@ class SecAggParticipant:
         self._roster: dict[str, PublicKeys] = {}
         self._held: dict[str, tuple[int, int, int]] = {}  # sender -> (x, share of s_sender, share of b_sender)
         self._answered = False
+
+    def private_state(self) -> dict[str, object]:
+        """Everything this participant must keep between the phases of a round (separate tasks):
+        secrets, to store at its own site only (e.g. a 0600 file beside its keys), never in a package."""
+        return {"name": self.name, "setup": self.setup.to_dict(),
+                "mask_key": self._mask_key.private_bytes_raw().hex(),
+                "channel_key": self._channel_key.private_bytes_raw().hex(), "self_seed": self._self_seed.hex(),
+                "roster": {n: k.to_dict() for n, k in self._roster.items()},
+                "held": {n: [x, str(k), str(b)] for n, (x, k, b) in self._held.items()}, "answered": self._answered}
+
+    @classmethod
+    def from_private_state(cls, state: Mapping[str, object]) -> SecAggParticipant:
+        """The participant `private_state` saved, to continue its round."""
+        try:
+            party = cls(str(state["name"]), SecAggSetup.from_dict(state["setup"]))
+            party._mask_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["mask_key"]))
+            party._channel_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["channel_key"]))
+            party._self_seed = bytes.fromhex(state["self_seed"])
+            party._roster = {n: PublicKeys.from_dict(k) for n, k in state["roster"].items()}
+            party._held = {n: (int(x), int(k), int(b)) for n, (x, k, b) in state["held"].items()}
+            party._answered = bool(state["answered"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SecAggError(f"not a saved secure aggregation participant: {exc}") from None
+        return party
 
     def public_keys(self) -> PublicKeys:
         return PublicKeys(self._mask_key.public_key().public_bytes_raw(),

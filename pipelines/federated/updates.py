@@ -83,6 +83,33 @@ def apply_update(global_state: Mapping[str, torch.Tensor], delta: np.ndarray) ->
     return layout.to_state(layout.to_vector(global_state) + np.asarray(delta, dtype=np.float32), global_state)
 
 
+UPDATE_MAGIC = b"FEDUPD1\n"
+
+
+def update_bytes(vector: np.ndarray) -> bytes:
+    """An update as the bytes a package carries: a magic line, then the little-endian values
+    (float32, or uint64 for a masked vector) after one byte naming the type."""
+    vector = np.asarray(vector)
+    kinds = {np.dtype(np.float32): b"f", np.dtype(np.uint64): b"u"}
+    if vector.ndim != 1 or vector.dtype not in kinds:
+        raise FederatedError(f"an update is a vector of float32 or uint64 values, not {vector.dtype} {list(vector.shape)}")
+    return UPDATE_MAGIC + kinds[vector.dtype] + vector.astype(vector.dtype.newbyteorder("<")).tobytes()
+
+
+def update_from_bytes(data: bytes, size: int) -> np.ndarray:
+    """The vector `update_bytes` wrote, refusing anything else or a vector of another length."""
+    header = len(UPDATE_MAGIC) + 1
+    if not data.startswith(UPDATE_MAGIC) or data[header - 1 : header] not in (b"f", b"u"):
+        raise FederatedError("not an update (no update header)")
+    dtype = np.dtype("<f4") if data[header - 1 : header] == b"f" else np.dtype("<u8")
+    if len(data) - header != size * dtype.itemsize:
+        raise FederatedError(f"the update holds {(len(data) - header) / dtype.itemsize:g} values; the model has {size}")
+    vector = np.frombuffer(data, dtype=dtype, offset=header).astype(dtype.newbyteorder("="))
+    if dtype.kind == "f" and not np.all(np.isfinite(vector)):
+        raise FederatedError("the update holds values that are not finite")
+    return vector
+
+
 @dataclass(frozen=True)
 class LocalConfig:
     """A participant's local training: epochs over its rows, learning rate, batch size, the

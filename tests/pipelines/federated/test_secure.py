@@ -117,3 +117,21 @@ def test_tampered_shares_and_small_rounds_are_refused():
         parties["b"].receive_shares({"a": bytes(message)})
     with pytest.raises(SecAggError, match="cannot mask before"):
         parties["b"].masked_input(np.zeros(DIM))
+
+
+def test_a_participant_continues_its_round_from_its_saved_state():
+    import json
+
+    vectors = _vectors(3, seed=5)
+    setup, parties, coordinator = _round(3)
+    # each phase in another task: the participant is saved (at its own site) and restored
+    restored = {n: SecAggParticipant.from_private_state(json.loads(json.dumps(p.private_state())))
+                for n, p in parties.items()}
+    for name, party in restored.items():
+        coordinator.add_masked(name, party.masked_input(vectors[name]))
+    survivors, dropped = coordinator.split()
+    total = coordinator.unmasked_sum({n: restored[n].unmask(survivors, dropped) for n in survivors})
+    assert np.max(np.abs(total - sum(v.astype(np.float64) for v in vectors.values()))) <= 3 * 2.0**-FRAC_BITS
+    assert SecAggSetup.from_dict(json.loads(json.dumps(setup.to_dict()))) == setup
+    with pytest.raises(SecAggError, match="not a saved secure aggregation participant"):
+        SecAggParticipant.from_private_state({"name": "site-0"})

@@ -65,3 +65,20 @@ def test_local_update_refuses_rows_of_another_shape(data):
                      spec=DIGITS, config=LOCAL, seed=0)
     with pytest.raises(FederatedError, match="mu must be"):
         LocalConfig(mu=-1)
+
+
+def test_update_bytes_round_trip_and_refuse_other_payloads():
+    from pipelines.federated import update_bytes, update_from_bytes
+
+    vector = np.linspace(-1, 1, 50).astype(np.float32)
+    assert np.array_equal(update_from_bytes(update_bytes(vector), 50), vector)
+    masked = np.arange(5, dtype=np.uint64) * np.uint64(2**61)
+    assert np.array_equal(update_from_bytes(update_bytes(masked), 5), masked)
+    with pytest.raises(FederatedError, match="the model has 49"):
+        update_from_bytes(update_bytes(vector), 49)
+    with pytest.raises(FederatedError, match="no update header"):
+        update_from_bytes(b"PAR1" + vector.tobytes(), 50)
+    with pytest.raises(FederatedError, match="not finite"):
+        update_from_bytes(update_bytes(np.full(3, np.inf, np.float32)), 3)
+    with pytest.raises(FederatedError, match="float32 or uint64"):
+        update_bytes(vector.astype(np.float64))
