@@ -109,6 +109,9 @@ def check_round_plan(rule: str, n: int, *, secure: bool, privacy: UpdatePrivacy 
     if (secure or privacy is not None) and rule not in SUM_RULES:
         what = "secure aggregation reveals only the sum" if secure else "DP-FedAvg's accountant covers the mean"
         raise FederatedError(f"rule {rule!r} needs each update in the clear; {what}: use fedavg or fedprox")
+    if privacy is not None and privacy.noise == "distributed" and not secure:
+        raise FederatedError("distributed noise is enough only in the sum: it needs secure aggregation "
+                             "(or use central noise)")
     if n < 1:
         raise FederatedError("no participants")
     if secure and n < 3:
@@ -236,7 +239,7 @@ def _aggregate(rule: str, updates: dict[str, np.ndarray], weights: dict[str, flo
     if secure:
         # Weighted sums travel as n_k * delta_k with n_k appended: the coordinator learns the total only.
         payloads = {name: np.append(updates[name].astype(np.float64) * weights[name], weights[name]) for name in names}
-        stragglers = [s for s in record.stragglers]
+        stragglers = list(record.stragglers)
         # Stragglers had shared their keys before training: they are dropouts the survivors' shares recover.
         payloads.update({name: np.zeros(len(payloads[names[0]])) for name in stragglers})
         total, sent = secure_sum(payloads, round_id=round_id, dropped_after_sharing=stragglers, threshold=threshold)

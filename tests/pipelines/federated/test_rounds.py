@@ -10,6 +10,7 @@ from pipelines.federated import (
     LocalConfig,
     Participant,
     StateLayout,
+    UpdatePrivacy,
     apply_update,
     local_update,
     run_rounds,
@@ -121,6 +122,7 @@ def test_rounds_stop_when_the_metric_settles(data):
     ("fedavg", 2, {"secure": True}, "at least 3 participants"),
     ("fedavg", 3, {"local": LocalConfig(mu=0.1)}, "FedProx's local step"),
     ("mean", 3, {}, "unknown aggregation rule"),
+    ("fedavg", 3, {"privacy": UpdatePrivacy(1.0, 1.0, noise="distributed")}, "needs secure aggregation"),
 ])
 def test_a_plan_that_cannot_run_is_refused_before_the_first_round(data, rule, n, kwargs, message):
     with pytest.raises(FederatedError, match=message):
@@ -133,3 +135,13 @@ def test_too_few_units_left_for_a_robust_rule_skip_the_round_and_keep_the_model(
     result = _run(data, units, "krum", rounds=1, deadline_s=600.0, f=1)
     assert "at least 5 participants" in result.history[0].skipped
     assert all(torch.equal(result.state[k], data.initial[k]) for k in data.initial)
+
+
+def test_fedavg_weighs_units_by_the_rows_they_claim(data):
+    units = data.participants(3)
+    loud = [Participant("unit-0", units[0].x, units[0].y, claimed_samples=10**7), *units[1:]]
+    dominated = _run(data, loud, rounds=1).state
+    alone = _run(data, units[:1], rounds=1).state  # unit-0's own update (its seed does not depend on the others)
+    honest = _run(data, units, rounds=1).state
+    assert np.allclose(_vector(dominated), _vector(alone), atol=1e-4)
+    assert not np.allclose(_vector(honest), _vector(alone), atol=1e-2)
