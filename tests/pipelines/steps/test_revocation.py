@@ -61,6 +61,10 @@ def _answer(ctx: StepContext, *, user: str, gate: str, option: str = "Approve", 
 
 @pytest.fixture(scope="module")
 def world(home: Path) -> dict:
+    return build_world(home)
+
+
+def build_world(home: Path) -> dict:
     """The origin's shared data at the supplier, the supplier's M3 trained on it, M3 held by the origin."""
     origin = _ctx(home, "origin", run_id="release-shared", dag_id="stage_2_sovereign_data_release")
     sanitized = run_step("sanitize_dataset", origin, dataset="shared", purpose="collaboration")
@@ -318,3 +322,38 @@ def test_owner_revokes_trainer_approves_retrains_and_partner_stops_serving(home,
     actions = {e["action"] for e in audit.entries(supplier_paths) if e["object"] == received["revocation_id"]}
     assert {"revocation.received", "revocation.approved", "model.revoked", "revocation.retrained",
             "revocation.notice_sent"} <= actions
+
+
+# ---------------------------------------------------------------------------- through Airflow
+
+
+@pytest.mark.slow
+def test_factory_contribution_revoke_through_airflow(tmp_path):
+    """`factory contribution revoke --embedded --approve` in its own process and workspace: the origin's
+    request DAG, the supplier's DAG (its officer's gate answered through Airflow's API), the origin's
+    notice DAG; the supplier holds a new M3, the old one is revoked there and at the origin."""
+    import os
+    import subprocess
+    import sys
+
+    from pipelines.init import init_workspace
+
+    home = tmp_path / "home"
+    init_workspace(home)
+    world = build_world(home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")} | {"FACTORY_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "contribution", "revoke", "--owner", "origin",
+                           "--dataset", "shared", "--embedded", "--approve"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert ("ran contribution_revocation_request_origin, contribution_revocation, "
+            "contribution_revocation_notice_origin") in done.stdout
+    supplier, origin = SitePaths.of("supplier", home), SitePaths.of("origin", home)
+    new = registry.resolve_model(supplier, "M3")
+    assert new.uri != world["m3"] and registry.resolve_model(supplier, world["m3"]).revoked["replaced_by"] == new.uri
+    held = registry.resolve_model(origin, world["origin_m3"])
+    assert held.revoked["owner"] == "origin" and held.revoked["replaced_by"] == new.uri
+    with pytest.raises(ServingError, match="revoked"):
+        create_app(origin, held, auth=False)
+    approved = [e for e in audit.entries(supplier) if e["action"] == "revocation.approved"]
+    assert [e["actor"] for e in approved] == ["supplier_officer"]
