@@ -298,7 +298,7 @@ def train_model(
         **({"restrictions": restrictions} if restrictions else {}),  # unrestricted runs keep their earlier keys
         **({"watermark": {"key_id": mark_key.key_id, "marks": marks, "size": mark_conf["trigger_set_size"],
                           "repeats": mark_conf["repeats"]}} if marks else {}),  # unmarked runs keep theirs too
-        **({"slices": [[sorted(v.md5 for v in versions if v.id in s.datasets), s.epochs] for s in plan]}
+        **({"slices": [[sorted(v.md5 for v in versions if v.id in s.datasets), s.epochs, sorted(s.repeat)] for s in plan]}
            if plan else {}),  # unsliced runs keep theirs too
     }
     run_key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:16]

@@ -126,8 +126,9 @@ def _retrain(ctx: StepContext, ref, dataset_id: str, *, clean_base: str | None,
                 plan = without(plan, dataset)
         except SliceError as exc:
             raise StepError(f"{ref.uri}: {exc}") from None
-    recipient = training.get("recipient") or next(
-        (m for m in (meta.get("watermark") or {}).get("marks", []) if m != ctx.site), None)
+    recipient = training.get("recipient") or next(  # models trained before the recipient was recorded
+        (m.split(":", 1)[1] for m in (meta.get("watermark") or {}).get("marks", []) if m.startswith("recipient:")),
+        None)
     training_started = time.monotonic()
     trained = steps.train_model(
         ctx, stage=stage, profile=training["profile"], datasets=remaining, base_model=base_ref,

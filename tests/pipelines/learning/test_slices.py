@@ -42,16 +42,18 @@ def _same(left, right) -> bool:
 
 
 def test_plan_gives_the_own_slice_most_epochs_and_each_contribution_a_cumulative_slice():
-    assert plan_slices(["own", "a"], own=1, epochs=8, own_share=0.625) == [Slice(("own",), 5), Slice(("own", "a"), 3)]
-    assert [s.epochs for s in plan_slices(["o1", "o2", "a", "b", "c"], own=2, epochs=8, own_share=0.625)] == [5, 1, 1, 1]
+    assert plan_slices(["own", "a"], own=1, epochs=8, own_share=0.625) == [
+        Slice(("own",), 5), Slice(("own", "a"), 3, (("a", 3),))]  # a: 3 passes, entered 3 times: 9 as unsliced's 8
+    five = plan_slices(["o1", "o2", "a", "b", "c"], own=2, epochs=8, own_share=0.625)
+    assert [s.epochs for s in five] == [5, 3, 3, 3] and five[-1].repeat == (("c", 3),)
     assert plan_slices(["own"], own=1, epochs=8, own_share=0.625) == [Slice(("own",), 8)]
-    assert [s.epochs for s in plan_slices(["o", "a", "b"], own=1, epochs=20, own_share=0.625)] == [13, 3, 4]
+    assert [s.epochs for s in plan_slices(["o", "a", "b"], own=1, epochs=20, own_share=0.625)] == [13, 7, 7]
     assert all(s.epochs >= 1 for s in plan_slices(["o", "a", "b", "c"], own=1, epochs=2, own_share=0.5))
 
 
 def test_withdrawal_leaves_earlier_slices_unchanged():
     plan = plan_slices(["own", "a", "b"], own=1, epochs=8, own_share=0.625)
-    assert without(plan, "a") == [Slice(("own",), 5), Slice(("own",), 1), Slice(("own", "b"), 2)]
+    assert without(plan, "a") == [Slice(("own",), 5), Slice(("own",), 3), Slice(("own", "b"), 3, (("b", 3),))]
     assert without([Slice(("a",), 5), Slice(("a", "b"), 3)], "a") == [Slice(("b",), 8)]
     with pytest.raises(SliceError, match="no slice trains on"):
         without(plan, "elsewhere")
