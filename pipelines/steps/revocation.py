@@ -275,7 +275,8 @@ def _lineage(ref: registry.ModelRef) -> list[dict[str, Any]]:
 
 
 def affected_models(ctx: StepContext, datasets: list[str], owner: str) -> list[dict[str, Any]]:
-    """The versions this site trained whose lineage holds one of `datasets` of `owner`, by stage and version."""
+    """The unrevoked versions this site trained whose lineage holds one of `datasets` of `owner`, by stage
+    and version. (A version revoked earlier has its replacement, which is affected in its place.)"""
     wanted = set(datasets)
     found = []
     for ref in registry.list_models(ctx.paths):
@@ -285,6 +286,8 @@ def affected_models(ctx: StepContext, datasets: list[str], owner: str) -> list[d
             continue
         if meta.get("site") != ctx.site:
             continue  # a model received from a partner is its trainer's to withdraw
+        if registry.revocation_of(ctx.paths, ref) is not None:
+            continue  # out of service already; retraining it would bring back what its revocation withdrew
         hits = sorted({e["dataset_id"] for e in _lineage(ref) if e["dataset_id"] in wanted and e.get("owner") == owner})
         if hits:
             found.append({"model": ref.uri, "name": ref.name, "version": ref.version, "stage": meta.get("stage"),
