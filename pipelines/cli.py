@@ -32,6 +32,7 @@ COMMANDS = {
     "drift": "pipelines.serving.cli:drift",
     "watermark": "pipelines.protection.cli:watermark",
     "contribution": "pipelines.service.contribution:contribution",
+    "privacy": "pipelines.protection.membership_cli:privacy",
 }
 
 

@@ -104,15 +104,15 @@ def released_members(paths, metadata: dict[str, Any]) -> list[str]:
     return found
 
 
-def _rows(paths, refs: list[str], spec, labels: list[int] | None, *, gated: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features, labels and record ids of the datasets `refs` (each record once)."""
+def _rows(paths, refs: list[str], spec, labels: list[int] | None, *, gated: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Features, labels and record ids of the datasets `refs` (each record once), and the versions' ids."""
     import pandas as pd
 
     from pipelines.data.catalog import load_dataset
     from pipelines.data.spec import spec_of
     from pipelines.learning import families
 
-    frames = []
+    frames, ids = [], []
     for ref in refs:
         # non-members are read as the test set they are (data_access gate, purpose evaluation); members
         # are the owner's own released records, read here and scored here only
@@ -122,10 +122,11 @@ def _rows(paths, refs: list[str], spec, labels: list[int] | None, *, gated: bool
         if problem:
             raise ValueError(problem)
         frames.append(frame)
+        ids.append(version.id)
     frame = pd.concat(frames, ignore_index=True).drop_duplicates(subset=[spec.id_column])
     if labels is not None:
         frame = frame[frame[spec.label_column].isin(labels)]
-    return spec.features(frame), spec.labels(frame), frame[spec.id_column].astype(str).to_numpy()
+    return spec.features(frame), spec.labels(frame), frame[spec.id_column].astype(str).to_numpy(), ids
 
 
 def audit_model(paths, model_dir: Path, members: list[str], non_members: list[str], *,
@@ -144,8 +145,8 @@ def audit_model(paths, model_dir: Path, members: list[str], non_members: list[st
     digest = model_digest(model_dir)
     meta = json.loads((model_dir / "metadata.json").read_text())
     spec = families.metadata_spec(meta)
-    xm, ym, ids_m = _rows(paths, members, spec, labels, gated=False)
-    xn, yn, ids_n = _rows(paths, non_members, spec, labels, gated=True)
+    xm, ym, ids_m, member_versions = _rows(paths, members, spec, labels, gated=False)
+    xn, yn, ids_n, non_member_versions = _rows(paths, non_members, spec, labels, gated=True)
     fresh = ~np.isin(ids_n, ids_m)
     xn, yn = xn[fresh], yn[fresh]
     n = min(len(ym), len(yn), int(samples))
@@ -156,8 +157,8 @@ def audit_model(paths, model_dir: Path, members: list[str], non_members: list[st
     pick_n = np.sort(rng.choice(len(yn), size=n, replace=False))
     model = load_model(model_dir)
     figures = audit_logits((model_logits(model, xm[pick_m]), ym[pick_m]), (model_logits(model, xn[pick_n]), yn[pick_n]))
-    return {"audited": True, **figures, "model_digest": digest, "member_datasets": list(members),
-            "non_member_datasets": list(non_members), "samples": int(samples), "seed": int(seed),
+    return {"audited": True, **figures, "model_digest": digest, "member_datasets": member_versions,
+            "non_member_datasets": non_member_versions, "samples": int(samples), "seed": int(seed),
             **({"labels": sorted(labels)} if labels is not None else {})}
 
 
@@ -201,9 +202,10 @@ def summary(result: dict[str, Any] | None) -> str:
             f"({', '.join(result['non_member_datasets'])})")
 
 
-def record_audit(ctx, ref, result: dict[str, Any]) -> None:
+def record_audit(ctx, ref, result: dict[str, Any], *, actor: str | None = None) -> None:
     """The audit as `factory.membership.*` tags of the registered version `ref` (a registry.ModelRef)
-    and an audit log entry (`model.membership_audit`) at this site; figures only, never records."""
+    and an audit log entry (`model.membership_audit`, by `actor`, default the site's service) at this
+    site (`ctx`: anything with `paths` and `site`); figures only, never records."""
     from pipelines.learning import registry
     from pipelines.trust import audit
 
@@ -220,7 +222,7 @@ def record_audit(ctx, ref, result: dict[str, Any]) -> None:
             client.set_model_version_tag(ref.name, ref.version, TAG_PREFIX + key, value)
     except Exception as error:  # the audit stands (audit log, review record); only its MLflow copy is missing
         print(f"membership audit not tagged on {ref.uri}: {error}")
-    audit.append(ctx.paths, action=AUDIT_ACTION, actor=f"svc-{ctx.site}", object=ref.uri,
+    audit.append(ctx.paths, action=AUDIT_ACTION, actor=actor or f"svc-{ctx.site}", object=ref.uri,
                  outcome="success" if result.get("audited") else "not_audited",
                  details={k: v for k, v in result.items() if k != "audited"})
 

@@ -325,8 +325,10 @@ def _membership_check(ctx: StepContext, result: dict[str, Any]) -> dict[str, Any
     limits = membership_limits(ctx.site)
     over = [f"{key} > {limit}" for key, limit in limits.items()
             if not isinstance(result.get(key), (int, float)) or result[key] > limit]
-    detail = membership_summary(result) + (f"; limits {', '.join(f'{k} {v}' for k, v in limits.items())}"
-                                           if limits else "") + (f"; over: {', '.join(over)}" if over else "")
+    shown = (f"AUC {result['auc']:.3f}, TPR@1%FPR {result['tpr_at_1pct_fpr']:.3f} ({result['members']} members, "
+             f"{result['non_members']} non-members)" if result.get("audited") else membership_summary(result))
+    detail = shown + (f"; limits {', '.join(f'{k} {v}' for k, v in limits.items())}" if limits else "") + (
+        f"; over: {', '.join(over)}" if over else "")
     return {"passed": bool(result.get("audited")) and not over, "required": bool(limits), "detail": detail[:400]}
 
 
