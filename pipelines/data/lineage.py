@@ -106,6 +106,9 @@ def render_text(title: str, entries: list[dict[str, Any]], base_model: dict | No
         ]
         if e.get("status") == "quarantined":
             marks.append("QUARANTINED")
+        if "dp" in e:  # a model's lineage: the privacy spent on this source along the model's chain
+            dp = e["dp"]
+            marks.append(f"DP epsilon {dp['epsilon']:.2f}, delta {dp['delta']:g}" if dp else "trained without DP")
         return f"{e['dataset_id']} [{e.get('kind', '?')}, owner {e.get('owner')}] " + "; ".join(marks)
 
     def show(e: dict, depth: int, seen: set) -> None:

@@ -466,6 +466,7 @@ def _model_card(meta: dict[str, Any], intended_use: str) -> dict[str, Any]:
         "limitations": f"{families.describe(spec)} inputs as in its training data; evaluated only on the test "
                        "sets listed in metrics.",
         **({"restrictions": meta["restrictions"]} if meta.get("restrictions") else {}),
+        **({"privacy": meta["privacy"]} if meta.get("privacy") else {}),  # DP-SGD: the (epsilon, delta) spent
         **_robustness_card(meta.get("robustness")),
     }
 
