@@ -191,8 +191,10 @@ def request_revocation(ctx: StepContext, *, dataset: str) -> dict[str, Any]:
     from pipelines.trust.keys import iso, now
 
     requester = _requester(ctx)
+    if not isinstance(dataset, str) or not dataset.strip():
+        raise StepError("name the dataset to withdraw (param `dataset`: site/name@md5, name@md5 or a name)")
     try:
-        version = catalog.get(ctx.paths, str(dataset))
+        version = catalog.get(ctx.paths, dataset.strip())
     except catalog.CatalogError as error:
         _audit(ctx, "revocation.refused", str(dataset)[:100], "unknown_dataset", actor=requester, reason=str(error))
         raise StepError(f"{ctx.site} cannot withdraw {str(dataset)[:100]!r}: {error}") from None

@@ -22,7 +22,7 @@ GATE_BODY = (
 
 def request_params() -> dict[str, Param]:
     """`dataset`: the owner's dataset to withdraw (`site/name@md5`, `name@md5` or the latest of `name`)."""
-    return {"dataset": Param(type="string", minLength=1, maxLength=200,
+    return {"dataset": Param("", type="string", maxLength=200,  # empty: the step refuses it, naming the param
                              description="the dataset to withdraw: site/name@md5, name@md5 or name (its latest version)")}
 
 

@@ -161,6 +161,11 @@ def test_only_the_owner_may_ask_and_unreleased_data_is_a_noop(home, world):
         run_step("request_revocation", supplier, dataset="origin-shared")
     assert _actions(supplier.paths, "revocation.refused")[-1]["outcome"] == "not_owner"
     origin = _ctx(home, "origin", run_id="withdraw-private")
+    with pytest.raises(StepError, match="name the dataset"):
+        run_step("request_revocation", origin, dataset=" ")
+    with pytest.raises(StepError, match="origin cannot withdraw 'no-such-data'"):
+        run_step("request_revocation", origin, dataset="no-such-data")
+    assert _actions(origin.paths, "revocation.refused")[-1]["outcome"] == "unknown_dataset"
     result = run_step("request_revocation", origin, dataset="private")
     assert result["noop"] and result["sent"] == [] and "never released" in result["message"]
 
