@@ -5,7 +5,9 @@ metrics each site recorded on its own registered versions; a cell stays empty
 where that site may not hold the model. Robust accuracy (FGSM/PGD at the budgets of
 conf/protection.yaml, `pipelines.protection.robustness`) is the figure the training site
 measured on its own test set (metadata.json `robustness`), and per receiving site the figure it
-measured on its own before adopting the model (version tags `factory.robustness.*`).
+measured on its own before adopting the model (version tags `factory.robustness.*`). A data
+owner's membership-inference audit of a model holding its records (AUC, TPR at 1 % FPR, advantage;
+`pipelines.protection.membership`) comes from the owner's version tags `factory.membership.*`.
 """
 
 from __future__ import annotations
@@ -71,6 +73,17 @@ def _robustness_at(paths: SitePaths, model: str, *, trained_here: bool) -> dict[
             if f"factory.{mlflow_name(key)}" in ref.tags}
 
 
+def _membership_at(paths: SitePaths, model: str) -> dict[str, float]:
+    """The site's membership-inference audit of the latest `model` it holds, as a data owner
+    (version tags `factory.membership.*`, pipelines.protection.membership); {} when it audited none."""
+    from pipelines.protection.membership import TAG_PREFIX
+
+    if (ref := _held(paths, model)) is None or ref.tags.get(f"{TAG_PREFIX}audited") != "true":
+        return {}
+    return {key: float(ref.tags[f"{TAG_PREFIX}{key}"]) for key in ("auc", "tpr_at_1pct_fpr", "advantage", "members")
+            if f"{TAG_PREFIX}{key}" in ref.tags}
+
+
 def build_report(home: Path | None = None) -> dict[str, Any]:
     home = home or factory_home()
     SitePaths.of("supplier", home).require()
@@ -85,8 +98,11 @@ def build_report(home: Path | None = None) -> dict[str, Any]:
             robustness = {holder: figures for holder in SITES
                           if (figures := _robustness_at(SitePaths.of(holder, home), stage.model,
                                                         trained_here=holder == stage.site))}
+            membership = {holder: figures for holder in SITES
+                          if (figures := _membership_at(SitePaths.of(holder, home), stage.model))}
             stages.append({"stage": stage.stage, "model": stage.model, "site": stage.site, "metrics": metrics,
-                           **({"robustness": robustness} if robustness else {})})
+                           **({"robustness": robustness} if robustness else {}),
+                           **({"membership": membership} if membership else {})})
     return {"stages": stages}
 
 
@@ -159,11 +175,29 @@ def render_robustness(report: dict[str, Any]) -> Table | None:
     return table
 
 
+def render_membership(report: dict[str, Any]) -> Table | None:
+    """Membership-inference audits per stage model and the data owner that ran it on its own records
+    (None when none was run)."""
+    rows = [(row, site, figures) for row in report["stages"] for site, figures in row.get("membership", {}).items()]
+    if not rows:
+        return None
+    table = Table(title="Membership-inference audits by data owners (loss-threshold attack, own records)")
+    for column in ("stage", "model", "audited at", "AUC", "TPR at 1% FPR", "advantage", "members"):
+        table.add_column(column, justify="left" if column in ("stage", "model", "audited at") else "right")
+    for row, site, figures in rows:
+        table.add_row(str(row["stage"]), row["model"], site,
+                      *[f"{figures[k]:.3f}" if k in figures else "" for k in ("auc", "tpr_at_1pct_fpr", "advantage")],
+                      f"{figures['members']:.0f}" if "members" in figures else "")
+    return table
+
+
 def print_summary(home: Path) -> None:
     report = build_report(home)
     Console().print(render_table(report))
     if (robustness := render_robustness(report)) is not None:
         Console().print(robustness)
+    if (membership := render_membership(report)) is not None:
+        Console().print(membership)
 
 
 @click.command("report")

@@ -202,26 +202,28 @@ def summary(result: dict[str, Any] | None) -> str:
             f"({', '.join(result['non_member_datasets'])})")
 
 
-def record_audit(ctx, ref, result: dict[str, Any], *, actor: str | None = None) -> None:
-    """The audit as `factory.membership.*` tags of the registered version `ref` (a registry.ModelRef)
+def record_audit(ctx, ref, result: dict[str, Any], *, actor: str | None = None, tags: bool = True) -> None:
+    """The audit as `factory.membership.*` tags of the registered version `ref` (a registry.ModelRef;
+    unless `tags` is False: an audit on datasets of someone's choosing leaves the standard one's tags)
     and an audit log entry (`model.membership_audit`, by `actor`, default the site's service) at this
     site (`ctx`: anything with `paths` and `site`); figures only, never records."""
     from pipelines.learning import registry
     from pipelines.trust import audit
 
-    tags = {"audited": str(bool(result.get("audited"))).lower(), "model_digest": str(result.get("model_digest"))}
+    values = {"audited": str(bool(result.get("audited"))).lower(), "model_digest": str(result.get("model_digest"))}
     if result.get("audited"):
-        tags |= {k: str(result[k]) for k in (*FIGURES, "members", "non_members", "attack")}
-        tags["member_datasets"] = ",".join(result["member_datasets"])
-        tags["non_member_datasets"] = ",".join(result["non_member_datasets"])
+        values |= {k: str(result[k]) for k in (*FIGURES, "members", "non_members", "attack")}
+        values["member_datasets"] = ",".join(result["member_datasets"])
+        values["non_member_datasets"] = ",".join(result["non_member_datasets"])
     else:
-        tags["reason"] = str(result.get("reason"))[:250]
-    try:
-        client = registry.client(ctx.paths)
-        for key, value in tags.items():
-            client.set_model_version_tag(ref.name, ref.version, TAG_PREFIX + key, value)
-    except Exception as error:  # the audit stands (audit log, review record); only its MLflow copy is missing
-        print(f"membership audit not tagged on {ref.uri}: {error}")
+        values["reason"] = str(result.get("reason"))[:250]
+    if tags:
+        try:
+            client = registry.client(ctx.paths)
+            for key, value in values.items():
+                client.set_model_version_tag(ref.name, ref.version, TAG_PREFIX + key, value)
+        except Exception as error:  # the audit stands (audit log, review record); only its MLflow copy is missing
+            print(f"membership audit not tagged on {ref.uri}: {error}")
     audit.append(ctx.paths, action=AUDIT_ACTION, actor=actor or f"svc-{ctx.site}", object=ref.uri,
                  outcome="success" if result.get("audited") else "not_audited",
                  details={k: v for k, v in result.items() if k != "audited"})

@@ -3,7 +3,8 @@
 The same audit the intake and the export review run (pipelines.protection.membership.owner_audit):
 members are the rows this site released that the model's lineage reaches, non-members this site's
 test set; `--members` / `--non-members` name other dataset versions of this site's catalog. Only the
-figures are printed and recorded (registry tags of the version, `model.membership_audit` in the audit log).
+figures are printed and recorded (`model.membership_audit` in the audit log; the version's registry tags
+for the standard audit only).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ def audit_command(site: str, model: str, members: tuple[str, ...], non_members: 
     no audit could be made (the reason is printed)."""
     from pipelines.config import load_config
     from pipelines.learning import registry
-    from pipelines.learning.artifacts import model_digest
     from pipelines.protection import membership
     from pipelines.workspace import SitePaths, WorkspaceError
 
@@ -50,20 +50,22 @@ def audit_command(site: str, model: str, members: tuple[str, ...], non_members: 
         test_sets = load_config().stages.inputs.received_test_sets(site)
     except KeyError:
         test_sets = {}
-    if members or non_members or samples is not None or seed is not None:
+    custom = bool(members or non_members or samples is not None or seed is not None)
+    if custom:
         meta = ref.metadata
         chosen_members = list(members) or membership.released_members(paths, meta)
         chosen_non = list(non_members) or list(test_sets.values())[:1]
         options = {k: v for k, v in (("samples", samples), ("seed", seed)) if v is not None}
         try:
             result = membership.audit_model(paths, ref.model_dir, chosen_members, chosen_non, **options)
-        except Exception as exc:  # noqa: BLE001 - a bad dataset reference or unusable data is a result
-            result = {"audited": False, "model_digest": model_digest(ref.model_dir), "reason": str(exc)[:300]}
+        except Exception as exc:  # noqa: BLE001 - bad input: nothing is recorded (an earlier audit's tags stay)
+            raise click.ClickException(f"no audit of {ref.uri} with members {', '.join(chosen_members) or 'none'} "
+                                       f"and non-members {', '.join(chosen_non) or 'none'}: {str(exc)[:300]}") from None
     else:
         result = membership.owner_audit(paths, ref.model_dir, test_sets)
     actor = os.environ.get("FACTORY_ACTOR") or f"svc-{site}"
     if not result.get("no_members"):
-        membership.record_audit(SimpleNamespace(paths=paths, site=site), ref, result, actor=actor)
+        membership.record_audit(SimpleNamespace(paths=paths, site=site), ref, result, actor=actor, tags=not custom)
     result = {"model": ref.uri, "site": site, **result}
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))

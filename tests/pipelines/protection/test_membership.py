@@ -306,3 +306,14 @@ def test_privacy_audit_command_runs_the_audit_by_hand(home, m5, monkeypatch):
     assert missing.exit_code == 1 and "nope" in missing.output
     supplier_side = runner.invoke(main, ["privacy", "audit", "--site", "supplier", "--model", "M1"])
     assert supplier_side.exit_code != 0
+
+
+def test_report_shows_the_owners_audit_beside_the_model(home, m5, monkeypatch):
+    from pipelines.report import build_report, render_membership
+
+    report = build_report(home)
+    (row,) = [r for r in report["stages"] if r["model"] == "M5"]
+    assert set(row["membership"]) == {"origin"}  # only the data owner audits; the destination holds none of its data
+    figures = row["membership"]["origin"]
+    assert 0.5 < figures["auc"] < 0.8 and figures["members"] == 100
+    assert render_membership(report).row_count == 1
