@@ -140,10 +140,6 @@ def from_records(records: Sequence[Mapping[str, Any]]) -> list[Slice]:
         raise SliceError(f"unreadable slice plan: {exc}") from None
 
 
-def first_slice_with(slices: Sequence[Slice], dataset: str) -> int | None:
-    return next((k for k, s in enumerate(slices) if dataset in s.datasets), None)
-
-
 def checkpoint_keys(slices: Sequence[Slice], material: Mapping[str, Any], digests: Mapping[str, str],
                     watermark: Any = None) -> list[str]:
     """Per slice, the key of its checkpoint: a digest of `material` (base model, architecture,

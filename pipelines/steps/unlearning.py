@@ -31,6 +31,26 @@ def reaches(meta: dict[str, Any], dataset_id: str) -> bool:
     return any(entry.get("dataset_id") == dataset_id for entry in meta.get("lineage") or [])
 
 
+def models_reaching(ctx: StepContext, dataset_id: str) -> list[dict[str, Any]]:
+    """Every model version this site holds whose lineage reaches `dataset_id`, oldest first:
+    {"model": NAME/VERSION, "trained_here": bool (else received: its trainer makes the new version),
+    "replaced_by": NAME/VERSION of its version without the dataset, or None}."""
+    refs = registry.list_models(ctx.paths)
+    replaced = {}
+    for ref in refs:
+        if UNLEARNED_TAG in ref.tags:
+            record = json.loads(ref.tags[UNLEARNED_TAG])
+            if record.get("dataset") == dataset_id:
+                replaced[record["replaced"]] = ref.uri
+    out = []
+    for ref in sorted(refs, key=lambda r: (r.name, int(r.version))):
+        meta = ref.metadata
+        if reaches(meta, dataset_id):
+            out.append({"model": ref.uri, "trained_here": meta.get("site") == ctx.site,
+                        "replaced_by": replaced.get(ref.uri)})
+    return out
+
+
 def _withdrawn_inputs(ctx: StepContext, meta: dict[str, Any], dataset_id: str) -> list[str]:
     """The model's training datasets whose lineage reaches `dataset_id` (itself or an ancestor)."""
     from pipelines.data.lineage import lineage_entries

@@ -12,7 +12,7 @@ import pytest
 
 from pipelines.learning import registry
 from pipelines.steps import StepContext, run_step
-from pipelines.steps.unlearning import UNLEARNED_TAG, reaches, retrain_without
+from pipelines.steps.unlearning import UNLEARNED_TAG, models_reaching, reaches, retrain_without
 from pipelines.workspace import SitePaths
 
 
@@ -115,6 +115,10 @@ def test_withdrawal_runs_once(home, trained, withdrawn):
     again = retrain_without(ctx, model=trained["m3"]["uri"], dataset_id=_origin_source(home))
     assert again["model"] == withdrawn["model"] and again["already_done"]
     assert len(registry.list_models(ctx.paths)) == before
+    found = {row["model"]: row for row in models_reaching(ctx, _origin_source(home))}
+    assert found[trained["m3"]["uri"]] == {"model": trained["m3"]["uri"], "trained_here": True,
+                                           "replaced_by": withdrawn["model"]}
+    assert withdrawn["model"] not in found and trained["m1"]["uri"] not in found
 
 
 def test_a_model_whose_lineage_lacks_the_dataset_is_left_alone(home, trained, withdrawn):
