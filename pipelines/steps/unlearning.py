@@ -157,9 +157,13 @@ def _retrain(ctx: StepContext, ref, dataset_id: str, *, clean_base: str | None,
         restrictions=meta.get("restrictions"), recipient=recipient,
         slices=[s.to_dict() for s in plan] if plan else None)
     train_seconds = time.monotonic() - training_started
+    resumed = trained.get("resumed_from_slice")
     unlearned = {"replaced": ref.uri, "dataset": dataset_id, "withdrawn_inputs": withdrawn,
-                 "base_model": base_ref}
-    if not trained.get("registered"):  # before the signature: the record travels signed with the model
+                 "base_model": base_ref, "resumed_from_slice": resumed, "full_retrain": resumed is None}
+    if trained.get("registered"):  # made before (a second run): how it was made is in its metadata
+        unlearned = steps._metadata(Path(trained["staging"])).get("unlearned") or unlearned
+        resumed = unlearned.get("resumed_from_slice")
+    else:  # before the signature: the record travels signed with the model
         steps._update_metadata(Path(trained["staging"]), unlearned=unlearned)
     inputs = _stage_inputs(stage)
     evaluated = steps.evaluate_model(ctx, trained=trained, test_sets=dict(inputs.test_sets))
@@ -168,15 +172,12 @@ def _retrain(ctx: StepContext, ref, dataset_id: str, *, clean_base: str | None,
     new = f"{registered['name']}/{registered['version']}"
     registry.client(ctx.paths).set_model_version_tag(registered["name"], registered["version"], UNLEARNED_TAG,
                                                     json.dumps(unlearned, sort_keys=True))
-    resumed = trained.get("resumed_from_slice")
     result = {"replaced": ref.uri, "model": new, "dataset": dataset_id, "resumed_from_slice": resumed,
               "seconds": round(time.monotonic() - started, 3), "train_seconds": round(train_seconds, 3),
-              "full_retrain": resumed is None,
-              "already_done": bool(registered.get("skipped"))}
+              "full_retrain": resumed is None, "already_done": bool(registered.get("skipped"))}
     if not registered.get("skipped"):
         audit.append(ctx.paths, action="model.unlearned", actor=ctx.actor or f"svc-{ctx.site}", object=new,
-                     outcome="success", details={**unlearned, "resumed_from_slice": resumed,
-                                                 "full_retrain": resumed is None, "dag_run_id": ctx.run_id})
+                     outcome="success", details={**unlearned, "dag_run_id": ctx.run_id})
     print(f"{ref.uri} without {dataset_id}: {new} "
           + ("(trained in full)" if resumed is None else f"(slices from {resumed} trained again)"))
     chain.append(result)

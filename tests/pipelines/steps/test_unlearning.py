@@ -114,6 +114,7 @@ def test_withdrawal_runs_once(home, trained, withdrawn):
     before = len(registry.list_models(ctx.paths))
     again = retrain_without(ctx, model=trained["m3"]["uri"], dataset_id=_origin_source(home))
     assert again["model"] == withdrawn["model"] and again["already_done"]
+    assert again["resumed_from_slice"] == 1 and not again["full_retrain"]  # as the first run made it
     assert len(registry.list_models(ctx.paths)) == before
     found = {row["model"]: row for row in models_reaching(ctx, _origin_source(home))}
     assert found[trained["m3"]["uri"]] == {"model": trained["m3"]["uri"], "trained_here": True,
