@@ -80,8 +80,11 @@ def _fitting(version, model_spec: DataSpec, model: str) -> None:
         raise StepError(f"dataset {version.id} does not fit {model}: {problem}")
 
 
-def _envelope(x: np.ndarray, base: dict[str, Any] | None) -> dict[str, list[float]]:
-    """Per-feature min and max of the training rows (with the base model's, when fine-tuning)."""
+def _envelope(x: np.ndarray | None, base: dict[str, Any] | None) -> dict[str, list[float]] | None:
+    """Per-feature min and max of the training rows (with the base model's, when fine-tuning).
+    No rows (a DP run without rows of the trainer's own): the base's, else None."""
+    if x is None:
+        return dict(base) if base else None
     low, high = x.min(axis=0).astype(np.float64), x.max(axis=0).astype(np.float64)
     if base and len(base.get("min", ())) == len(low) and len(base.get("max", ())) == len(high):
         low = np.minimum(low, np.asarray(base["min"], dtype=np.float64))
@@ -310,9 +313,11 @@ def train_model(
 
     data = pd.concat(frames, ignore_index=True)
     x, y = _xy(data, spec, f"training data {', '.join(v.id for v in versions)}")
+    own_x = _own_rows(ctx, frames, versions, spec, training_profile)
+    seen_x = x if training_profile.privacy is None else own_x  # with DP, records of the data: own rows only
     mark_record, mark_rows = None, None
     if marks:
-        scale = wm.trigger_scale(family, _envelope(x, None), spec.n_features,
+        scale = wm.trigger_scale(family, _envelope(seen_x, None), spec.n_features,
                                  inherited=((base.metadata.get("watermark") or {}).get("scale") if base else None))
         mark_rows = wm.embedding_rows(mark_key, marks, n_features=spec.n_features, n_classes=spec.n_classes,
                                       scale=scale, conf=mark_conf)
@@ -344,7 +349,7 @@ def train_model(
                 result = train(x, y, training_profile, seed=conf.seed, architecture=architecture, spec=spec,
                                mode="fine_tune" if base else "centralized",
                                base_state=load_weights(base.model_dir) if base else None, on_epoch=on_epoch,
-                               watermark=mark_rows, public_rows=_own_rows(ctx, frames, versions, spec, training_profile))
+                               watermark=mark_rows, public_rows=own_x)
             else:
                 from pipelines.learning.slices import checkpoint_dir, train_sliced
 
@@ -372,7 +377,7 @@ def train_model(
         write_json(staging / "metadata.json", {
             "name": name, "stage": stage, "variant": variant, "site": ctx.site, "run_key": run_key,
             "family": family, "architecture": architecture, "spec": spec.to_dict(),
-            "input_envelope": _envelope(x, base_meta.get("input_envelope") if base else None),
+            "input_envelope": _envelope(seen_x, base_meta.get("input_envelope") if base else None),
             "datasets": [{"id": v.id, "md5": v.md5, "owner": v.owner} for v in versions],
             "base_model": {"name": base.name, "version": base.version, "digest": base_digest} if base else None,
             "lineage": lineage, "metrics": {}, "training": {"profile": profile, "records": len(data), "subset": subset,

@@ -1,6 +1,6 @@
 """DP-SGD through the training steps at the supplier, on its own digits and a dataset the origin
 owns: metadata.json `privacy`, each lineage source's spend, MLflow, the standardisation fitted on
-the supplier's rows only, and a private fine-tune that adds its spend to the base's. Real MLflow,
+the supplier's rows only (standardisation, input envelope), and a private fine-tune that adds its spend to the base's. Real MLflow,
 DVC, signing and ONNX; no Airflow."""
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ def test_a_private_new_model_standardises_with_the_trainers_own_rows(home, priva
     assert np.allclose(model.input_mean.numpy(), own.mean(axis=0), atol=1e-5)
     mixed = np.concatenate([own, partner]).mean(axis=0)
     assert not np.allclose(model.input_mean.numpy(), mixed, atol=1e-3)
+    envelope = json.loads((Path(private_m3["staging"]) / "metadata.json").read_text())["input_envelope"]
+    assert np.allclose(envelope["max"], own.max(axis=0))  # the partner's extremes are not recorded
+    assert not np.allclose(envelope["max"], np.concatenate([own, partner]).max(axis=0))
 
 
 def test_a_plain_run_records_no_bound_and_no_privacy(home):
