@@ -193,6 +193,12 @@ def _review(home: Path, m5: dict, run_id: str) -> dict:
     return run_step("receive_review", origin, kind="m5-review", test_sets={"origin_test": "test"})
 
 
+@pytest.fixture(scope="module")
+def reviewed(home: Path, m5: dict) -> dict:
+    """The origin's review of M5 (the first: its audit is the origin's first)."""
+    return _review(home, m5, "a")
+
+
 def _approve_and_release(home: Path, review: dict, run_id: str) -> dict:
     origin = _ctx(home, "origin", run_id=f"review-{run_id}", dag_id="stage_5_export_review")
     answer = _answer(origin, user="origin_officer", role="compliance_officer")
@@ -212,11 +218,11 @@ def _member_ids(home: Path, m5: dict) -> set[str]:
     return set(frame[ID_COLUMN].astype(str))
 
 
-def test_the_origin_audits_m5_at_review_and_keeps_only_the_figures(home, m5):
+def test_the_origin_audits_m5_at_review_and_keeps_only_the_figures(home, m5, reviewed):
     from pipelines.learning import registry
     from pipelines.learning.artifacts import model_digest
 
-    review = _review(home, m5, "a")
+    review = reviewed
     origin = SitePaths.of("origin", home)
     result = review["membership"]
     assert result["audited"] and result["attack"] == "loss-threshold"
@@ -236,8 +242,9 @@ def test_the_origin_audits_m5_at_review_and_keeps_only_the_figures(home, m5):
     assert review["membership_summary"].startswith(f"loss-threshold attack AUC {result['auc']:.3f}")
     assert here.tags["factory.membership.auc"] == str(result["auc"])
     assert here.tags["factory.membership.member_datasets"] == m5["sanitized"]
-    (entry,) = [e for e in audit.entries(origin) if e["action"] == "model.membership_audit"]
-    assert entry["object"] == review["here"] and entry["details"]["auc"] == result["auc"]
+    (entry,) = [e for e in audit.entries(origin)
+                if e["action"] == "model.membership_audit" and e["object"] == review["here"]]
+    assert entry["details"]["auc"] == result["auc"] and entry["details"]["members"] == 100
     # no member record id anywhere the audit wrote: the review record, the log entry
     written = json.dumps(review) + json.dumps(entry) + (origin.state_dir / "export-reviews.json").read_text()
     assert not any(record_id in written for record_id in _member_ids(home, m5))
@@ -285,7 +292,7 @@ def test_the_origin_audits_a_model_holding_its_data_at_intake(home, m5):
     assert f"{received['name']}/{received['version']}" in objects
 
 
-def test_privacy_audit_command_runs_the_audit_by_hand(home, m5, monkeypatch):
+def test_privacy_audit_command_runs_the_audit_by_hand(home, m5, reviewed, monkeypatch):
     from pipelines.cli import main
 
     monkeypatch.setenv("FACTORY_HOME", str(home))
@@ -308,7 +315,7 @@ def test_privacy_audit_command_runs_the_audit_by_hand(home, m5, monkeypatch):
     assert supplier_side.exit_code != 0
 
 
-def test_report_shows_the_owners_audit_beside_the_model(home, m5, monkeypatch):
+def test_report_shows_the_owners_audit_beside_the_model(home, m5, reviewed):
     from pipelines.report import build_report, render_membership
 
     report = build_report(home)
