@@ -392,7 +392,7 @@ def release_checked_model(ctx: StepContext, ref: registry.ModelRef, *, recipient
                                              "package_id": header["package_id"], "approvals": document["approvals"],
                                              **({"end_use": end_use} if end_use is not None else {})})
     record = {"package": str(target), "package_id": header["package_id"], "model": ref.uri,
-              "recipient": recipient, "kind": kind}
+              "recipient": recipient, "kind": kind, "purpose": purpose}
     _remember(ctx, "sent", key, record)
     print(f"sealed {ref.uri} for {recipient}: {target.name}")
     return record

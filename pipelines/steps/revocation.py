@@ -19,7 +19,9 @@ signed document each (ECDSA of the sending site, `pipelines.approvals` signature
    old one's `replaced_by`.
 4. `send_revocation_notices` (trainer): a signed notice to each partner its `sent` records show
    holds an old version (kind `contribution-revocation-notice`), naming each by registered name and
-   run key (the partner registers received models under its own version numbers).
+   run key (the partner registers received models under its own version numbers), and the new
+   version to each partner that received the old one in a collaboration release, as that release
+   was sent (the partner's intake DAG registers it; an export needs a new export request).
 5. `receive_revocation_notice` (partner): verifies the notice and marks revoked the versions it
    received from the trainer with those run keys, so its `factory serve` stops serving them.
 
@@ -30,7 +32,6 @@ re-run skips what is done (sent packages, marks, retrained models) and goes on f
 from __future__ import annotations
 
 import hashlib
-import importlib
 import re
 import shutil
 import tempfile
@@ -41,7 +42,15 @@ from pipelines.config import SITES
 from pipelines.fileio import read_json, update_json, write_json
 from pipelines.learning import registry
 from pipelines.steps import StepContext, StepError, step
-from pipelines.steps.exchange import _already_sent, _intake, _records, _remember, _requester, _seal_to_outbox
+from pipelines.steps.exchange import (
+    _already_sent,
+    _intake,
+    _records,
+    _remember,
+    _requester,
+    _seal_to_outbox,
+    release_checked_model,
+)
 
 REQUEST_KIND = "contribution-revocation"
 NOTICE_KIND = "contribution-revocation-notice"
@@ -61,13 +70,11 @@ PENDING, NOOP, DENIED, REJECTED, APPLIED, NOTIFIED = "pending_approval", "noop",
 
 
 def retrainer():
-    """The unlearning engine: `retrain_without(ctx, *, model, dataset_id) -> {replaced, model,
-    resumed_from_slice, seconds, full_retrain}` of `pipelines.steps.unlearning`."""
-    try:
-        return importlib.import_module("pipelines.steps.unlearning").retrain_without
-    except (ImportError, AttributeError) as error:
-        raise StepError(f"the unlearning engine (pipelines.steps.unlearning.retrain_without) is not available: "
-                        f"{error}") from None
+    """The unlearning engine, `pipelines.steps.unlearning.retrain_without(ctx, *, model, dataset_id)`
+    (looked up at each application, so a test can interrupt it)."""
+    from pipelines.steps.unlearning import retrain_without
+
+    return retrain_without
 
 
 def _state_file(ctx: StepContext) -> Path:
@@ -474,9 +481,34 @@ def send_revocation_notices(ctx: StepContext, *, revocation: str | dict) -> dict
             _audit(ctx, "revocation.notice_sent", revocation_id, "sent", recipient=recipient,
                    models=[m["uri"] for m in models], package_id=sent["package_id"])
         notices.append({**sent, "models": [m["uri"] for m in models]})
+    deliveries = _deliver_replacements(ctx, record)
     record = _update(ctx, revocation_id, status=NOTIFIED, notices={n["recipient"]: n["package_id"] for n in notices})
     print(f"revocation {revocation_id}: notices to {', '.join(holders) or 'no partner (none holds a revoked version)'}")
-    return {**_outcome(record), "notices": notices}
+    return {**_outcome(record), "notices": notices, "deliveries": deliveries}
+
+
+def _deliver_replacements(ctx: StepContext, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send each replacement to the partners that received the revoked version in a collaboration
+    release, as that release was sent (same package kind, so the partner's intake DAG takes it), through
+    the model_release gate. An export is not re-sent: a new version needs a new export request and the
+    officers' approvals."""
+    deliveries = []
+    for old, new in sorted((record.get("replaced") or {}).items()):
+        for sent in list(_records(ctx, "sent").values()):
+            if sent.get("model") != old or sent.get("recipient") not in SITES:
+                continue
+            if sent.get("purpose") != "collaboration":
+                print(f"{new['model']} is not sent to {sent['recipient']} in place of {old} "
+                      f"({sent.get('purpose') or 'an earlier'} release): that needs a new request")
+                continue
+            ref = registry.resolve_model(ctx.paths, new["model"])
+            key = f"{sent['kind']}:{ref.uri}:{sent['recipient']}"  # release_model's key: a re-run sends nothing twice
+            delivered = release_checked_model(ctx, ref, recipient=sent["recipient"], purpose="collaboration",
+                                              kind=sent["kind"], key=key, approvals=[],
+                                              metadata={"replaces": old, "revocation_id": record["revocation_id"]})
+            deliveries.append({"model": ref.uri, "replaces": old, "recipient": sent["recipient"],
+                               "package_id": delivered["package_id"]})
+    return deliveries
 
 
 # ---------------------------------------------------------------------------- partner

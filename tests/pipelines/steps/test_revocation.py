@@ -306,10 +306,18 @@ def test_owner_revokes_trainer_approves_retrains_and_partner_stops_serving(home,
     answer = origin_serving.post("/predict", json={"inputs": [ROW]})
     assert answer.status_code == 410 and answer.json()["revocation"]["replaced_by"] == new
     with pytest.raises(registry.ModelNotFound):
-        registry.resolve_model(origin_paths, "M3")
+        registry.resolve_model(origin_paths, "M3")  # until the replacement arrives
     with pytest.raises(ServingError, match="revoked"):
         create_app(origin_paths, registry.resolve_model(origin_paths, world["origin_m3"]), auth=False)
     assert _actions(origin_paths, "model.revoked")[-1]["details"]["notified_by"] == "supplier"
+    # The replacement went with the notice, as the revoked version had (kind m3): the origin's intake takes it.
+    assert [(d["model"], d["recipient"]) for d in notices["deliveries"]] == [(new, "origin")]
+    replacement = run_step("receive_model", _ctx(home, "origin", run_id="replacement"), kind="m3",
+                           test_sets={"origin_test": "test"})
+    assert registry.resolve_model(origin_paths, "M3").uri == f"{replacement['name']}/{replacement['version']}"
+    assert not reaches(registry.resolve_model(origin_paths, "M3").metadata, world["shared"])
+    again = run_step("send_revocation_notices", supplier, revocation=received)  # a re-run sends nothing twice
+    assert [d["package_id"] for d in again["deliveries"]] == [d["package_id"] for d in notices["deliveries"]]
 
     # A package still carrying the old version (sealed past the gate, as a stale or hostile sender would) is
     # refused at intake: the origin holds that run as revoked.
