@@ -35,6 +35,7 @@ import hashlib
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,23 @@ def _sign(ctx: StepContext, doc_type: str, document: dict[str, Any]) -> dict[str
     from pipelines.approvals import _signed
 
     return _signed(ctx.paths, doc_type, {"type": doc_type, "signer": ctx.site, **document})
+
+
+def _accepting(ctx: StepContext, doc_type: str, content_type: str,
+               problem_of: Callable[[dict[str, Any]], str | None]) -> Callable[[dict[str, Any], Path], dict[str, Any]]:
+    """The intake check of a request or notice package: a signed document of `doc_type` for this site
+    (`_opened_document`) in which `problem_of` finds nothing wrong; else refused and audited."""
+    from pipelines.trust.packages import PackageRejected
+
+    def accept(header: dict[str, Any], content: Path) -> dict[str, Any]:
+        document = _opened_document(ctx, header, content, doc_type=doc_type, content_type=content_type)
+        if problem := problem_of(document):
+            _audit(ctx, "revocation.denied", document["revocation_id"], "invalid", sender=header["sender"],
+                   reason=problem)
+            raise PackageRejected(f"{content_type.replace('-', ' ')} from {header['sender']} refused: {problem}")
+        return document
+
+    return accept
 
 
 def _opened_document(ctx: StepContext, header: dict[str, Any], content: Path, *, doc_type: str,
@@ -322,17 +340,7 @@ def receive_revocation(ctx: StepContext, *, kind: str = REQUEST_KIND) -> dict[st
     Returns the revocation record: `noop` when no model here used the data (nothing else is done),
     else `affected` (the versions to retrain and revoke) and `evidence_md` for the officer's gate. A
     request for data this site knows as another site's is denied: audited, and the step fails."""
-    from pipelines.trust.packages import PackageRejected
-
-    def accept(header: dict[str, Any], content: Path) -> dict[str, Any]:
-        document = _opened_document(ctx, header, content, doc_type=REQUEST_TYPE, content_type="revocation-request")
-        if problem := _request_problem(document):
-            _audit(ctx, "revocation.denied", document["revocation_id"], "invalid", sender=header["sender"],
-                   reason=problem)
-            raise PackageRejected(f"revocation request from {header['sender']} refused: {problem}")
-        return document
-
-    opened = _intake(ctx, kind, accept)
+    opened = _intake(ctx, kind, _accepting(ctx, REQUEST_TYPE, "revocation-request", _request_problem))
     if opened is None:
         records = [r for r in _records(ctx, STATE).values() if r.get("role") == "trainer" and r.get("kind") == kind]
         if not records:
@@ -544,17 +552,7 @@ def receive_revocation_notice(ctx: StepContext, *, kind: str = NOTICE_KIND) -> d
     """Open the newest revocation notice of `kind`, verify the trainer's signature and mark revoked here
     the versions it names that this site received from that trainer (its `factory serve` then refuses
     them, and answers 410 where one is being served)."""
-    from pipelines.trust.packages import PackageRejected
-
-    def accept(header: dict[str, Any], content: Path) -> dict[str, Any]:
-        document = _opened_document(ctx, header, content, doc_type=NOTICE_TYPE, content_type="revocation-notice")
-        if problem := _notice_problem(document):
-            _audit(ctx, "revocation.denied", document["revocation_id"], "invalid", sender=header["sender"],
-                   reason=problem)
-            raise PackageRejected(f"revocation notice from {header['sender']} refused: {problem}")
-        return document
-
-    opened = _intake(ctx, kind, accept)
+    opened = _intake(ctx, kind, _accepting(ctx, NOTICE_TYPE, "revocation-notice", _notice_problem))
     if opened is None:
         records = [r for r in _records(ctx, STATE).values() if r.get("role") == "holder" and r.get("kind") == kind]
         if not records:
