@@ -347,6 +347,74 @@ class Unlearning(_Strict):
     own_share: float = Field(default=0.625, gt=0, le=1)
 
 
+class FederatedLocal(_Strict):
+    """A participant unit's local training each round (pipelines.federated.LocalConfig)."""
+
+    epochs: int = Field(default=1, ge=1, le=100)
+    lr: float = Field(default=0.001, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    optimizer: Literal["sgd", "adam"] = "adam"
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class FederatedPrivacy(_Strict):
+    """DP-FedAvg on the updates (pipelines.federated.UpdatePrivacy): each unit's update clipped to
+    `clip_norm`, Gaussian noise of `noise_multiplier` * clip_norm on the sum (central: the coordinator
+    adds it), epsilon from the RDP accountant over the rounds at `delta`."""
+
+    clip_norm: float = Field(gt=0)
+    noise_multiplier: float = Field(ge=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+
+
+class FederatedStage(_Strict):
+    """`federated.<stage>` of conf/stages.yaml: how a stage trains when its collaboration is federated.
+
+    `units`: per participant site, how many units of its own take part; each unit trains on its
+    own share of the site's `data` partition (the partition's rows split deterministically by the
+    stage seed: unit i of k takes every row whose seeded permutation position is i mod k)."""
+
+    rounds: int = Field(default=8, ge=1, le=1000)
+    min_rounds: int = Field(default=1, ge=1)
+    tol: float | None = Field(default=None, gt=0)  # stop once the coordinator's test accuracy moves less
+    rule: Literal["fedavg", "fedprox", "median", "trimmed_mean", "krum", "multi_krum"] = "fedavg"
+    mu: float = Field(default=0.0, ge=0)  # FedProx's proximal term (rule fedprox only)
+    f: int = Field(default=1, ge=0)  # Krum / median: the Byzantine units tolerated
+    beta: float = Field(default=0.1, ge=0, lt=0.5)  # trimmed mean: the share cut at each end
+    m: int | None = Field(default=None, ge=1)  # multi-Krum: the updates averaged
+    local: FederatedLocal = FederatedLocal()
+    deadline_seconds: float = Field(default=3600, gt=0)  # a site whose update is later is left out
+    poll: str | None = "*/5 * * * *"  # the coordinator's cron, so a passed deadline is noticed
+    secure_aggregation: bool = False
+    privacy: FederatedPrivacy | None = None
+    base_model: str = "M1"
+    units: dict[str, int] = Field(min_length=1)  # participant site -> its units (the coordinator's own too)
+    data: dict[str, DatasetName] = Field(min_length=1)  # participant site -> the partition its units share
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederatedStage:
+        if self.min_rounds > self.rounds:
+            raise ValueError(f"min_rounds {self.min_rounds} exceeds rounds {self.rounds}")
+        if self.mu > 0 and self.rule != "fedprox":
+            raise ValueError(f"mu {self.mu} is FedProx's proximal term; the rule is {self.rule!r}")
+        if sorted(self.units) != sorted(self.data):
+            raise ValueError(f"units and data must name the same sites; units {sorted(self.units)}, "
+                             f"data {sorted(self.data)}")
+        if any(n < 1 or n > 16 for n in self.units.values()):
+            raise ValueError(f"each site takes part with 1 to 16 units; got {self.units}")
+        total = sum(self.units.values())
+        if (self.secure_aggregation or self.privacy is not None) and self.rule not in ("fedavg", "fedprox"):
+            raise ValueError(f"rule {self.rule!r} needs each update in the clear; secure aggregation and "
+                             "update privacy work on the sum: use fedavg or fedprox")
+        if self.secure_aggregation and total < 3:
+            raise ValueError(f"secure aggregation needs at least 3 units; units give {total}")
+        return self
+
+    @property
+    def unit_count(self) -> int:
+        return sum(self.units.values())
+
+
 class StagesConf(_Strict):
     order: tuple[Stage, ...]
     seed: int
@@ -358,6 +426,19 @@ class StagesConf(_Strict):
     kubernetes: KubernetesConf
     inputs: StageInputs
     unlearning: Unlearning = Unlearning()
+    # Per collaboration stage: centralized (the partner's data crosses, sanitized) or federated
+    # (the model travels, the data stays: `federated.<stage>`). A stage not named is centralized.
+    collaboration: dict[int, Literal["centralized", "federated"]] = {}
+    federated: dict[int, FederatedStage] = {}
+
+    def collaboration_of(self, stage: int) -> str:
+        return self.collaboration.get(stage, "centralized")
+
+    def federated_stage(self, stage: int) -> FederatedStage:
+        try:
+            return self.federated[stage]
+        except KeyError:
+            raise KeyError(f"conf/stages.yaml has no federated.{stage} section") from None
 
     @field_validator("order")
     @classmethod
@@ -389,6 +470,18 @@ class StagesConf(_Strict):
         unknown = [n for n in self.inputs.releases if n not in {s.stage for s in self.order}]
         if unknown:
             raise ValueError(f"inputs.releases names stage(s) {unknown} that order does not list")
+        stages = {s.stage: s for s in self.order}
+        for number, mode in self.collaboration.items():
+            if number not in stages or not stages[number].model:
+                raise ValueError(f"collaboration.{number}: no stage {number} with a model in order")
+            if mode == "federated" and number not in self.federated:
+                raise ValueError(f"collaboration.{number} is federated but federated.{number} is missing")
+        for number, plan in self.federated.items():
+            if number not in stages or not stages[number].model:
+                raise ValueError(f"federated.{number}: no stage {number} with a model in order")
+            if stages[number].site not in plan.units:
+                raise ValueError(f"federated.{number}: the coordinator {stages[number].site} must take part "
+                                 f"with units of its own (units: {sorted(plan.units)})")
         return self
 
 
@@ -412,6 +505,12 @@ class FactoryConfig(_Strict):
             if release.dataset not in partitions:
                 raise ValueError(f"stages inputs.releases.{stage}: {release.site} has no data partition "
                                  f"{release.dataset!r} in conf/sites.yaml (partitions: {', '.join(partitions)})")
+        for stage, plan in self.stages.federated.items():
+            for site, partition in plan.data.items():
+                if site not in self.sites:
+                    raise ValueError(f"stages federated.{stage}: unknown site {site!r}")
+                if partition not in self.sites[site].data_partitions:
+                    raise ValueError(f"stages federated.{stage}: {site} has no data partition {partition!r}")
         return self
 
     def user(self, user_id: str) -> User:

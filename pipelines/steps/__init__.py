@@ -21,7 +21,8 @@ STEPS: dict[str, StepFunction] = {}
 
 # Modules that register steps; imported on first lookup.
 STEP_MODULES = ("pipelines.steps.training", "pipelines.steps.exchange", "pipelines.steps.review",
-                "pipelines.steps.monitoring", "pipelines.steps.protection", "pipelines.steps.revocation")
+                "pipelines.steps.monitoring", "pipelines.steps.protection", "pipelines.steps.revocation",
+                "pipelines.steps.federated")
 
 
 def step(name: str) -> Callable[[StepFunction], StepFunction]:
