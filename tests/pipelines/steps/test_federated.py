@@ -1,0 +1,228 @@
+"""Federated rounds across the sites, step by step without Airflow, on a small real model (issue 20).
+
+One module-scoped workspace with stage 3 switched to federated (a copy of conf/ with 2 rounds): the
+supplier trains a short M1 and releases it to the origin, which registers it. The tests then run
+the coordinator's and the participant's steps with the media carrier between them: packages from
+the wrong sender or with a wrong digest are refused, a site past the deadline is left out of the
+round and its late update refused, and the result goes through evaluate → export → register as M3
+with the origin's dataset in its lineage, while no dataset package ever reached the supplier.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from pipelines.config import FederatedStage, load_config
+from pipelines.fileio import read_json, write_json
+from pipelines.learning import registry
+from pipelines.steps import StepContext, StepError, run_step
+from pipelines.steps import federated as fl
+from pipelines.trust.packages import read_signed_header
+from pipelines.workspace import SitePaths
+
+PLAN = {"units": {"supplier": 1, "origin": 2}, "data": {"supplier": "train", "origin": "shared"}}
+
+
+# ---------------------------------------------------------------------------- plan and split (no workspace)
+
+
+def test_units_split_a_site_partition_deterministically_into_disjoint_shares():
+    parts = fl.split_units(101, 3, seed=7)
+    assert [len(p) for p in parts] == [34, 34, 33]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(101))  # every row once
+    assert all((a == b).all() for a, b in zip(parts, fl.split_units(101, 3, seed=7), strict=True))
+    assert not all((a == b).all() for a, b in zip(parts, fl.split_units(101, 3, seed=8), strict=True))
+    with pytest.raises(StepError, match="2 rows cannot be split into 3 units"):
+        fl.split_units(2, 3, seed=7)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"secure_aggregation": True, "units": {"supplier": 1, "origin": 1}, "data": {"supplier": "train", "origin": "shared"}},
+     "secure aggregation needs at least 3 units"),
+    ({"mu": 0.1}, "FedProx's proximal term"),
+    ({"rule": "median", "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0}}, "needs each update in the clear"),
+    ({"data": {"supplier": "train"}}, "units and data must name the same sites"),
+    ({"min_rounds": 9, "rounds": 3}, "min_rounds 9 exceeds rounds 3"),
+    ({"rule": "fedsgd"}, "rule"),
+    ({"rounds": 3, "surprise": 1}, "surprise"),
+])
+def test_a_federated_plan_that_cannot_run_is_refused(changes, message):
+    with pytest.raises(ValidationError, match=message):
+        FederatedStage(**{**PLAN, **changes})
+
+
+def test_collaboration_is_centralized_by_default_and_federated_needs_its_plan(tmp_path, monkeypatch):
+    stages = load_config().stages
+    assert stages.collaboration_of(3) == "centralized" and stages.collaboration_of(6) == "centralized"
+    conf = _conf_copy(tmp_path, federated=False)
+    text = (conf / "stages.yaml").read_text()
+    (conf / "stages.yaml").write_text(text.replace("collaboration: {3: centralized, 6: centralized}",
+                                                   "collaboration: {3: centralized, 6: federated}"))
+    monkeypatch.setenv("FACTORY_CONF", str(conf))
+    with pytest.raises(ValidationError, match="collaboration.6 is federated but federated.6 is missing"):
+        load_config()
+
+
+def test_the_steps_do_nothing_while_the_stage_is_centralized(tmp_path):
+    paths = SitePaths.of("supplier", tmp_path)
+    ctx = StepContext(site="supplier", paths=paths, run_id="r", dag_id="t")
+    assert fl.federated_coordinate(ctx, stage=3, start=False)["status"] == "centralized"
+    with pytest.raises(StepError, match="collaborates centralized"):
+        fl.federated_coordinate(ctx, stage=3, start=True)
+    origin = StepContext(site="origin", paths=SitePaths.of("origin", tmp_path), run_id="r", dag_id="t")
+    assert fl.federated_participate(origin, stage=3)["status"] == "centralized"
+
+
+# ---------------------------------------------------------------------------- a workspace, federated
+
+
+def _conf_copy(tmp: Path, *, federated: bool = True) -> Path:
+    from pipelines.config import conf_dir
+
+    conf = tmp / "conf"
+    shutil.copytree(conf_dir(), conf)
+    if federated:
+        text = (conf / "stages.yaml").read_text()
+        text = text.replace("collaboration: {3: centralized, 6: centralized}", "collaboration: {3: federated, 6: centralized}")
+        text = text.replace("    rounds: 8\n    min_rounds: 4", "    rounds: 2\n    min_rounds: 1")
+        (conf / "stages.yaml").write_text(text)
+    return conf
+
+
+def _ctx(home: Path, site: str, run_id: str = "test-run") -> StepContext:
+    return StepContext(site=site, paths=SitePaths.of(site, home), run_id=run_id, dag_id="test")
+
+
+def _carry(home: Path, sender: str, recipient: str) -> None:
+    from pipelines.carrier.media import hand_over
+
+    hand_over(SitePaths.of(sender, home), SitePaths.of(recipient, home))
+
+
+def _rejected(home: Path, site: str) -> list[str]:
+    folder = SitePaths.of(site, home).inbox / "rejected"
+    return sorted(read_json(p)["reason"] for p in folder.glob("*.reason.json")) if folder.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    from pipelines.init import init_workspace
+
+    tmp = tmp_path_factory.mktemp("federated")
+    before = os.environ.get("FACTORY_CONF")
+    os.environ["FACTORY_CONF"] = str(_conf_copy(tmp))
+    try:
+        home = tmp / "home"
+        init_workspace(home)
+        supplier = _ctx(home, "supplier")
+        trained = run_step("train_model", supplier, stage="M1", profile="local", datasets=["train"])
+        evaluated = run_step("evaluate_model", supplier, trained=trained, test_sets={"supplier_test": "test"})
+        exported = run_step("export_model", supplier, trained=evaluated, parity_set="test")
+        m1 = run_step("register_model", supplier, trained=exported)
+        run_step("release_model", supplier, model=m1, recipient="origin", purpose="collaboration", kind="m1")
+        _carry(home, "supplier", "origin")
+        run_step("receive_model", _ctx(home, "origin"), kind="m1", test_sets={"origin_test": "test"})
+        yield home
+    finally:
+        if before is None:
+            os.environ.pop("FACTORY_CONF", None)
+        else:
+            os.environ["FACTORY_CONF"] = before
+
+
+def _fake_global(home: Path, sender: str, **changes) -> None:
+    """A global-model package of `sender` for the origin, from the supplier's running round, changed."""
+    from pipelines.carrier.outbox import seal_to_outbox
+
+    supplier = SitePaths.of("supplier", home)
+    record = read_json(supplier.state_dir / "federated" / "stage-3.json")
+    vector = (supplier.state_dir / "federated" / record["training"] / "global.bin").read_bytes()
+    src = SitePaths.of(sender, home).state_dir / "global.bin"
+    src.write_bytes(vector)
+    meta = {"kind": "m3-fl-global", "training": record["training"], "round": record["round"], "stage": "M3",
+            "digest": fl.vector_digest(vector), "base_model": record["base_model"], "units": 2, "deadline": 60}
+    seal_to_outbox(SitePaths.of(sender, home), "origin", src, purpose="collaboration", content_type=fl.GLOBAL,
+                   metadata={**meta, **changes})
+    _carry(home, sender, "origin")
+
+
+def test_the_coordinator_starts_a_round_and_refuses_a_second_training(home):
+    started = run_step("federated_coordinate", _ctx(home, "supplier"), stage=3, start="True")
+    assert started["status"] == "started" and started["round"] == 1
+    with pytest.raises(StepError, match="still running"):
+        run_step("federated_coordinate", _ctx(home, "supplier"), stage=3, start=True)
+    # nothing from the origin yet, deadline not passed: the round waits
+    assert run_step("federated_coordinate", _ctx(home, "supplier"), stage=3)["waiting"] == ["origin"]
+
+
+def test_a_global_model_from_another_site_or_with_a_wrong_digest_or_base_is_refused(home):
+    _carry(home, "supplier", "origin")  # round 1's real global model
+    sent = run_step("federated_participate", _ctx(home, "origin"), stage=3)
+    assert sent["status"] == "sent" and sent["round"] == 1
+    # each alone (a package channel's sequence only goes forward): none is answered
+    for sender, changes in (("destination", {}), ("supplier", {"round": 5, "digest": "sha256:" + "0" * 64}),
+                            ("supplier", {"round": 5, "base_model": {"run_key": "not-the-m1-the-origin-holds"}}),
+                            ("supplier", {"round": 5, "training": "../../etc"}),
+                            ("supplier", {"round": 1})):  # a second round-1 model
+        _fake_global(home, sender, **changes)
+        assert run_step("federated_participate", _ctx(home, "origin"), stage=3)["status"] == "idle"
+    reasons = " | ".join(_rejected(home, "origin"))
+    assert "the coordinator of this stage is supplier" in reasons
+    assert "does not match its digest" in reasons
+    assert "not the M1 origin verified" in reasons
+    assert "training id '../../etc' is malformed" in reasons
+    assert "round 1 of" in reasons and "was answered already" in reasons
+
+
+def test_a_site_past_the_deadline_is_left_out_and_its_late_update_refused(home):
+    # the deadline passes before the update arrives
+    supplier = SitePaths.of("supplier", home)
+    state = supplier.state_dir / "federated" / "stage-3.json"
+    record = read_json(state)
+    record["current"]["started"] -= record["deadline"] + 1
+    write_json(state, record)
+    moved_on = run_step("federated_coordinate", _ctx(home, "supplier"), stage=3)
+    assert moved_on["status"] == "next_round" and moved_on["round"] == 2
+    first = read_json(state)["history"][0]
+    assert first["stragglers"] == ["origin"] and first["included"] == ["supplier/unit-0"]
+    _carry(home, "origin", "supplier")  # the late round-1 update
+    waiting = run_step("federated_coordinate", _ctx(home, "supplier"), stage=3)
+    assert waiting["status"] == "waiting"
+    assert any("round 1 is not the running round 2" in r for r in _rejected(home, "supplier"))
+
+
+def test_the_last_round_registers_m3_with_every_dataset_and_only_updates_crossed(home):
+    _carry(home, "supplier", "origin")
+    sent = run_step("federated_participate", _ctx(home, "origin"), stage=3)
+    assert sent["round"] == 2 and sent["metrics"]["global_origin_test"] > 0.5
+    _carry(home, "origin", "supplier")
+    supplier = _ctx(home, "supplier", run_id="finish")
+    finished = run_step("federated_coordinate", supplier, stage=3)
+    assert finished["finished"] and finished["stopped"] == "rounds"
+    evaluated = run_step("evaluate_model", supplier, trained=finished, test_sets={"supplier_test": "test"})
+    exported = run_step("export_model", supplier, trained=evaluated, parity_set="test")
+    m3 = run_step("register_model", supplier, trained=exported)
+    ref = registry.resolve_model(SitePaths.of("supplier", home), f"{m3['name']}/{m3['version']}")
+    meta = ref.metadata
+    assert meta["stage"] == "M3" and meta["federated"]["rounds"] == 2
+    assert {d["owner"] for d in meta["datasets"]} == {"supplier", "origin"}
+    assert any(s["owner"] == "origin" and s["dataset_id"].startswith("origin/shared") for s in meta["lineage"])
+    second = meta["federated"]["history"][1]
+    assert second["included"] == ["supplier/unit-0", "origin/unit-0", "origin/unit-1"] and not second["stragglers"]
+    vector = (SitePaths.of("supplier", home).state_dir / "federated" / finished["training"] / "global.bin").stat().st_size
+    assert vector < second["bytes_down"]["origin"] < vector + 8192  # the weights and a signed header
+    assert 2 * vector < second["bytes_up"]["origin"] < 2 * vector + 16384  # two units' updates
+    assert second["content_types"] == [fl.GLOBAL, fl.UPDATE]
+    # only model updates crossed into the supplier: no dataset package, whatever its state
+    supplier_paths = SitePaths.of("supplier", home)
+    headers = [read_signed_header(supplier_paths, p) for p in supplier_paths.inbox.rglob("*.sfp")]
+    assert headers and {h["content_type"] for h in headers} == {fl.UPDATE}
+    # the participant's own record of what left it
+    mine = read_json(SitePaths.of("origin", home).state_dir / "federated" / "participant-stage-3.json")
+    assert [r["bytes_out"] for r in mine[finished["training"]]["rounds"].values()] == [sent["bytes_out"]] * 2
