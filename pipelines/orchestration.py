@@ -127,12 +127,47 @@ def run_stages(stages: list[int], *, approve: bool, home: Path | None = None) ->
     prepare_airflow(home)
     dags = load_dags()
     for stage in stages:
+        if load_config().stages.collaboration_of(stage) == "federated":
+            run_federated_stage(stage, dags, approve=approve, home=home)
+            continue
         for dag_id in load_config().stages.stage(stage).dags:
             if dag_id not in dags:
                 raise RunFailed(f"DAG {dag_id} is not loaded (FACTORY_SITE may exclude its site)")
             console.rule(f"stage {stage}: {dag_id}")
             run_dag(dags[dag_id], approve=approve, home=home)
             deliver_embedded(home)
+
+
+def run_federated_stage(stage: int, dags: dict, *, approve: bool, home: Path) -> None:
+    """A federated stage (conf/stages.yaml `collaboration`): the coordinator DAG starts a training, then
+    each round the participant DAG(s) answer and the coordinator DAG collects, until it finishes and
+    releases the model; last the stage's model intake DAGs (`..._model_intake` of its order) run."""
+    from pipelines.fileio import read_json
+
+    conf = load_config().stages
+    plan, entry = conf.federated_stage(stage), conf.stage(stage)
+    coordinator, participant = f"stage_{stage}_federated_coordinator", f"stage_{stage}_federated_participant"
+    for dag_id in (coordinator, participant):
+        if dag_id not in dags:
+            raise RunFailed(f"DAG {dag_id} is not loaded (FACTORY_SITE may exclude its site)")
+    record = SitePaths.of(entry.site, home).state_dir / "federated" / f"stage-{stage}.json"
+    console.rule(f"stage {stage} (federated): {coordinator} starts a training")
+    run_dag(dags[coordinator], approve=approve, home=home, conf={"start": True})
+    deliver_embedded(home)
+    for number in range(1, plan.rounds + 1):
+        console.rule(f"stage {stage} (federated): round {number}")
+        run_dag(dags[participant], approve=approve, home=home)
+        deliver_embedded(home)
+        run_dag(dags[coordinator], approve=approve, home=home)
+        deliver_embedded(home)
+        if read_json(record).get("status") == "finished":
+            break
+    else:
+        raise RunFailed(f"stage {stage}: the federated training did not finish in {plan.rounds} rounds")
+    for dag_id in (d for d in entry.dags if d.endswith("_model_intake")):
+        console.rule(f"stage {stage}: {dag_id}")
+        run_dag(dags[dag_id], approve=approve, home=home)
+        deliver_embedded(home)
 
 
 def deliver_embedded(home: Path) -> None:
