@@ -158,7 +158,7 @@ def run_federated_stage(stage: int, dags: dict, *, approve: bool, home: Path) ->
         console.rule(f"stage {stage} (federated): round {number}")
         run_dag(dags[participant], approve=approve, home=home)
         deliver_embedded(home)
-        run_dag(dags[coordinator], approve=approve, home=home)
+        run_dag(dags[coordinator], approve=approve, home=home, conf={"start": False})  # collect, go on
         deliver_embedded(home)
         if read_json(record).get("status") == "finished":
             break

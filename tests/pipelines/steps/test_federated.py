@@ -57,16 +57,29 @@ def test_a_federated_plan_that_cannot_run_is_refused(changes, message):
         FederatedStage(**{**PLAN, **changes})
 
 
+def test_update_privacy_spend_grows_with_the_rounds_and_is_none_without_privacy():
+    from pipelines.federated import epsilon
+
+    private = FederatedStage(**PLAN, privacy={"clip_norm": 1.0, "noise_multiplier": 1.1, "delta": 1e-5})
+    spends = [fl.round_epsilon(private, n) for n in (1, 4)]
+    assert spends[0]["delta"] == 1e-5 and 0 < spends[0]["epsilon"] < spends[1]["epsilon"]
+    assert spends[1]["epsilon"] == pytest.approx(epsilon([1.1] * 4, sample_rate=1.0, delta=1e-5))
+    assert fl.round_epsilon(FederatedStage(**PLAN), 4) is None
+
+
 def test_collaboration_is_centralized_by_default_and_federated_needs_its_plan(tmp_path, monkeypatch):
     stages = load_config().stages
     assert stages.collaboration_of(3) == "centralized" and stages.collaboration_of(6) == "centralized"
-    conf = _conf_copy(tmp_path, federated=False)
-    text = (conf / "stages.yaml").read_text()
-    (conf / "stages.yaml").write_text(text.replace("collaboration: {3: centralized, 6: centralized}",
-                                                   "collaboration: {3: centralized, 6: federated}"))
-    monkeypatch.setenv("FACTORY_CONF", str(conf))
-    with pytest.raises(ValidationError, match="collaboration.6 is federated but federated.6 is missing"):
-        load_config()
+    for mode, message in (("8: federated", "collaboration.8 is federated but federated.8 is missing"),
+                          ("2: federated", "collaboration.2: no stage 2 with a model")):
+        monkeypatch.delenv("FACTORY_CONF", raising=False)
+        conf = _conf_copy(tmp_path / mode[0], federated=False)
+        text = (conf / "stages.yaml").read_text()
+        (conf / "stages.yaml").write_text(text.replace("collaboration: {3: centralized, 6: centralized}",
+                                                       f"collaboration: {{3: centralized, {mode}}}"))
+        monkeypatch.setenv("FACTORY_CONF", str(conf))
+        with pytest.raises(ValidationError, match=message):
+            load_config()
 
 
 def test_the_steps_do_nothing_while_the_stage_is_centralized(tmp_path):
@@ -90,7 +103,7 @@ def _conf_copy(tmp: Path, *, federated: bool = True) -> Path:
     if federated:
         text = (conf / "stages.yaml").read_text()
         text = text.replace("collaboration: {3: centralized, 6: centralized}", "collaboration: {3: federated, 6: centralized}")
-        text = text.replace("    rounds: 8\n    min_rounds: 4", "    rounds: 2\n    min_rounds: 1")
+        text = text.replace("    rounds: 10\n    min_rounds: 4", "    rounds: 2\n    min_rounds: 1")
         (conf / "stages.yaml").write_text(text)
     return conf
 
