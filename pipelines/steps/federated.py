@@ -132,7 +132,8 @@ def _local_config(plan: FederatedStage):
 
 def _train_units(ctx: StepContext, plan: FederatedStage, state, architecture, spec, *, training: str,
                  number: int) -> tuple[list[dict[str, Any]], list[np.ndarray], Any]:
-    """Train each of this site's units from `state`: their records, update vectors and dataset version."""
+    """Train each of this site's units from `state`: their records, update vectors and dataset version.
+    Seeded by the stage seed, the round and the unit (as centralized training is by the stage seed)."""
     from pipelines.federated import clip_update, local_update
     from pipelines.federated.rounds import _unit_seed
 
@@ -141,7 +142,7 @@ def _train_units(ctx: StepContext, plan: FederatedStage, state, architecture, sp
     records, vectors = [], []
     for name, x, y in units:
         update = local_update(state, x, y, architecture=architecture, spec=spec, config=_local_config(plan),
-                              seed=_unit_seed(seed, number, f"{training}/{name}"), who=name)
+                              seed=_unit_seed(seed, number, name), who=name)
         delta = update.delta
         if plan.privacy is not None:
             delta, _ = clip_update(delta, plan.privacy.clip_norm)
