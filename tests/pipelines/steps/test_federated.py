@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from pipelines.carrier.outbox import seal_to_outbox
 from pipelines.config import FederatedStage, load_config
 from pipelines.fileio import read_json, write_json
 from pipelines.learning import registry
@@ -151,8 +152,6 @@ def home(tmp_path_factory) -> Path:
 
 def _fake_global(home: Path, sender: str, **changes) -> None:
     """A global-model package of `sender` for the origin, from the supplier's running round, changed."""
-    from pipelines.carrier.outbox import seal_to_outbox
-
     supplier = SitePaths.of("supplier", home)
     record = read_json(supplier.state_dir / "federated" / "stage-3.json")
     vector = (supplier.state_dir / "federated" / record["training"] / "global.bin").read_bytes()
@@ -208,6 +207,20 @@ def test_a_site_past_the_deadline_is_left_out_and_its_late_update_refused(home):
     waiting = run_step("federated_coordinate", _ctx(home, "supplier"), stage=3)
     assert waiting["status"] == "waiting"
     assert any("round 1 is not the running round 2" in r for r in _rejected(home, "supplier"))
+    # updates for round 2 with names the coordinator did not ask for, or from a site that takes no part
+    record = read_json(state)
+    for sender, units in (("origin", ["origin/unit-0", "../../unit-1"]), ("destination", ["destination/unit-0"])):
+        folder = SitePaths.of(sender, home).state_dir / "forged" / "update"
+        folder.mkdir(parents=True, exist_ok=True)
+        seal_to_outbox(SitePaths.of(sender, home), "supplier", folder, purpose="collaboration", content_type=fl.UPDATE,
+                       metadata={"kind": "m3-fl-update", "training": record["training"], "round": 2,
+                                 "digest": record["current"]["digest"],
+                                 "units": [{"unit": u, "n_samples": 10, "digest": "sha256:" + "0" * 64} for u in units]})
+        _carry(home, sender, "supplier")
+        assert run_step("federated_coordinate", _ctx(home, "supplier"), stage=3)["status"] == "waiting"
+    reasons = " | ".join(_rejected(home, "supplier"))
+    assert "units must be ['origin/unit-0', 'origin/unit-1']" in reasons
+    assert "update from destination: not a participant" in reasons
 
 
 def test_the_last_round_registers_m3_with_every_dataset_and_only_updates_crossed(home):
