@@ -252,3 +252,29 @@ def test_the_last_round_registers_m3_with_every_dataset_and_only_updates_crossed
     # the participant's own record of what left it
     mine = read_json(SitePaths.of("origin", home).state_dir / "federated" / "participant-stage-3.json")
     assert [r["bytes_out"] for r in mine[finished["training"]]["rounds"].values()] == [sent["bytes_out"]] * 2
+
+
+def test_with_update_privacy_the_lineage_carries_each_source_s_spend(home, tmp_path, monkeypatch):
+    conf = Path(os.environ["FACTORY_CONF"])
+    private = tmp_path / "conf"
+    shutil.copytree(conf, private)
+    text = (private / "stages.yaml").read_text()
+    (private / "stages.yaml").write_text(text.replace(
+        "    privacy: null\n    base_model: M1",
+        "    privacy: {clip_norm: 0.5, noise_multiplier: 1.0, delta: 1.0e-5}\n    base_model: M1"))
+    monkeypatch.setenv("FACTORY_CONF", str(private))
+    supplier = _ctx(home, "supplier", run_id="private")
+    assert run_step("federated_coordinate", supplier, stage=3, start=True)["status"] == "started"
+    for _ in range(2):
+        _carry(home, "supplier", "origin")
+        sent = run_step("federated_participate", _ctx(home, "origin"), stage=3)
+        assert sent["status"] == "sent"
+        _carry(home, "origin", "supplier")
+        result = run_step("federated_coordinate", supplier, stage=3)
+    assert result["finished"]
+    expected = fl.round_epsilon(load_config().stages.federated_stage(3), 2)
+    meta = read_json(Path(result["staging"]) / "metadata.json")
+    assert meta["privacy"]["mechanism"] == "dp-fedavg" and meta["privacy"]["epsilon"] == expected["epsilon"]
+    origin_sources = [s for s in meta["lineage"] if s["owner"] == "origin"]
+    assert origin_sources and all(s["dp"] == expected for s in origin_sources)
+    assert meta["federated"]["history"][-1]["dp"] == expected
