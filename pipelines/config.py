@@ -434,6 +434,25 @@ class StagesConf(_Strict):
     def collaboration_of(self, stage: int) -> str:
         return self.collaboration.get(stage, "centralized")
 
+    def kept_home(self) -> dict[str, int]:
+        """The partner data a federated stage keeps at home, by the name it would have at the
+        coordinator (`<owner>-<partition>`, as a data release names it) -> that stage."""
+        coordinators = {s.stage: s.site for s in self.order}
+        return {f"{site}-{partition}": number for number, mode in self.collaboration.items()
+                if mode == "federated" and number in self.federated
+                for site, partition in self.federated[number].data.items() if site != coordinators.get(number)}
+
+    def skipped_release(self, stage: int) -> str | None:
+        """Why data-release stage `stage` does not run (its data trains a federated stage at home), else None."""
+        release = self.inputs.releases.get(stage)
+        if release is None:
+            return None
+        federated_stage = self.kept_home().get(f"{release.site}-{release.dataset}")
+        if federated_stage is None:
+            return None
+        return (f"stage {federated_stage} is federated: {release.site}'s {release.dataset} data trains where it "
+                "lives and is not released")
+
     def federated_stage(self, stage: int) -> FederatedStage:
         try:
             return self.federated[stage]
@@ -482,6 +501,14 @@ class StagesConf(_Strict):
             if stages[number].site not in plan.units:
                 raise ValueError(f"federated.{number}: the coordinator {stages[number].site} must take part "
                                  f"with units of its own (units: {sorted(plan.units)})")
+        kept = self.kept_home()
+        federated_models = {stages[n].model for n in set(kept.values())}  # their inputs are not read
+        for model, inputs in self.inputs.models.items():
+            never = [d for d in inputs.datasets if d in kept and model not in federated_models]
+            if never:
+                raise ValueError(f"inputs.models.{model} trains on {', '.join(never)}, which never reaches the "
+                                 f"supplier while stage {kept[never[0]]} is federated (the data stays with its "
+                                 "owner): remove it from the datasets")
         return self
 
 

@@ -127,6 +127,9 @@ def run_stages(stages: list[int], *, approve: bool, home: Path | None = None) ->
     prepare_airflow(home)
     dags = load_dags()
     for stage in stages:
+        if skipped := load_config().stages.skipped_release(stage):
+            console.rule(f"stage {stage}: skipped ({skipped})")
+            continue
         if load_config().stages.collaboration_of(stage) == "federated":
             run_federated_stage(stage, dags, approve=approve, home=home)
             continue

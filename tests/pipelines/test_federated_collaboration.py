@@ -35,8 +35,9 @@ def federated_home(tmp_path_factory) -> Path:
     conf = tmp / "conf"
     shutil.copytree(conf_dir(), conf)
     text = (conf / "stages.yaml").read_text()
-    (conf / "stages.yaml").write_text(text.replace("collaboration: {3: centralized, 6: centralized}",
-                                                   "collaboration: {3: federated, 6: centralized}"))
+    text = text.replace("collaboration: {3: centralized, 6: centralized}", "collaboration: {3: federated, 6: centralized}")
+    # the origin's shared data stays home, so M8 cannot name it (conf/stages.yaml refuses it otherwise)
+    (conf / "stages.yaml").write_text(text.replace("M8: {datasets: [train, origin-shared, ", "M8: {datasets: [train, "))
     home = tmp / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")} | {
         "FACTORY_HOME": str(home), "FACTORY_CONF": str(conf)}
