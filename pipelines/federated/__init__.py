@@ -1,7 +1,11 @@
 """Federated learning: models travel, data stays (issue 20).
 
-The algorithms, implemented here because Flower cannot share Airflow 3.3's environment (its
-FastAPI pins conflict) and each is small enough to test against its published behaviour:
+The algorithms, implemented here rather than taken from Flower: Flower cannot share Airflow 3.3's
+environment (its FastAPI pins conflict), and as a step of its own (another image or venv) it would
+still bring its own transport, a long-lived gRPC link from each site to the coordinator's SuperLink,
+which bypasses what every crossing here goes through (sealed, signed packages, the model_release
+gate, the audit log, the carrier: mutual-TLS inbox or removable media for air-gapped partners).
+Each algorithm is small enough to test against its published behaviour:
 
 - `updates`: model updates as flat float32 vectors over a state_dict; a participant's local
   training step (FedAvg, FedProx's proximal term).
