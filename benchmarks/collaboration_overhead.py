@@ -199,24 +199,65 @@ def _task_shares(home: Path, states: dict, timings: list[dict]) -> tuple[dict[st
     return durations, in_steps, intervals
 
 
-def _floor(home: Path, state: dict, runs: int = 5) -> tuple[float, float]:
-    """Median seconds of an empty task's run (trigger to done) and of the task itself, at one deployment."""
-    from pipelines.service.collaboration import Collaboration, Deployment, iso_seconds, site_user
+# The floor's run, phase by phase: (label, from, to) over the timestamps `_floor_marks` reads from the
+# run, its task instance and the task's log.
+FLOOR_PHASES = (
+    ("trigger -> run started (scheduler loop)", "queued_at", "run_start"),
+    ("run started -> task queued (scheduler loop)", "run_start", "ti_queued"),
+    ("task queued -> task running (worker, supervisor fork, /run call)", "ti_queued", "ti_start"),
+    ("task running -> DAG file parsed in the task process", "ti_start", "parsed"),
+    ("parsed -> task body done, XCom, success call", "parsed", "ti_end"),
+    ("task done -> run marked success (scheduler loop)", "ti_end", "run_end"),
+)
+
+
+def _floor_marks(deployment, run_id: str) -> dict[str, float]:
+    from pipelines.service.collaboration import iso_seconds
+
+    run = deployment.run("floor_probe", run_id)
+    (ti,) = deployment.task_instances("floor_probe", run_id)
+    marks = {"queued_at": iso_seconds(run["queued_at"]), "run_start": iso_seconds(run["start_date"]),
+             "ti_queued": iso_seconds(ti.get("queued_when")), "ti_start": iso_seconds(ti["start_date"]),
+             "ti_end": iso_seconds(ti["end_date"]), "run_end": iso_seconds(run["end_date"])}
+    try:
+        for line in deployment.log_path(ti).read_text(errors="replace").splitlines():
+            if "Worker startup parse complete" in line:
+                marks["parsed"] = iso_seconds(json.loads(line)["timestamp"])
+                break
+    except (OSError, ValueError):
+        pass
+    return marks
+
+
+def _floor(home: Path, state: dict, runs: int = 5) -> tuple[float, float, dict[str, float]]:
+    """Median seconds of an empty task's run (trigger to done) and of the task itself, at one deployment,
+    and the median of each of FLOOR_PHASES."""
+    from pipelines.service.collaboration import Collaboration, Deployment, site_user
 
     deployment = Deployment(state["site"], state, home)
     collaboration = Collaboration({state["site"]: deployment}, approve=False, timeout=300, say=lambda _: None)
     collaboration.locate("floor_probe")
-    run_seconds, task_seconds = [], []
+    run_seconds, task_seconds, phases = [], [], {label: [] for label, _, _ in FLOOR_PHASES}
     for _ in range(runs):
         response = deployment.request("POST", "/api/v2/dags/floor_probe/dagRuns", site_user(state["site"], role="engineer"),
                                       json={"logical_date": None, "conf": {}})
         response.raise_for_status()
         run_id = response.json()["dag_run_id"]
         collaboration.follow(deployment, "floor_probe", run_id)
-        run = deployment.run("floor_probe", run_id)
-        run_seconds.append(iso_seconds(run["end_date"]) - iso_seconds(run["queued_at"]))
-        task_seconds += [ti["duration"] for ti in deployment.task_instances("floor_probe", run_id)]
-    return statistics.median(run_seconds), statistics.median(task_seconds)
+        marks = _floor_marks(deployment, run_id)
+        run_seconds.append(marks["run_end"] - marks["queued_at"])
+        task_seconds.append(marks["ti_end"] - marks["ti_start"])
+        for label, begin, end in FLOOR_PHASES:
+            if marks.get(begin) is not None and marks.get(end) is not None:
+                phases[label].append(marks[end] - marks[begin])
+    return (statistics.median(run_seconds), statistics.median(task_seconds),
+            {label: statistics.median(values) for label, values in phases.items() if values})
+
+
+def _print_floor(phases: dict[str, float]) -> None:
+    print("the floor's run, phase by phase (medians):")
+    for label, seconds in phases.items():
+        print(f"  {label:66s} {seconds:6.2f} s")
 
 
 def deployments(scale: int | None) -> None:
@@ -245,7 +286,7 @@ def deployments(scale: int | None) -> None:
         peak.halt.set()
         pss_after = _pss_mib(states)
         durations, in_steps, intervals = _task_shares(home, states, collaboration.timings)
-        floor_run, floor_task = _floor(home, states["supplier"])
+        floor_run, floor_task, floor_phases = _floor(home, states["supplier"])
     finally:
         subprocess.run([*FACTORY, "down"], env=env, capture_output=True, text=True)
     t_direct = direct(direct_home)
@@ -260,6 +301,7 @@ def deployments(scale: int | None) -> None:
           f"{len(intervals)} step tasks, {len(collaboration.answered)} gates)")
     print(f"ratio                                 : {t_run / t_direct:8.2f}x")
     print(f"floor: an empty task at the supplier  : {floor_run:8.2f} s trigger to done, {floor_task:.2f} s in the task")
+    _print_floor(floor_phases)
     print(f"inside step functions (union in time) : {work:8.2f} s  {100 * work / t_run:5.1f} % of the run")
     print(f"orchestration (the rest)              : {t_run - work:8.2f} s  {100 * (t_run - work) / t_run:5.1f} % of the run")
     print(f"run / time inside the steps           : {t_run / work:8.2f}x (1.0 would be no orchestration at all)")
@@ -268,11 +310,41 @@ def deployments(scale: int | None) -> None:
         print(f"  {kind:40s} {seconds:8.2f} s  {in_steps.get(kind, 0.0):8.2f} s in the step")
 
 
+def floor_only(runs: int) -> None:
+    """Only the supplier's deployment, with only the floor DAG: where an empty task's time goes."""
+    from pipelines.service.processes import running_sites
+    from pipelines.service.up import conf_with_free_ports
+
+    home = fresh_home("bench-floor-")
+    os.environ["FACTORY_CONF"] = str(conf_with_free_ports(home.parent / "conf"))
+    os.environ["FACTORY_HOME"] = str(home)
+    dags = home.parent / "dags"
+    dags.mkdir()
+    (dags / "floor_probe.py").write_text(FLOOR_DAG)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW__", "AIRFLOW_HOME"))}
+    up = subprocess.run([*FACTORY, "up", "--site", "supplier", "--detach", "--no-trigger", "--no-mlflow",
+                         "--no-carrier", "--dags-folder", str(dags)], env=env, capture_output=True, text=True)
+    if up.returncode:
+        sys.exit(f"factory up failed:\n{up.stdout}\n{up.stderr}")
+    try:
+        floor_run, floor_task, phases = _floor(home, running_sites(home)["supplier"], runs=runs)
+    finally:
+        subprocess.run([*FACTORY, "down"], env=env, capture_output=True, text=True)
+    print(f"floor: an empty task at the supplier  : {floor_run:8.2f} s trigger to done, {floor_task:.2f} s in the task "
+          f"(median of {runs})")
+    _print_floor(phases)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deployments", action="store_true", help="the three sites' own deployments")
     parser.add_argument("--scale", type=int, action="append", help="factory init --scale N (repeatable)")
+    parser.add_argument("--floor", type=int, metavar="RUNS",
+                        help="only the floor: RUNS empty-task runs on the supplier's deployment alone, phase by phase")
     args = parser.parse_args()
+    if args.floor:
+        floor_only(args.floor)
+        return
     for scale in args.scale or [None]:
         (deployments if args.deployments else embedded)(scale)
 

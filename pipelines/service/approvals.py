@@ -118,14 +118,16 @@ def _headers(client: httpx.Client, user: str, password: str) -> dict[str, str]:
 
 
 def pending_gates(
-    client_or_url: httpx.Client | str, user: str, password: str, *, only_mine: bool = False
+    client_or_url: httpx.Client | str, user: str, password: str, *, only_mine: bool = False,
+    access_token: str | None = None,
 ) -> list[dict[str, Any]]:
     """Gates waiting for an answer, as `user` sees them; `may_answer` says whether `user` is assigned.
 
     `only_mine` keeps the gates `user` may answer (assigned to them, or open to any user).
+    `access_token`: `user`'s token from an earlier login (a caller that polls), instead of logging in.
     """
     with _http(client_or_url) as client:
-        headers = _headers(client, user, password)
+        headers = {"Authorization": f"Bearer {access_token}"} if access_token else _headers(client, user, password)
         response = client.get(
             "/api/v2/dags/~/dagRuns/~/hitlDetails",
             params={"response_received": "false", "limit": 1000},

@@ -28,9 +28,13 @@ from pipelines.workspace import SitePaths
 
 ACTIVE = ("queued", "running")
 FINISHED = ("success", "failed")
-# Seconds between a gate's task showing as parked and its supervisor reporting the process's exit
-# (margin; a loaded machine took more than 1 s in CI).
-PARK_EXIT_SECONDS = 3.0
+# Seconds between a gate's task showing as parked and its supervisor reporting the process's exit: the
+# supervisor looks at its process every `[workers] min_heartbeat_interval` seconds (the deployment's
+# service record says how many: `factory up` sets 1; Airflow's default, 5, where the record does not say),
+# plus this margin for the process to exit and the worker to hand the event over. Measured on a loaded
+# 2-core machine with 1: 0.1-1.2 s from the park to the scheduler's reading of the exit (with 5: up to
+# 5.1 s, which is why a 1 s margin once failed in CI).
+PARK_EXIT_MARGIN = 1.5
 
 
 class DriveFailed(RuntimeError):
@@ -74,6 +78,7 @@ class Deployment:
         self.http = httpx.Client(base_url=self.url, timeout=60.0)
         self._tokens: dict[str, str] = {}
         self.heartbeats: list[float] = []  # distinct scheduler heartbeats seen, oldest first
+        self.park_exit_seconds = float(state.get("task_exit_seconds") or 5.0) + PARK_EXIT_MARGIN
 
     def observe_scheduler(self) -> None:
         """Note the scheduler's latest heartbeat (`/api/v2/monitor/health`)."""
@@ -96,14 +101,29 @@ class Deployment:
         task, the scheduler queues it again and only then reads the "success" of the process that
         parked it, for the same try, and marks the resumed task failed ("Task killed!"). The scheduler
         reads executor events in every loop and records a heartbeat at the end of a loop every
-        `scheduler_heartbeat_sec`, so two heartbeats later than the process's exit (with a margin for
-        its supervisor to finish) mean a whole loop has read its events."""
+        `scheduler_heartbeat_sec`, so two heartbeats later than the process's exit (`park_exit_seconds`
+        after the park at the latest) mean a whole loop has read its events."""
         if parked_beat is None:
             return False
-        return len([beat for beat in self.heartbeats if beat > parked_beat + PARK_EXIT_SECONDS]) >= 2
+        return len([beat for beat in self.heartbeats if beat > parked_beat + self.park_exit_seconds]) >= 2
 
     def close(self) -> None:
         self.http.close()
+
+    def pending_gates(self) -> list[dict[str, Any]]:
+        """The gates waiting in this Airflow, as the site's operator sees them (one login, kept while
+        its token is valid: the driver polls this every `poll` seconds)."""
+        user = self.operator
+        for attempt in range(2):
+            if user not in self._tokens:
+                self._tokens[user] = token(self.http, user, self.password(user))
+            try:
+                return pending_gates(self.http, user, self.password(user), access_token=self._tokens[user])
+            except ApprovalError as error:
+                if error.status != 401 or attempt:
+                    raise
+                self._tokens.pop(user)  # expired: log in again
+        return []
 
     def request(self, method: str, path: str, user: str | None = None, **kwargs: Any) -> httpx.Response:
         user = user or self.operator
@@ -191,11 +211,14 @@ class Collaboration:
     def tend_gates(self) -> None:
         """Answer (or announce) every settled gate of the selected stages' runs of this drive."""
         for deployment in self.deployments.values():
-            deployment.observe_scheduler()
             try:
-                gates = pending_gates(deployment.http, deployment.operator, deployment.password(deployment.operator))
+                gates = deployment.pending_gates()
             except ApprovalError as error:
                 raise DriveFailed(f"{deployment.site}: listing approval gates failed: {error}") from None
+            if any(gate["state"] == "awaiting_input" for gate in gates):
+                # Only while a gate is parked: a heartbeat read after the gate was seen parked (never an
+                # older one) is where `settled` starts counting.
+                deployment.observe_scheduler()
             for gate in gates:
                 if gate["dag_id"] not in self.gate_dags or not self._ours(deployment, gate["dag_id"], gate["run_id"]):
                     continue

@@ -46,7 +46,9 @@ FIRST_DAG = "stage_1_initial_training"
 FIRST_SITE = "supplier"
 FIRST_DAG_USER = "supplier_engineer"
 AIRFLOW_PROCESSES = ("api-server", "scheduler", "dag-processor", "triggerer")
-PUSH_INTERVAL = 2.0
+# Seconds between the outbox pusher's passes (a pass reads one outbox record file): a package waits
+# half of it on average before it is pushed.
+PUSH_INTERVAL = 0.5
 
 
 def _module(name: str) -> list[str]:
@@ -376,11 +378,23 @@ def start_deployment(
             env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", None)  # SQLite's, from a caller's env
         env.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
         env.setdefault("AIRFLOW__API__WORKERS", "1")
-        # A heartbeat every second (default 5): `factory run --approve` answers a gate two heartbeats after it
-        # parked (pipelines.service.collaboration.Deployment.settled).
-        env.setdefault("AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC", "1")
+        # A heartbeat every half second (default 5): `factory run --approve` answers a gate two heartbeats after
+        # its process's exit can have reached the scheduler (pipelines.service.collaboration.Deployment.settled).
+        env.setdefault("AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC", "0.5")
         # An idle scheduler looks for work every 0.25 s (default 1): a task's successor starts sooner.
         env.setdefault("AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME", "0.25")
+        # The DAG processor parses every file once at start, then a file again when it changes (its default
+        # `file_parsing_sort_mode` modified_time queues a changed file at once) or after this interval
+        # (default 30 s). Re-parsing ~25 unchanged files every 30 s in each of three deployments took a
+        # third of a core and held the SQLite write lock while the steps ran.
+        env.setdefault("AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL", "600")
+        # A task's supervisor waits up to this many seconds (default 5) between looks at its task process, also
+        # after the process has closed its sockets: with 5, every task held its executor slot (PARALLELISM above)
+        # ~5 s after it finished, and a parked gate's exit reached the scheduler that much later. With 1 it
+        # also heartbeats each running task once a second.
+        env.setdefault("AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL", "1")
+        # The driver's bound on how long after a gate parks its process's exit is reported (Deployment.settled).
+        state["task_exit_seconds"] = float(env["AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL"])
         state["url"] = f"http://localhost:{api_port}"
         state["passwords_file"] = str(passwords_file(home, site))
         write_state(home, site, state)
@@ -433,12 +447,24 @@ def start_deployment(
         raise
 
 
+def _warm_execution_api(url: str) -> None:
+    """One request to the task execution API (its public health route), so that the API server builds
+    that API's versioned routes now. Airflow 3.3's execution API (a Cadwyn app) builds them on its first
+    request, which blocks the server for 3-8 s; unwarmed, that request is the first task's `/run` call,
+    which times out after `[workers] execution_api_timeout` (5 s) and is retried."""
+    import httpx
+
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.get(f"{url}/execution/health", timeout=120.0)
+
+
 def wait_ready(home: Path, state: dict[str, Any], timeout: float) -> None:
     """Wait for the deployment's Airflow API and inbox service; record how long it took."""
     site = state["site"]
     _wait_http(f"{state['url']}/api/v2/monitor/health", timeout + time.time() - state["started_at"],
                f"{site}: Airflow API and UI", [p for p in state["processes"] if p["name"] in AIRFLOW_PROCESSES],
                since=state["started_at"])
+    _warm_execution_api(state["url"])
     if state.get("inbox"):
         from urllib.parse import urlsplit
 
