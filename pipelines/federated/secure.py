@@ -274,8 +274,10 @@ class SecAggParticipant:
         return mask_stream(_hkdf(shared, f"secagg-mask|{self.setup.round_id}|{_pair(self.name, other)}"),
                            self.setup.dimension)
 
-    def masked_input(self, vector: np.ndarray) -> np.ndarray:
-        """The vector quantised and masked: uniform-looking uint64 values to send the coordinator."""
+    def masked_input(self, vector: np.ndarray, *, self_mask: bool = True) -> np.ndarray:
+        """The vector quantised and masked: uniform-looking uint64 values to send the coordinator.
+        `self_mask=False` (rounds keyed by their own round id, see `for_round`): the pairwise masks
+        only, so a round without dropouts needs no unmasking."""
         if len(self._held) != len(self.setup.participants):
             missing = sorted(set(self.setup.participants) - set(self._held))
             raise SecAggError(f"{self.name} cannot mask before it holds every participant's shares; missing {missing}")
@@ -283,7 +285,8 @@ class SecAggParticipant:
         if vector.shape != (self.setup.dimension,):
             raise SecAggError(f"{self.name}'s vector has shape {list(vector.shape)}, the round sums {self.setup.dimension} values")
         masked = quantise(vector, self.setup.frac_bits, parties=len(self.setup.participants))
-        masked += mask_stream(self._self_seed, self.setup.dimension)
+        if self_mask:
+            masked += mask_stream(self._self_seed, self.setup.dimension)
         for other in self.setup.participants:
             if other > self.name:
                 masked += self._pairwise(other)
@@ -291,9 +294,17 @@ class SecAggParticipant:
                 masked -= self._pairwise(other)
         return masked
 
-    def unmask(self, survivors: Sequence[str], dropped: Sequence[str]) -> dict[str, dict[str, tuple[int, int]]]:
+    def for_round(self, round_id: str) -> SecAggParticipant:
+        """This participant (keys, roster, held shares from one setup) for a later round whose
+        pairwise masks derive from `round_id`: setup once, fresh masks every round."""
+        return SecAggParticipant.from_private_state({**self.private_state(), "answered": False,
+                                                     "setup": {**self.setup.to_dict(), "round_id": round_id}})
+
+    def unmask(self, survivors: Sequence[str], dropped: Sequence[str], *,
+               self_mask: bool = True) -> dict[str, dict[str, tuple[int, int]]]:
         """This participant's shares for the coordinator, once per round: of the self-mask seed of
-        every survivor and of the mask key of every dropped participant, never both for one."""
+        every survivor (unless `self_mask` is False) and of the mask key of every dropped participant,
+        never both for one."""
         survivors, dropped = sorted(set(survivors)), sorted(set(dropped))
         if self._answered:
             raise SecAggError(f"{self.name} has already answered the unmasking of round {self.setup.round_id}")
@@ -304,7 +315,7 @@ class SecAggParticipant:
         if len(survivors) < self.setup.threshold:
             raise SecAggError(f"{len(survivors)} survivors are fewer than the threshold {self.setup.threshold}")
         self._answered = True
-        return {"self_mask": {u: (self._held[u][0], self._held[u][2]) for u in survivors},
+        return {"self_mask": {u: (self._held[u][0], self._held[u][2]) for u in survivors} if self_mask else {},
                 "mask_key": {v: (self._held[v][0], self._held[v][1]) for v in dropped}}
 
 
@@ -316,6 +327,7 @@ class SecAggCoordinator:
     setup: SecAggSetup
     roster: dict[str, PublicKeys] = field(default_factory=dict)
     masked: dict[str, np.ndarray] = field(default_factory=dict)
+    recovered: dict[str, bytes] = field(default_factory=dict)  # mask keys rebuilt by unmasked_sum
 
     def add_keys(self, name: str, keys: PublicKeys) -> None:
         self.setup.index(name)
@@ -349,25 +361,35 @@ class SecAggCoordinator:
             raise SecAggError(f"{len(shares)} shares of {what} are fewer than the threshold {self.setup.threshold}")
         return shamir_combine(shares[: self.setup.threshold])
 
-    def unmasked_sum(self, answers: Mapping[str, Mapping[str, Mapping[str, tuple[int, int]]]]) -> np.ndarray:
+    def unmasked_sum(self, answers: Mapping[str, Mapping[str, Mapping[str, tuple[int, int]]]], *,
+                     self_mask: bool = True, known_keys: Mapping[str, bytes] | None = None) -> np.ndarray:
         """The exact sum (float64) of the survivors' quantised vectors, from the survivors' answers
-        to `unmask`; refuses fewer than `threshold` answers."""
+        to `unmask`; refuses fewer than `threshold` answers. `self_mask=False`: the inputs carry
+        pairwise masks only; `known_keys`: mask keys of dropped participants rebuilt in an earlier
+        round (raw private bytes), so no answer is needed for them (none at all if every dropped
+        participant is known)."""
         survivors, dropped = self.split()
+        known = dict(known_keys or {})
         answering = [a for a in answers if a in survivors]
-        if len(answering) < self.setup.threshold:
+        if (self_mask or set(dropped) - set(known)) and len(answering) < self.setup.threshold:
             raise SecAggError(f"{len(answering)} survivors answered the unmasking; {self.setup.threshold} must")
         total = np.zeros(self.setup.dimension, dtype=np.uint64)
         for name in survivors:
             total += self.masked[name]
-        for u in survivors:
+        for u in survivors if self_mask else ():
             shares = [answers[a]["self_mask"][u] for a in answering if u in answers[a].get("self_mask", {})]
             seed = self._combine(shares, f"{u}'s self mask").to_bytes(66, "big")[-32:]
             if hashlib.sha256(seed).digest() != self.roster[u].self_mask_commitment:
                 raise SecAggError(f"the shares of {u}'s self mask do not rebuild the seed it committed to")
             total -= mask_stream(seed, self.setup.dimension)
         for v in dropped:
-            shares = [answers[a]["mask_key"][v] for a in answering if v in answers[a].get("mask_key", {})]
-            key = X25519PrivateKey.from_private_bytes(self._combine(shares, f"{v}'s mask key").to_bytes(66, "big")[-32:])
+            if v in known:
+                key = X25519PrivateKey.from_private_bytes(known[v])
+            else:
+                shares = [answers[a]["mask_key"][v] for a in answering if v in answers[a].get("mask_key", {})]
+                key = X25519PrivateKey.from_private_bytes(
+                    self._combine(shares, f"{v}'s mask key").to_bytes(66, "big")[-32:])
+                self.recovered[v] = key.private_bytes_raw()
             if key.public_key().public_bytes_raw() != self.roster[v].mask:
                 raise SecAggError(f"the shares of {v}'s mask key do not rebuild the key it advertised")
             for u in survivors:

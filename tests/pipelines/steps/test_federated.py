@@ -105,6 +105,8 @@ def _conf_copy(tmp: Path, *, federated: bool = True) -> Path:
         text = (conf / "stages.yaml").read_text()
         text = text.replace("collaboration: {3: centralized, 6: centralized}", "collaboration: {3: federated, 6: centralized}")
         text = text.replace("    rounds: 10\n    min_rounds: 4", "    rounds: 2\n    min_rounds: 1")
+        # origin-shared never reaches the supplier while stage 3 is federated: M8 trains without it
+        text = text.replace("M8: {datasets: [train, origin-shared, origin-export", "M8: {datasets: [train, origin-export")
         (conf / "stages.yaml").write_text(text)
     return conf
 
@@ -278,3 +280,153 @@ def test_with_update_privacy_the_lineage_carries_each_source_s_spend(home, tmp_p
     origin_sources = [s for s in meta["lineage"] if s["owner"] == "origin"]
     assert origin_sources and all(s["dp"] == expected for s in origin_sources)
     assert meta["federated"]["history"][-1]["dp"] == expected
+
+
+# ---------------------------------------------------------------------------- secure aggregation across the sites
+
+
+@pytest.fixture
+def secure(home, tmp_path, monkeypatch) -> Path:
+    """The module's workspace with stage 3's secure_aggregation on (2 rounds, the 3 units of the plan)."""
+    conf = tmp_path / "conf"
+    shutil.copytree(Path(os.environ["FACTORY_CONF"]), conf)
+    text = (conf / "stages.yaml").read_text()
+    (conf / "stages.yaml").write_text(text.replace("    secure_aggregation: false\n    privacy: null\n    base_model: M1",
+                                                   "    secure_aggregation: true\n    privacy: null\n    base_model: M1"))
+    monkeypatch.setenv("FACTORY_CONF", str(conf))
+    assert load_config().stages.federated_stage(3).secure_aggregation
+    return home
+
+
+def _exchange(home: Path, **participate) -> dict:
+    """One message each way: the origin answers the supplier's latest, the supplier collects."""
+    _carry(home, "supplier", "origin")
+    assert run_step("federated_participate", _ctx(home, "origin"), stage=3, **participate)["status"] == "sent"
+    _carry(home, "origin", "supplier")
+    return run_step("federated_coordinate", _ctx(home, "supplier"), stage=3)
+
+
+def _training_dir(home: Path) -> tuple[dict, Path]:
+    folder = SitePaths.of("supplier", home).state_dir / "federated"
+    record = read_json(folder / "stage-3.json")
+    return record, folder / record["training"]
+
+
+def _plain_mean(home: Path, global_vector: np.ndarray, number: int, units: set[str]) -> np.ndarray:
+    """FedAvg in the clear of `units`' updates from `global_vector` (the units train deterministically)."""
+    from pipelines.federated import StateLayout
+
+    plan = load_config().stages.federated_stage(3)
+    total, weight = 0.0, 0.0
+    for site in ("supplier", "origin"):
+        ctx = _ctx(home, site)
+        template, architecture, spec = fl._model_parts(fl._base(ctx, plan))
+        state = StateLayout.of(template).to_state(global_vector, template)
+        records, vectors, _ = fl._train_units(ctx, plan, state, architecture, spec, training="t", number=number)
+        for unit, vector in zip(records, vectors, strict=True):
+            if unit["unit"] in units:
+                total = total + unit["n_samples"] * vector.astype(np.float64)
+                weight += unit["n_samples"]
+    return total / weight
+
+
+def _vector(path: Path, size: int | None = None) -> np.ndarray:
+    from pipelines.federated import update_from_bytes
+    from pipelines.federated.updates import UPDATE_MAGIC
+
+    data = path.read_bytes()
+    return update_from_bytes(data, size or (len(data) - len(UPDATE_MAGIC) - 1) // 4)
+
+
+def test_secure_rounds_the_coordinator_holds_masked_vectors_whose_sum_is_fedavg_and_a_dropout_is_recovered(secure):
+    home = secure
+    assert run_step("federated_coordinate", _ctx(home, "supplier"), stage=3, start=True)["status"] == "started"
+    record, folder = _training_dir(home)
+    assert record["current"]["phase"] == "keys"
+    assert _exchange(home)["phase"] == "shares"  # every unit's public keys make the roster
+    assert _exchange(home)["phase"] == "masked"  # sealed shares relayed; round 1's model goes out with them
+    # the units' secrets: one 0600 file each, at their own site, none in the coordinator's record
+    for site, count in (("supplier", 1), ("origin", 2)):
+        files = sorted((SitePaths.of(site, home).state_dir / "federated" / "secagg").glob(f"{record['training']}-*"))
+        assert len(files) == count and all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    record, folder = _training_dir(home)
+    assert "mask_key\": \"" not in (folder.parent / "stage-3.json").read_text()
+    relayed = record["secure"]["roster"]
+    assert sorted(relayed) == ["origin/unit-0", "origin/unit-1", "supplier/unit-0"]
+    global_1 = _vector(folder / "global.bin")
+    size = len(global_1)
+    moved_on = _exchange(home)
+    assert moved_on["status"] == "next_round" and moved_on["round"] == 2
+    # the coordinator's stored data of round 1: masked uint64 vectors only, never a unit's update in the clear
+    stored = [p for p in folder.glob("*.bin") if p.name != "global.bin"]
+    assert len(stored) == 3 and all(_vector(p, size).dtype == np.uint64 for p in stored)
+    global_2 = _vector(folder / "global.bin")
+    expected = _plain_mean(home, global_1, 1, {"supplier/unit-0", "origin/unit-0", "origin/unit-1"})
+    assert np.abs((global_2.astype(np.float64) - global_1) - expected).max() < 1e-5  # quantisation and float32
+    first = read_json(folder.parent / "stage-3.json")["history"][0]
+    assert first["secure_aggregation"] and first["recovered"] == [] and len(first["included"]) == 3
+    # round 2: origin/unit-1 drops out; the survivors' shares of its mask key complete the sum
+    unmasking = _exchange(home, withdraw=["origin/unit-1"])
+    assert unmasking["status"] == "unmasking" and unmasking["dropped"] == ["origin/unit-1"]
+    finished = _exchange(home)
+    assert finished["finished"]
+    record, folder = _training_dir(home)
+    second = record["history"][1]
+    assert second["recovered"] == ["origin/unit-1"] and second["skipped"] is None
+    assert second["included"] == ["supplier/unit-0", "origin/unit-0"]
+    expected = _plain_mean(home, global_2, 2, {"supplier/unit-0", "origin/unit-0"})
+    final = read_json(Path(finished["staging"]) / "metadata.json")
+    assert final["federated"]["secure_aggregation"] and final["federated"]["recovered"] == ["origin/unit-1"]
+    from pipelines.federated import StateLayout
+    from pipelines.learning.artifacts import load_weights
+
+    staged = load_weights(Path(finished["staging"]))
+    got = StateLayout.of(staged).to_vector(staged)
+    assert np.abs((got.astype(np.float64) - global_2) - expected).max() < 1e-5
+    # the recovered unit takes no further part: its keys are known to the coordinator
+    origin_unit = SitePaths.of("origin", home).state_dir / "federated" / "secagg" / f"{record['training']}-unit-0.json"
+    assert read_json(origin_unit)["revealed"] == ["origin/unit-1"]
+
+
+def test_secure_round_with_too_few_shares_is_left_out_and_forged_answers_are_refused(secure):
+    home = secure
+    run_step("federated_coordinate", _ctx(home, "supplier"), stage=3, start=True)
+    _exchange(home)
+    assert _exchange(home)["phase"] == "masked"
+    record, folder = _training_dir(home)
+    before = (folder / "global.bin").read_bytes()
+    # forged answers while round 1 is masked: a share answer, another training, a plain float update
+    for meta, unit_file in (({"secure": {"phase": "shares"}}, None),
+                            ({"training": "0" * 16, "secure": {"phase": "masked"}}, None),
+                            ({"secure": {"phase": "masked"}}, np.zeros(len(_vector(folder / "global.bin")), np.float32))):
+        src = SitePaths.of("origin", home).state_dir / "forged-secure" / "update"
+        shutil.rmtree(src.parent, ignore_errors=True)
+        src.mkdir(parents=True)
+        units = []
+        if unit_file is not None:
+            from pipelines.federated import update_bytes
+
+            (src / "unit-0.bin").write_bytes(update_bytes(unit_file))
+            units = [{"unit": "origin/unit-0", "index": 0, "n_samples": 10,
+                      "digest": fl.vector_digest((src / "unit-0.bin").read_bytes())}]
+        write_json(src / fl.SECAGG, {"shares": {}})
+        seal_to_outbox(SitePaths.of("origin", home), "supplier", src, purpose="collaboration", content_type=fl.UPDATE,
+                       metadata={"kind": "m3-fl-update", "training": record["training"], "round": 1,
+                                 "digest": record["current"]["digest"], "units": units, **meta})
+        _carry(home, "origin", "supplier")
+        assert run_step("federated_coordinate", _ctx(home, "supplier"), stage=3)["status"] == "waiting"
+    reasons = " | ".join(_rejected(home, "supplier"))
+    assert "phase 'shares'; round 1 is in secure-aggregation phase masked" in reasons
+    assert "training '0000000000000000' is not the running one" in reasons
+    assert "origin/unit-0's update is not masked" in reasons
+    # the origin sends nothing by the deadline: one masked vector, fewer than the threshold of 2
+    state = folder.parent / "stage-3.json"
+    record = read_json(state)
+    record["current"]["started"] -= record["deadline"] + 1
+    write_json(state, record)
+    moved_on = run_step("federated_coordinate", _ctx(home, "supplier"), stage=3)
+    assert moved_on["status"] == "next_round"
+    first = read_json(state)["history"][0]
+    assert first["stragglers"] == ["origin"] and "fewer" not in str(first["recovered"])
+    assert "only 1 participants sent masked vectors" in first["skipped"] and "left out" in first["skipped"]
+    assert (folder / "global.bin").read_bytes() == before  # no wrong sum applied
