@@ -11,8 +11,43 @@ Two ways to run the collaboration:
   Airflow task on the same deployment.
 `--scale N` (repeatable) builds the workspaces with `factory init --scale N`: one line of figures per scale.
 
+`--floor RUNS`: only the supplier's deployment, only the floor DAG: where an empty task's time goes.
+
     .venv/bin/python benchmarks/collaboration_overhead.py
     .venv/bin/python benchmarks/collaboration_overhead.py --deployments --scale 1800 --scale 5000 --scale 10000
+    .venv/bin/python benchmarks/collaboration_overhead.py --floor 8
+
+Where the floor goes (`--floor 8`, medians, 2-core machine shared with other work; 0.70 s trigger to done):
+
+    trigger -> run started (scheduler loop, idle sleep 0.25 s)          0.39 s
+    run started -> task queued (scheduler loop)                         0.02 s
+    task queued -> task running (worker, supervisor fork, /run call)    0.09 s
+    task running -> DAG file parsed in the task process                 0.06 s  (steps' imports preloaded)
+    parsed -> task body done, XCom, success call                        0.02 s
+    task done -> run marked success (scheduler loop)                    0.18 s
+
+The floor is not where the collaboration's orchestration went. What did go, and what was done (pipelines.service.up
+sets the Airflow options; all are options Airflow 3.3 reads):
+
+    first task of each deployment: its /run call took 3.5-9.4 s      the execution API (a Cadwyn app) builds its
+      (Cadwyn builds its versioned routes on the first request,      routes on a request to /execution/health at
+      blocking the API server; over 5 s the task's client retried)   `factory up` (wait_ready)
+    every task's supervisor noticed its process's exit up to 5 s     [workers] min_heartbeat_interval 1: the slot is
+      late ([workers] min_heartbeat_interval): slot held, and a      free within 1 s; a parked gate's exit reaches
+      parked gate's exit reached the scheduler up to 5.1 s late      the scheduler 0.1-1.2 s after the park
+    the DAG processors re-parsed ~25 unchanged files every 30 s      [dag_processor] min_file_process_interval 600
+      in each deployment (a third of a core, SQLite write locks)     (a changed file is still parsed at once)
+    a package waited for the outbox pusher's pass (2 s)              passes every 0.5 s
+    the driver logged in on each poll of each deployment's gates     one login kept; the scheduler's health read
+      and read three health endpoints every 0.5 s                    only while a gate is parked
+    a parked gate was answered 3 s + 2 heartbeats (1 s) after its    margin: the deployment's supervisor interval
+      park (the Airflow 3.3.2 race: collaboration.Deployment.settled) (1 s) + 1.5 s, heartbeats every 0.5 s
+
+What is left at the default scale (one run after these changes: 156 s, 98 s inside the steps, 58 s of
+orchestration): the six gates' wait for their answer, ~27 s (~4.5 s each: the race's margin; the scheduler has
+read the parked process's exit 0.1-1.2 s after the park); no task running, ~23 s (a package's hand-over from one
+site's release to the partner's first task, 1.0-1.6 s each, and ~0.2 s of scheduler loop per task in a DAG);
+inside the tasks but outside the steps (parse, XCom, API calls), ~7 s.
 """
 
 from __future__ import annotations
@@ -304,6 +339,9 @@ def deployments(scale: int | None) -> None:
     _print_floor(floor_phases)
     print(f"inside step functions (union in time) : {work:8.2f} s  {100 * work / t_run:5.1f} % of the run")
     print(f"orchestration (the rest)              : {t_run - work:8.2f} s  {100 * (t_run - work) / t_run:5.1f} % of the run")
+    gates = durations.get("approval gates (until answered)", 0.0) - in_steps.get("approval gates (until answered)", 0.0)
+    print(f"  of which gates waiting for an answer: {gates:8.2f} s; without them {t_run - work - gates:.2f} s, "
+          f"{100 * (t_run - work - gates) / t_run:.1f} % of the run")
     print(f"run / time inside the steps           : {t_run / work:8.2f}x (1.0 would be no orchestration at all)")
     print("per kind of task: task instance seconds, of which inside the step (runs at different sites may overlap):")
     for kind, seconds in sorted(durations.items(), key=lambda kv: -kv[1]):
