@@ -157,8 +157,10 @@ def run_federated_stage(stage: int, dags: dict, *, approve: bool, home: Path) ->
     console.rule(f"stage {stage} (federated): {coordinator} starts a training")
     run_dag(dags[coordinator], approve=approve, home=home, conf={"start": True})
     deliver_embedded(home)
-    for number in range(1, plan.rounds + 1):
-        console.rule(f"stage {stage} (federated): round {number}")
+    # secure aggregation adds its setup (keys, shares) before round 1 and may add an unmask exchange a round
+    exchanges = plan.rounds + (2 + plan.rounds if plan.secure_aggregation else 0)
+    for number in range(1, exchanges + 1):
+        console.rule(f"stage {stage} (federated): exchange {number}")
         run_dag(dags[participant], approve=approve, home=home)
         deliver_embedded(home)
         run_dag(dags[coordinator], approve=approve, home=home, conf={"start": False})  # collect, go on
@@ -166,7 +168,8 @@ def run_federated_stage(stage: int, dags: dict, *, approve: bool, home: Path) ->
         if read_json(record).get("status") == "finished":
             break
     else:
-        raise RunFailed(f"stage {stage}: the federated training did not finish in {plan.rounds} rounds")
+        raise RunFailed(f"stage {stage}: the federated training did not finish in {plan.rounds} rounds "
+                        f"({exchanges} exchanges)")
     for dag_id in (d for d in entry.dags if d.endswith("_model_intake")):
         console.rule(f"stage {stage}: {dag_id}")
         run_dag(dags[dag_id], approve=approve, home=home)

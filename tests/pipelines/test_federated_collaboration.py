@@ -24,20 +24,24 @@ from pipelines.workspace import SitePaths
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def federated_home(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=[False, True], ids=["clear", "secure"])
+def federated_home(tmp_path_factory, request) -> Path:
     from pipelines.config import conf_dir
     from pipelines.fileio import write_atomic
     from pipelines.init import init_workspace
     from pipelines.protection.watermark import KEY_BYTES, key_path
 
-    tmp = tmp_path_factory.mktemp("federated-airflow")
+    tmp = tmp_path_factory.mktemp("federated-airflow-secure" if request.param else "federated-airflow-clear")
     conf = tmp / "conf"
     shutil.copytree(conf_dir(), conf)
     text = (conf / "stages.yaml").read_text()
     text = text.replace("collaboration: {3: centralized, 6: centralized}", "collaboration: {3: federated, 6: centralized}")
     # the origin's shared data stays home, so M8 cannot name it (conf/stages.yaml refuses it otherwise)
-    (conf / "stages.yaml").write_text(text.replace("M8: {datasets: [train, origin-shared, ", "M8: {datasets: [train, "))
+    text = text.replace("M8: {datasets: [train, origin-shared, ", "M8: {datasets: [train, ")
+    if request.param:  # the same proof with secure aggregation across the three units (masked updates only)
+        text = text.replace("    secure_aggregation: false\n    privacy: null\n    base_model: M1",
+                            "    secure_aggregation: true\n    privacy: null\n    base_model: M1")
+    (conf / "stages.yaml").write_text(text)
     home = tmp / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")} | {
         "FACTORY_HOME": str(home), "FACTORY_CONF": str(conf)}
@@ -77,8 +81,9 @@ def test_every_round_is_a_dag_run_and_its_bytes_are_counted(federated_home: Path
         assert entry["content_types"] == ["federated-model", "federated-update"]
         assert entry["bytes_down"]["origin"] > 0 and entry["bytes_up"]["origin"] > entry["bytes_down"]["origin"]
         assert len(entry["included"]) == 3
-    print("bytes per round across the supplier-origin border:",
-          {"down": history[0]["bytes_down"]["origin"], "up": history[0]["bytes_up"]["origin"]})
+        assert entry["secure_aggregation"] is ("-secure" in federated_home.parent.name) and entry["recovered"] == []
+    print("bytes per round across the supplier-origin border (round 1, last round):",
+          [{"down": r["bytes_down"]["origin"], "up": r["bytes_up"]["origin"]} for r in (history[0], history[-1])])
 
 
 def test_federated_m3_is_within_two_points_of_centralized_m3_on_the_origin_test_data(federated_home: Path):
