@@ -383,6 +383,12 @@ def test_secure_rounds_the_coordinator_holds_masked_vectors_whose_sum_is_fedavg_
     staged = load_weights(Path(finished["staging"]))
     got = StateLayout.of(staged).to_vector(staged)
     assert np.abs((got.astype(np.float64) - global_2) - expected).max() < 1e-5
+    from mlflow.tracking import MlflowClient  # per round in the coordinator's MLflow run
+
+    client = MlflowClient(SitePaths.of("supplier", home).mlflow_uri)
+    for name, values in (("secure_aggregation", [1.0, 1.0]), ("units_recovered", [0.0, 1.0])):
+        history = sorted(client.get_metric_history(record["mlflow_run_id"], name), key=lambda m: m.step)
+        assert [(m.step, m.value) for m in history] == list(zip([1, 2], values, strict=True))
     # the recovered unit takes no further part: its keys are known to the coordinator
     origin_unit = SitePaths.of("origin", home).state_dir / "federated" / "secagg" / f"{record['training']}-unit-0.json"
     assert read_json(origin_unit)["revealed"] == ["origin/unit-1"]
