@@ -434,20 +434,30 @@ class StagesConf(_Strict):
     def collaboration_of(self, stage: int) -> str:
         return self.collaboration.get(stage, "centralized")
 
-    def kept_home(self) -> dict[str, int]:
-        """The partner data a federated stage keeps at home, by the name it would have at the
-        coordinator (`<owner>-<partition>`, as a data release names it) -> that stage."""
+    def kept_home(self) -> dict[tuple[str, str], int]:
+        """What a federated stage's partner data would have been called had it been released, and
+        which federated stage keeps it home: (site, dataset name) -> stage. The coordinator would have
+        received `<owner>-<partition>`, the owner would have trained at home on its sanitized copy
+        `<partition>-sanitized`; neither exists while the stage is federated."""
         coordinators = {s.stage: s.site for s in self.order}
-        return {f"{site}-{partition}": number for number, mode in self.collaboration.items()
-                if mode == "federated" and number in self.federated
-                for site, partition in self.federated[number].data.items() if site != coordinators.get(number)}
+        kept: dict[tuple[str, str], int] = {}
+        for number, mode in self.collaboration.items():
+            if mode != "federated" or number not in self.federated:
+                continue
+            for site, partition in self.federated[number].data.items():
+                if site != coordinators.get(number):
+                    kept[(coordinators[number], f"{site}-{partition}")] = number
+                    kept[(site, f"{partition}-sanitized")] = number
+        return kept
 
     def skipped_release(self, stage: int) -> str | None:
-        """Why data-release stage `stage` does not run (its data trains a federated stage at home), else None."""
+        """Why data-release stage `stage` does not run (the data it releases trains a federated stage
+        where it lives), else None. A federated stage itself runs its rounds instead of its DAGs."""
         release = self.inputs.releases.get(stage)
-        if release is None:
+        if release is None or self.collaboration_of(stage) == "federated":
             return None
-        federated_stage = self.kept_home().get(f"{release.site}-{release.dataset}")
+        released_as = f"{release.site}-{release.dataset}"  # its name at the recipient
+        federated_stage = next((n for (_, name), n in self.kept_home().items() if name == released_as), None)
         if federated_stage is None:
             return None
         return (f"stage {federated_stage} is federated: {release.site}'s {release.dataset} data trains where it "
@@ -503,12 +513,17 @@ class StagesConf(_Strict):
                                  f"with units of its own (units: {sorted(plan.units)})")
         kept = self.kept_home()
         federated_models = {stages[n].model for n in set(kept.values())}  # their inputs are not read
-        for model, inputs in self.inputs.models.items():
-            never = [d for d in inputs.datasets if d in kept and model not in federated_models]
-            if never:
-                raise ValueError(f"inputs.models.{model} trains on {', '.join(never)}, which never reaches the "
-                                 f"supplier while stage {kept[never[0]]} is federated (the data stays with its "
-                                 "owner): remove it from the datasets")
+        for entry in self.order:
+            inputs = self.inputs.models.get(entry.model) if entry.model else None
+            if inputs is None or entry.model in federated_models:
+                continue
+            for name in inputs.datasets:
+                if (entry.site, name) in kept:
+                    hint = ("name the partition itself, trained on at home" if name.endswith("-sanitized")
+                            else "remove it from the datasets")
+                    raise ValueError(f"inputs.models.{entry.model} trains on {name}, which {entry.site} never holds "
+                                     f"while stage {kept[(entry.site, name)]} is federated (the data stays with its "
+                                     f"owner, unreleased): {hint}")
         return self
 
 

@@ -36,8 +36,10 @@ def federated_home(tmp_path_factory, request) -> Path:
     shutil.copytree(conf_dir(), conf)
     text = (conf / "stages.yaml").read_text()
     text = text.replace("collaboration: {3: centralized, 6: centralized}", "collaboration: {3: federated, 6: centralized}")
-    # the origin's shared data stays home, so M8 cannot name it (conf/stages.yaml refuses it otherwise)
+    # the origin's shared data stays home, unreleased: M8 cannot name it, M4 trains on the partition itself
+    # (conf/stages.yaml refuses the names otherwise)
     text = text.replace("M8: {datasets: [train, origin-shared, ", "M8: {datasets: [train, ")
+    text = text.replace("M4: {datasets: [shared-sanitized, ", "M4: {datasets: [shared, ")
     if request.param:  # the same proof with secure aggregation across the three units (masked updates only)
         text = text.replace("    secure_aggregation: false\n    privacy: null\n    base_model: M1",
                             "    secure_aggregation: true\n    privacy: null\n    base_model: M1")

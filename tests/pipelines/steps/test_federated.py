@@ -105,8 +105,10 @@ def _conf_copy(tmp: Path, *, federated: bool = True) -> Path:
         text = (conf / "stages.yaml").read_text()
         text = text.replace("collaboration: {3: centralized, 6: centralized}", "collaboration: {3: federated, 6: centralized}")
         text = text.replace("    rounds: 10\n    min_rounds: 4", "    rounds: 2\n    min_rounds: 1")
-        # origin-shared never reaches the supplier while stage 3 is federated: M8 trains without it
+        # origin's shared data is never released while stage 3 is federated: M8 trains without it, M4 on
+        # the partition itself (conf/stages.yaml refuses the names otherwise)
         text = text.replace("M8: {datasets: [train, origin-shared, origin-export", "M8: {datasets: [train, origin-export")
+        text = text.replace("M4: {datasets: [shared-sanitized, ", "M4: {datasets: [shared, ")
         (conf / "stages.yaml").write_text(text)
     return conf
 
