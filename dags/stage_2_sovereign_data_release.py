@@ -7,13 +7,21 @@ with the release suite, asks its compliance officer to approve, passes the
 """
 
 from airflow.sdk import dag
-from factory_plugin.flows import DEFAULT_ARGS, data_release_flow, model_asset, site_enabled, tags
+from factory_plugin.flows import (
+    DEFAULT_ARGS,
+    data_release_flow,
+    model_asset,
+    release_paused,
+    site_enabled,
+    tags,
+)
 
 SITE = "origin"
 
 
 @dag(dag_id="stage_2_sovereign_data_release", doc_md=__doc__, schedule=[model_asset(SITE, "M1")],
-     catchup=False, tags=tags(2, SITE), default_args=DEFAULT_ARGS)
+     catchup=False, tags=tags(2, SITE), default_args=DEFAULT_ARGS,
+     is_paused_upon_creation=release_paused(2))  # paused while a federated stage keeps the data home
 def stage_2_sovereign_data_release():
     data_release_flow(site=SITE, stage=2, recipient="supplier", purpose="collaboration",
                       kind="origin-shared")

@@ -450,11 +450,11 @@ class StagesConf(_Strict):
                     kept[(site, f"{partition}-sanitized")] = number
         return kept
 
-    def skipped_release(self, stage: int) -> str | None:
-        """Why data-release stage `stage` does not run (the data it releases trains a federated stage
-        where it lives), else None. A federated stage itself runs its rounds instead of its DAGs."""
+    def release_kept_home(self, stage: int) -> str | None:
+        """Why stage `stage`'s data release must not send its data (a federated stage trains on it where
+        it lives), else None."""
         release = self.inputs.releases.get(stage)
-        if release is None or self.collaboration_of(stage) == "federated":
+        if release is None:
             return None
         released_as = f"{release.site}-{release.dataset}"  # its name at the recipient
         federated_stage = next((n for (_, name), n in self.kept_home().items() if name == released_as), None)
@@ -462,6 +462,11 @@ class StagesConf(_Strict):
             return None
         return (f"stage {federated_stage} is federated: {release.site}'s {release.dataset} data trains where it "
                 "lives and is not released")
+
+    def skipped_release(self, stage: int) -> str | None:
+        """Why data-release stage `stage` does not run at all (`release_kept_home`), else None. A federated
+        stage itself runs its rounds instead of its DAGs."""
+        return None if self.collaboration_of(stage) == "federated" else self.release_kept_home(stage)
 
     def federated_stage(self, stage: int) -> FederatedStage:
         try:

@@ -192,11 +192,6 @@ def drive_deployments(home: Path, states: dict[str, dict], stages: list[int], *,
     """Run `stages` across the running deployments, through their REST APIs."""
     from pipelines.service.collaboration import DriveFailed, drive
 
-    federated = [n for n in stages if load_config().stages.collaboration_of(n) == "federated"]
-    if federated:  # the deployments run the rounds on their own asset events once started
-        raise RunFailed(f"stage(s) {federated} collaborate federated: trigger stage_N_federated_coordinator with "
-                        "start=true in the coordinator's Airflow (the rounds then follow the packages' asset "
-                        "events), or run --embedded")
     absent = [site for site in SITES if site not in states]
     console.print(f"driving the deployments of {', '.join(states)} through their Airflow APIs"
                   + (f" ({', '.join(absent)} not running here)" if absent else ""))

@@ -267,8 +267,9 @@ class Collaboration:
 
     # -- runs
 
-    def _trigger(self, deployment: Deployment, dag_id: str) -> str:
-        for run in deployment.runs(dag_id):
+    def _trigger(self, deployment: Deployment, dag_id: str, *, fresh: bool = False) -> str:
+        """A new run of `dag_id` (with this drive's conf for it), or, unless `fresh`, one under way."""
+        for run in () if fresh else deployment.runs(dag_id):
             if run["state"] in ACTIVE and (deployment.site, run["dag_run_id"]) not in self.followed:
                 self.say(f"{dag_id} at {deployment.site}: following run {run['dag_run_id']}, already under way")
                 self.since = min(self.since, iso_seconds(run.get("queued_at")) or self.since)
@@ -283,8 +284,9 @@ class Collaboration:
         self.say(f"{dag_id} at {deployment.site}: triggered as {engineer}, run {run_id}")
         return run_id
 
-    def _await_run(self, deployment: Deployment, dag_id: str) -> str:
-        """The first run of an asset-scheduled DAG queued in this drive (or still under way)."""
+    def _await_run(self, deployment: Deployment, dag_id: str, watch: tuple[str, ...] = ()) -> str:
+        """The first run of an asset-scheduled DAG queued in this drive (or still under way). While
+        waiting, a failed run (of this drive) of a DAG in `watch` fails the drive at once."""
         started = time.monotonic()
         self.say(f"{dag_id} at {deployment.site}: waiting for its run (started by an asset event)")
         while True:
@@ -295,6 +297,8 @@ class Collaboration:
                 if run["state"] in ACTIVE or (queued is not None and queued >= self.since):
                     self.say(f"{dag_id} at {deployment.site}: run {run['dag_run_id']} ({run.get('run_type')})")
                     return run["dag_run_id"]
+            for watched in watch:
+                self._fail_on_failed_runs(watched)
             if time.monotonic() - started > self.timeout:
                 raise DriveFailed(
                     f"no run of {dag_id} started at {deployment.site} within {self.timeout:.0f} s. It starts on an "
@@ -302,6 +306,17 @@ class Collaboration:
                     "SENDER` for what is pending and why) or a model registered by an earlier DAG of the site")
             self.tend_gates()
             time.sleep(self.poll)
+
+    def _fail_on_failed_runs(self, dag_id: str) -> None:
+        """Raise the failure of a run of `dag_id` queued in this drive, at whichever deployment has it."""
+        for deployment in self.deployments.values():
+            if deployment.has_dag(dag_id) is None:
+                continue
+            for run in deployment.runs(dag_id):
+                queued = iso_seconds(run.get("queued_at"))
+                if run["state"] == "failed" and queued is not None and queued >= self.since:
+                    raise self._failure(deployment, dag_id, run["dag_run_id"],
+                                        deployment.task_instances(dag_id, run["dag_run_id"]))
 
     def _failure(self, deployment: Deployment, dag_id: str, run_id: str, tis: list[dict[str, Any]]) -> DriveFailed:
         failed = [ti for ti in tis if ti.get("state") == "failed"] or [
@@ -350,11 +365,34 @@ class Collaboration:
 
     def run_stages(self, stages: list[int]) -> None:
         config = load_config().stages
-        self.gate_dags = {dag for number in stages for dag in config.stage(number).dags}
+        self.gate_dags = {dag for number in stages if not config.skipped_release(number)
+                          for dag in config.stage(number).dags}
         for number in stages:
+            if skipped := config.skipped_release(number):
+                self.say(f"stage {number}: skipped ({skipped})")
+                continue
+            if config.collaboration_of(number) == "federated":
+                self.run_federated(number)
+                continue
             for dag_id in config.stage(number).dags:
                 deployment, run_id = self.start(dag_id, number)
                 self.follow(deployment, dag_id, run_id)
+
+    def run_federated(self, number: int) -> None:
+        """A federated stage: start a training at the coordinator (param `start`); the rounds then run
+        on the packages' asset events in each site's own Airflow (participant, then coordinator, per
+        round); the stage ends with its model intake at the partners, which the last round's release
+        starts. A failed round's run fails the drive."""
+        coordinator, participant = f"stage_{number}_federated_coordinator", f"stage_{number}_federated_participant"
+        deployment, _ = self.locate(coordinator)
+        self.say(f"stage {number} (federated): {coordinator} at {deployment.site} starts a training")
+        self.conf[coordinator] = {"start": True}
+        run_id = self._trigger(deployment, coordinator, fresh=True)  # not a poll run that happens to be under way
+        self.follow(deployment, coordinator, run_id)
+        for dag_id in (d for d in load_config().stages.stage(number).dags if d.endswith("_model_intake")):
+            target, _ = self.locate(dag_id)
+            run_id = self._await_run(target, dag_id, watch=(coordinator, participant))
+            self.follow(target, dag_id, run_id)
 
 
 def _last_error(path: Path) -> str | None:

@@ -173,6 +173,10 @@ def release_dataset(ctx: StepContext, *, dataset: str | dict, recipient: str, pu
     from pipelines.data.lineage import lineage_entries
     from pipelines.data.sanitize import read_report
 
+    kept_by = load_config().stages.kept_home().get((recipient, kind))  # kind: the name it gets at the recipient
+    if kept_by is not None:
+        raise StepError(f"stage {kept_by} is federated: {ctx.site}'s data stays home and is not released to "
+                        f"{recipient} ({kind}); conf/stages.yaml collaboration")
     frame, version = load_dataset(ctx.paths, dataset_ref(dataset), action="share", purpose=purpose)
     key = f"{kind}:{version.md5}:{recipient}"
     if sent := _already_sent(ctx, key):

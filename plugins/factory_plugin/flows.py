@@ -107,6 +107,11 @@ def approval_step(*, group: str, gate_name: str, owner_site: str, required_role:
     return gate.output
 
 
+def release_paused(stage: int) -> bool:
+    """A data release DAG is paused when a federated stage keeps its data home (conf/stages.yaml)."""
+    return load_config().stages.release_kept_home(stage) is not None
+
+
 def data_release_flow(*, site: str, stage: int, recipient: str, purpose: str, kind: str):
     """sanitize → validate (release suite) → officer approval → data_release gate → seal to recipient.
 

@@ -38,5 +38,7 @@ def test_the_data_release_of_a_federated_stage_is_skipped_and_others_run():
     # a federated stage with its own data release runs its rounds instead: it is not skipped
     stage_6 = StagesConf(**_stages({6: "federated"}, M7=["shared", "private"]))
     assert stage_6.skipped_release(6) is None and stage_6.skipped_release(2) is None
+    # ... but its data release DAG stays paused and its release step refuses (the data is kept home)
+    assert "stage 6 is federated" in stage_6.release_kept_home(6) and stage_6.release_kept_home(2) is None
     centralized = StagesConf(**_stages({3: "centralized"}))
     assert centralized.kept_home() == {} and centralized.skipped_release(2) is None

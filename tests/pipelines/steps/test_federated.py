@@ -438,3 +438,13 @@ def test_secure_round_with_too_few_shares_is_left_out_and_forged_answers_are_ref
     assert first["stragglers"] == ["origin"] and "fewer" not in str(first["recovered"])
     assert "only 1 participants sent masked vectors" in first["skipped"] and "left out" in first["skipped"]
     assert (folder / "global.bin").read_bytes() == before  # no wrong sum applied
+
+
+def test_the_origin_refuses_to_release_data_a_federated_stage_keeps_home(home):
+    outbox = SitePaths.of("origin", home).outbox
+    before = sorted(p.name for p in outbox.rglob("*"))
+    with pytest.raises(StepError, match="stage 3 is federated: origin's data stays home and is not released to "
+                                        "supplier"):
+        run_step("release_dataset", _ctx(home, "origin", run_id="release"), dataset="shared", recipient="supplier",
+                 purpose="collaboration", kind="origin-shared")
+    assert sorted(p.name for p in outbox.rglob("*")) == before  # nothing sealed
