@@ -202,7 +202,7 @@ def _seal(ctx: StepContext, recipient: str, src: Path, *, content_type: str, met
 def _unit_file(ctx: StepContext, training: str, index: int) -> Path:
     """The private state of this site's unit `index` in `training` (a checked training id): its own
     0600 file under the site's state dir, read by `_secure_turn` only."""
-    if not _TRAINING_ID.match(training):
+    if not _TRAINING_ID.fullmatch(training):
         raise StepError(f"training id {training[:40]!r} is malformed")
     folder = _state_path(ctx, "secagg")
     folder.mkdir(mode=0o700, exist_ok=True)
@@ -928,7 +928,7 @@ def _accept_global(ctx: StepContext, plan: FederatedStage, coordinator: str, mod
         if header.get("content_type") != GLOBAL:
             raise PackageRejected(f"global model from {sender}: content type {str(header.get('content_type'))[:40]!r}")
         training, number = meta.get("training"), meta.get("round")
-        if not isinstance(training, str) or not _TRAINING_ID.match(training):
+        if not isinstance(training, str) or not _TRAINING_ID.fullmatch(training):
             raise PackageRejected(f"global model from {sender}: training id {str(training)[:40]!r} is malformed")
         if not isinstance(number, int) or isinstance(number, bool) or number < 1:
             raise PackageRejected(f"global model from {sender}: round {str(number)[:20]!r} is not a round number")
@@ -954,7 +954,7 @@ def _accept_global(ctx: StepContext, plan: FederatedStage, coordinator: str, mod
         if not content.is_file():
             raise PackageRejected(f"global model from {sender}: not a file")
         data = content.read_bytes()
-        if vector_digest(data) != meta.get("digest") or not _DIGEST.match(str(meta.get("digest"))):
+        if vector_digest(data) != meta.get("digest") or not _DIGEST.fullmatch(str(meta.get("digest"))):
             raise PackageRejected(f"global model from {sender}: content does not match its digest")
         try:
             vector = update_from_bytes(data, size)

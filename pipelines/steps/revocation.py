@@ -85,7 +85,7 @@ def _state_file(ctx: StepContext) -> Path:
 def revocation_record(ctx: StepContext, value: Any) -> dict[str, Any]:
     """The revocation recorded here under the id in `value` (an id or a step output)."""
     revocation_id = value.get("revocation_id") if isinstance(value, dict) else value
-    if not isinstance(revocation_id, str) or not _REVOCATION_ID.match(revocation_id):
+    if not isinstance(revocation_id, str) or not _REVOCATION_ID.fullmatch(revocation_id):
         raise StepError(f"no revocation id in {str(value)[:80]}")
     record = _records(ctx, STATE).get(revocation_id)
     if record is None:
@@ -182,7 +182,7 @@ def _opened_document(ctx: StepContext, header: dict[str, Any], content: Path, *,
         _audit(ctx, "revocation.denied", str(document.get("revocation_id"))[:64], "forged", sender=sender,
                reason=problem)
         raise PackageRejected(f"{content_type} from {sender} refused: not signed by {sender} ({problem})")
-    if not (isinstance(document.get("revocation_id"), str) and _REVOCATION_ID.match(document["revocation_id"])):
+    if not (isinstance(document.get("revocation_id"), str) and _REVOCATION_ID.fullmatch(document["revocation_id"])):
         raise PackageRejected(f"{content_type} from {sender} carries no revocation id")
     return document
 
@@ -265,7 +265,7 @@ def request_revocation(ctx: StepContext, *, dataset: str) -> dict[str, Any]:
 def _request_problem(document: dict[str, Any]) -> str | None:
     datasets = document.get("datasets")
     if not (isinstance(datasets, list) and 0 < len(datasets) <= MAX_ITEMS
-            and all(isinstance(d, str) and _DATASET_ID.match(d) for d in datasets)):
+            and all(isinstance(d, str) and _DATASET_ID.fullmatch(d) for d in datasets)):
         return "its datasets are not a list of dataset ids"
     if document.get("dataset") not in datasets:
         return "its dataset is not among the datasets it covers"
@@ -525,8 +525,8 @@ def _deliver_replacements(ctx: StepContext, record: dict[str, Any]) -> list[dict
 def _notice_problem(document: dict[str, Any]) -> str | None:
     models = document.get("models")
     if not (isinstance(models, list) and 0 < len(models) <= MAX_ITEMS and all(
-            isinstance(m, dict) and isinstance(m.get("name"), str) and _NAME.match(m["name"])
-            and isinstance(m.get("run_key"), str) and _RUN_KEY.match(m["run_key"])
+            isinstance(m, dict) and isinstance(m.get("name"), str) and _NAME.fullmatch(m["name"])
+            and isinstance(m.get("run_key"), str) and _RUN_KEY.fullmatch(m["run_key"])
             and (m.get("replaced_by") is None or (isinstance(m["replaced_by"], str) and len(m["replaced_by"]) <= 200))
             for m in models)):
         return "its models are not a list of {name, run_key, replaced_by}"
