@@ -211,18 +211,21 @@ def _union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def _task_shares(home: Path, states: dict, timings: list[dict]) -> tuple[dict[str, float], dict[str, float], int]:
+def _task_shares(home: Path, states: dict, timings: list[dict]) -> tuple[dict, dict, list, dict[str, list[float]]]:
     """Per kind of task: seconds of task instance durations and seconds inside the step functions
-    (from each task's log); and the intervals of every step on the run's timeline."""
-    from pipelines.service.collaboration import Deployment
+    (from each task's log); the intervals of every step on the run's timeline; the gaps between them."""
+    from pipelines.service.collaboration import Deployment, iso_seconds
 
     durations: dict[str, float] = {}
     in_steps: dict[str, float] = {}
     intervals: list[tuple[float, float]] = []
+    gaps: dict[str, list[float]] = {label: [] for label in GAPS}
     deployments = {site: Deployment(site, state, home) for site, state in states.items()}
     for entry in timings:
         deployment = deployments[entry["site"]]
-        for ti in deployment.task_instances(entry["dag_id"], entry["run_id"]):
+        tis = deployment.task_instances(entry["dag_id"], entry["run_id"])
+        _run_gaps(deployment.run(entry["dag_id"], entry["run_id"]), tis, gaps)
+        for ti in tis:
             if ti.get("duration") is None:
                 continue
             kind = _kind(ti["task_id"])
@@ -231,7 +234,38 @@ def _task_shares(home: Path, states: dict, timings: list[dict]) -> tuple[dict[st
             if interval:
                 in_steps[kind] = in_steps.get(kind, 0.0) + interval[1] - interval[0]
                 intervals.append(interval)
-    return durations, in_steps, intervals
+    for deployment in deployments.values():
+        for gate in deployment.get("/api/v2/dags/~/dagRuns/~/hitlDetails", response_received="true",
+                                   limit=1000)["hitl_details"]:
+            if (gate["task_instance"]["dag_id"], gate["task_instance"]["dag_run_id"]) in {
+                    (t["dag_id"], t["run_id"]) for t in timings if t["site"] == deployment.site}:
+                gaps[GATE_GAP].append(iso_seconds(gate["responded_at"]) - iso_seconds(gate["created_at"]))
+    return durations, in_steps, intervals, gaps
+
+
+# The time between the steps, where Airflow moves a run along (from the runs' and task instances' dates).
+GATE_GAP = "gate asked -> answered (factory run --approve)"
+GAPS = ("run queued -> started (scheduler loop)", "task done -> next task queued (scheduler loop)",
+        "task queued -> running (worker, supervisor, /run)", "last task done -> run done (scheduler loop)", GATE_GAP)
+
+
+def _run_gaps(run: dict, tis: list[dict], gaps: dict[str, list[float]]) -> None:
+    from pipelines.service.collaboration import iso_seconds
+
+    done = sorted(end for ti in tis if (end := iso_seconds(ti.get("end_date"))) is not None)
+    if iso_seconds(run.get("start_date")) and iso_seconds(run.get("queued_at")):
+        gaps[GAPS[0]].append(iso_seconds(run["start_date"]) - iso_seconds(run["queued_at"]))
+    for ti in tis:
+        queued, started = iso_seconds(ti.get("queued_when")), iso_seconds(ti.get("start_date"))
+        if queued is None or started is None:
+            continue
+        if started >= queued:  # a resumed gate's start is its first try's
+            gaps[GAPS[2]].append(started - queued)
+        before = [end for end in done if end <= queued]
+        if before and not ti["task_id"].endswith("_approval"):
+            gaps[GAPS[1]].append(queued - before[-1])
+    if done and iso_seconds(run.get("end_date")):
+        gaps[GAPS[3]].append(iso_seconds(run["end_date"]) - done[-1])
 
 
 # The floor's run, phase by phase: (label, from, to) over the timestamps `_floor_marks` reads from the
@@ -320,7 +354,7 @@ def deployments(scale: int | None) -> None:
         t_run = time.perf_counter() - start
         peak.halt.set()
         pss_after = _pss_mib(states)
-        durations, in_steps, intervals = _task_shares(home, states, collaboration.timings)
+        durations, in_steps, intervals, gaps = _task_shares(home, states, collaboration.timings)
         floor_run, floor_task, floor_phases = _floor(home, states["supplier"])
     finally:
         subprocess.run([*FACTORY, "down"], env=env, capture_output=True, text=True)
@@ -343,6 +377,10 @@ def deployments(scale: int | None) -> None:
     print(f"  of which gates waiting for an answer: {gates:8.2f} s; without them {t_run - work - gates:.2f} s, "
           f"{100 * (t_run - work - gates) / t_run:.1f} % of the run")
     print(f"run / time inside the steps           : {t_run / work:8.2f}x (1.0 would be no orchestration at all)")
+    print("between the steps: count, seconds in all, median (runs at different sites may overlap):")
+    for label, values in gaps.items():
+        if values:
+            print(f"  {label:50s} {len(values):3d} {sum(values):8.2f} s  {statistics.median(values):6.2f} s")
     print("per kind of task: task instance seconds, of which inside the step (runs at different sites may overlap):")
     for kind, seconds in sorted(durations.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:40s} {seconds:8.2f} s  {in_steps.get(kind, 0.0):8.2f} s in the step")

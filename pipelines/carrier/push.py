@@ -15,6 +15,7 @@ which keeps one copy per package id, answers "already have".
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import threading
@@ -167,6 +168,24 @@ def push_pending(paths: SitePaths, *, due_only: bool = True) -> list[dict[str, A
     with file_lock(paths.outbox / ".push.lock"):
         due = outbox.pending(paths, due_at=keys.now() if due_only else None)
         return [push_one(paths, record) for record in due]
+
+
+def push_now(paths: SitePaths, package_id: str) -> dict[str, Any] | None:
+    """Deliver one package at once (a release step, right after sealing, so that it does not wait for the
+    pusher's next pass) when the deployment names the recipient's inbox in the environment
+    (FACTORY_PARTNER_INBOX_<SITE>: the chart's partners ConfigMap, or `factory up`) and the recipient's
+    carrier is https. What this leaves pending, the pusher retries. Returns the delivery record, or None
+    when the package is left to the carrier (media, or one Airflow for the three sites)."""
+    with file_lock(paths.outbox / ".push.lock"):
+        waiting = outbox.pending(paths)
+        record = next((r for r in waiting if r["package_id"] == package_id), None)
+        if record is None or not os.environ.get(inbox_url_env(record["recipient"])):
+            return None
+        if carrier_settings(record["recipient"]).transport != "https":
+            return None
+        if any(r["recipient"] == record["recipient"] for r in waiting[:waiting.index(record)]):
+            return None  # an older package to the same site waits (its partner was unreachable): keep the order
+        return push_one(paths, record)
 
 
 def push_loop(paths: SitePaths, interval: float, stop: threading.Event, report: Any = None) -> None:

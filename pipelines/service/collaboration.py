@@ -28,13 +28,14 @@ from pipelines.workspace import SitePaths
 
 ACTIVE = ("queued", "running")
 FINISHED = ("success", "failed")
-# Seconds between a gate's task showing as parked and its supervisor reporting the process's exit: the
-# supervisor looks at its process every `[workers] min_heartbeat_interval` seconds (the deployment's
-# service record says how many: `factory up` sets 1; Airflow's default, 5, where the record does not say),
-# plus this margin for the process to exit and the worker to hand the event over. Measured on a loaded
-# 2-core machine with 1: 0.1-1.2 s from the park to the scheduler's reading of the exit (with 5: up to
-# 5.1 s, which is why a 1 s margin once failed in CI).
-PARK_EXIT_MARGIN = 1.5
+# Seconds between a gate's park and the scheduler's reading of its process's exit, beyond the supervisor's
+# interval: the supervisor looks at its process every `[workers] min_heartbeat_interval` seconds (the
+# deployment's service record says how many: `factory up` sets 1; Airflow's default, 5, where the record does
+# not say), also after the process closed its sockets. Measured on the 2-core machine with 1 (the scheduler
+# log's "TaskInstance Finished ... state=awaiting_input" against the task log's "Pausing task as
+# AWAITING_INPUT", six gates of a collaboration run): 0.06-1.24 s after the park. With 5 it was up to 5.1 s,
+# which is why a 1 s margin once failed in CI.
+PARK_EXIT_MARGIN = 1.0
 
 
 class DriveFailed(RuntimeError):
@@ -91,11 +92,13 @@ class Deployment:
             self.heartbeats.append(beat)
             del self.heartbeats[:-4]
 
-    def settled(self, parked_beat: float | None) -> bool:
+    def settled(self, parked_at: float | None) -> bool:
         """Has the scheduler taken in the exit of the process that parked a gate?
 
-        `parked_beat` is the scheduler's latest heartbeat when the gate's task was first seen parked
-        (state `awaiting_input`, which its task process reports just before it exits).
+        `parked_at` (server time) is no later than the park, or hardly: the later of the gate's request
+        (its HITL detail's `created_at`, written just before the park) and the scheduler's latest
+        heartbeat when the gate's task was first seen parked (state `awaiting_input`, which its task
+        process reports just before it exits).
 
         Airflow 3.3.2 with the LocalExecutor fails a gate answered too early: the answer resumes the
         task, the scheduler queues it again and only then reads the "success" of the process that
@@ -103,9 +106,9 @@ class Deployment:
         reads executor events in every loop and records a heartbeat at the end of a loop every
         `scheduler_heartbeat_sec`, so two heartbeats later than the process's exit (`park_exit_seconds`
         after the park at the latest) mean a whole loop has read its events."""
-        if parked_beat is None:
+        if parked_at is None:
             return False
-        return len([beat for beat in self.heartbeats if beat > parked_beat + self.park_exit_seconds]) >= 2
+        return len([beat for beat in self.heartbeats if beat > parked_at + self.park_exit_seconds]) >= 2
 
     def close(self) -> None:
         self.http.close()
@@ -190,6 +193,7 @@ class Collaboration:
         self.announced: set[tuple[str, str, str]] = set()
         self.first_gate_at: float | None = None
         self.gate_dags: set[str] = set()
+        self.gate_parked = False  # a gate of this drive waits to be answered: poll it twice as often
         self.timings: list[dict[str, Any]] = []
 
     # -- where a DAG lives
@@ -210,6 +214,7 @@ class Collaboration:
 
     def tend_gates(self) -> None:
         """Answer (or announce) every settled gate of the selected stages' runs of this drive."""
+        self.gate_parked = False
         for deployment in self.deployments.values():
             try:
                 gates = deployment.pending_gates()
@@ -229,10 +234,13 @@ class Collaboration:
                     continue
                 seen = self.gates_seen.get(key)
                 if seen is None or seen[0] != gate["try_number"]:  # a new try: note when, look again later
-                    beat = deployment.heartbeats[-1] if deployment.heartbeats else iso_seconds(gate.get("created_at"))
-                    self.gates_seen[key] = (gate["try_number"], beat)
+                    marks = [deployment.heartbeats[-1] if deployment.heartbeats else None,
+                             iso_seconds(gate.get("created_at"))]
+                    self.gates_seen[key] = (gate["try_number"], max((m for m in marks if m is not None), default=None))
+                    self.gate_parked = self.approve
                     continue
                 if self.approve and not deployment.settled(seen[1]):
+                    self.gate_parked = True
                     continue
                 self._answer(deployment, gate)
 
@@ -305,7 +313,7 @@ class Collaboration:
                     f"asset event: a package delivered to {deployment.site}'s inbox (see `factory outbox list --site "
                     "SENDER` for what is pending and why) or a model registered by an earlier DAG of the site")
             self.tend_gates()
-            time.sleep(self.poll)
+            time.sleep(self.poll / 2 if self.gate_parked else self.poll)
 
     def _fail_on_failed_runs(self, dag_id: str) -> None:
         """Raise the failure of a run of `dag_id` queued in this drive, at whichever deployment has it."""
@@ -352,7 +360,7 @@ class Collaboration:
                 raise DriveFailed(f"{dag_id} run {run_id} at {deployment.site} did not finish within "
                                   f"{self.timeout:.0f} s; unfinished tasks: {', '.join(waiting)}")
             self.tend_gates()
-            time.sleep(self.poll)
+            time.sleep(self.poll / 2 if self.gate_parked else self.poll)
 
     def start(self, dag_id: str, stage: int | None = None) -> tuple[Deployment, str]:
         """The deployment that has `dag_id` and its run of this drive: triggered there if the DAG has no

@@ -341,7 +341,7 @@ def start_deployment(
 
     With `wait=False` the processes are started and `wait_ready` waits for them later (so several
     deployments come up side by side)."""
-    from pipelines.carrier.settings import airflow_url_env, carrier_settings
+    from pipelines.carrier.settings import airflow_url_env, carrier_settings, inbox_url_env
     from pipelines.service.airflow_env import airflow_environment, passwords_file
 
     paths = SitePaths.of(site, home)
@@ -376,13 +376,20 @@ def start_deployment(
                                                  db_url=db_url)}
         if not env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite"):
             env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", None)  # SQLite's, from a caller's env
+        if carrier:  # release steps push their package at once to a partner inbox named here (carrier.push.push_now)
+            for partner in (other for other in SITES if other != site):
+                if (target := carrier_settings(partner)).transport == "https" and target.inbox_url:
+                    env.setdefault(inbox_url_env(partner), target.inbox_url)
         env.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
         env.setdefault("AIRFLOW__API__WORKERS", "1")
-        # A heartbeat every half second (default 5): `factory run --approve` answers a gate two heartbeats after
+        # A heartbeat every quarter second (default 5): `factory run --approve` answers a gate two heartbeats after
         # its process's exit can have reached the scheduler (pipelines.service.collaboration.Deployment.settled).
-        env.setdefault("AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC", "0.5")
-        # An idle scheduler looks for work every 0.25 s (default 1): a task's successor starts sooner.
-        env.setdefault("AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME", "0.25")
+        env.setdefault("AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC", "0.25")
+        # An idle scheduler looks for work every 0.1 s (default 1): a task's successor, a run started by an asset
+        # event, a finished run are taken up sooner (median gap between a task's end and its successor's queueing
+        # 0.17 s with 0.25). The price: an idle scheduler takes 11.5 % of a core (5.8 % with 0.25; measured on
+        # the 2-core machine); set the variable to trade latency back for CPU.
+        env.setdefault("AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME", "0.1")
         # The DAG processor parses every file once at start, then a file again when it changes (its default
         # `file_parsing_sort_mode` modified_time queues a changed file at once) or after this interval
         # (default 30 s). Re-parsing ~25 unchanged files every 30 s in each of three deployments took a

@@ -123,10 +123,15 @@ def _already_sent(ctx: StepContext, key: str) -> dict[str, Any] | None:
 
 
 def _seal_to_outbox(ctx: StepContext, recipient: str, src: Path, **seal_options: Any) -> tuple[dict, Path]:
-    """Seal for `recipient` into this site's own outbox; a carrier delivers it (pipelines.carrier)."""
+    """Seal for `recipient` into this site's own outbox; a carrier delivers it (pipelines.carrier), at
+    once from here where the deployment names the recipient's inbox (`push_now`)."""
     from pipelines.carrier.outbox import seal_to_outbox
+    from pipelines.carrier.push import push_now
 
     header, delivery = seal_to_outbox(ctx.paths, recipient, src, **seal_options)
+    if (pushed := push_now(ctx.paths, delivery["package_id"])) is not None:
+        print(f"pushed to {recipient}: {pushed['state']}"
+              + (f" ({pushed['reason'] or pushed['last_error']})" if pushed["state"] != "delivered" else ""))
     return header, ctx.paths.outbox / delivery["file"]
 
 

@@ -80,3 +80,22 @@ def test_up_port_needs_a_site():
     result = subprocess.run([sys.executable, "-m", "pipelines.cli", "up", "--port", "9999", "--no-init"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "use it with --site" in result.stderr
+
+
+def test_driver_answers_a_gate_only_two_heartbeats_after_its_exit_can_have_been_read(tmp_path):
+    from pipelines.service.collaboration import PARK_EXIT_MARGIN, Deployment
+
+    (tmp_path / "passwords.json").write_text("{}")
+    state = {"url": "http://127.0.0.1:9", "passwords_file": str(tmp_path / "passwords.json"), "task_exit_seconds": 1}
+    deployment = Deployment("origin", state, tmp_path)
+    parked_at = 1000.0
+    bound = parked_at + 1 + PARK_EXIT_MARGIN  # the supervisor's interval, then the margin
+    assert not deployment.settled(None)
+    deployment.heartbeats = [bound - 0.3, bound - 0.05, bound + 0.2]
+    assert not deployment.settled(parked_at)  # one loop ended after the bound: it may have begun before
+    deployment.heartbeats.append(bound + 0.45)
+    assert deployment.settled(parked_at)
+    slower = Deployment("origin", {**state, "task_exit_seconds": 5}, tmp_path)  # Airflow's default interval
+    slower.heartbeats = deployment.heartbeats
+    assert not slower.settled(parked_at)
+    deployment.close(), slower.close()

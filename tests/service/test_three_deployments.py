@@ -251,6 +251,10 @@ def test_three_sovereign_deployments_carry_m1_to_the_origin_and_reach_its_approv
         assert records_out, listed.stdout
         if site == "supplier":
             assert [(r["state"], r["via"]) for r in records_out] == [("delivered", "https")], records_out
+    # the supplier's release step pushed M1 itself (its deployment names the origin's inbox), not the pusher
+    logs = SitePaths.of("supplier", home).airflow_home / "logs" / "dag_id=stage_1_initial_training"
+    pushed = _as("supplier", "grep", "-rl", "pushed to origin: delivered", str(logs), env=env, home=home)
+    assert pushed.returncode == 0 and "task_id=release_model" in pushed.stdout, pushed.stdout + pushed.stderr
 
     pss = {site: _pss_kib(deployment_pids(record)) for site, record in records.items()}
     figures["pss_mib"] = {site: round(kib / 1024) for site, kib in pss.items()}

@@ -292,3 +292,48 @@ def test_media_recipient_is_not_pushed(supplier, queued, conf_with):
     _, record = queued(supplier, "origin")
     [result] = push.push_pending(supplier)
     assert result["state"] == "pending" and result["attempts"] == 0
+
+
+# ---------------------------------------------------------------- a release step's push at once
+
+
+def test_push_now_delivers_the_package_without_the_pusher(supplier, origin, inbox_at, queued):
+    header, record = queued(supplier, "origin")
+    with inbox_at(origin):
+        pushed = push.push_now(supplier, header["package_id"])
+    assert pushed["state"] == "delivered" and pushed["via"] == "https" and pushed["attempts"] == 1
+    assert inbox_files(origin) == [f"supplier-shared-{header['package_id']}.sfp"]
+    assert push.push_pending(supplier) == []  # nothing left for the pusher
+    assert push.push_now(supplier, header["package_id"]) is None  # already delivered: not sent again
+
+
+def test_push_now_leaves_the_package_to_the_carrier_without_an_inbox_in_the_environment(supplier, queued,
+                                                                                       monkeypatch):
+    # conf/sites.yaml names an inbox URL for every site, also when one Airflow runs the three sites
+    # (embedded): without FACTORY_PARTNER_INBOX_<SITE> a release step sends nothing itself.
+    monkeypatch.delenv("FACTORY_PARTNER_INBOX_ORIGIN", raising=False)
+    header, record = queued(supplier, "origin")
+    assert push.push_now(supplier, header["package_id"]) is None
+    [still] = outbox.pending(supplier)
+    assert still["attempts"] == 0 and still["last_error"] is None
+
+
+def test_push_now_keeps_the_order_behind_an_older_pending_package(supplier, origin, inbox_at, queued,
+                                                                  monkeypatch):
+    monkeypatch.setenv("FACTORY_PARTNER_INBOX_ORIGIN", f"https://127.0.0.1:{_free_port()}")
+    older, _ = queued(supplier, "origin")
+    [failed] = push.push_pending(supplier)  # origin unreachable: the older one backs off
+    assert failed["state"] == "pending" and failed["attempts"] == 1
+    newer, _ = queued(supplier, "origin")
+    with inbox_at(origin):
+        assert push.push_now(supplier, newer["package_id"]) is None  # would overtake the older one
+        assert inbox_files(origin) == []
+        delivered = push.push_pending(supplier, due_only=False)
+    assert [r["package_id"] for r in delivered] == [older["package_id"], newer["package_id"]]
+
+
+def test_push_now_to_an_unreachable_partner_leaves_it_pending_with_the_reason(supplier, queued, monkeypatch):
+    monkeypatch.setenv("FACTORY_PARTNER_INBOX_ORIGIN", f"https://127.0.0.1:{_free_port()}")
+    header, _ = queued(supplier, "origin")
+    pushed = push.push_now(supplier, header["package_id"])
+    assert pushed["state"] == "pending" and pushed["attempts"] == 1 and "cannot reach origin" in pushed["last_error"]
