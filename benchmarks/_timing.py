@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ def fresh_home(prefix: str, scale: int | None = None) -> Path:
     from pipelines.init import init_workspace
 
     home = Path(tempfile.mkdtemp(prefix=prefix)) / "factory"
+    if os.environ.get("FACTORY_DB", "").startswith("postgres"):
+        home.parent.chmod(0o711)  # the postgres system user must reach the cluster under FACTORY_HOME
     init_workspace(home, scale=scale)
     return home
 

@@ -220,6 +220,7 @@ def start_cluster(home: Path, site: str, port: int | None = None) -> tuple[Clust
     def url(database: str, driver: str) -> str:
         return f"{driver}://{role}:{password}@127.0.0.1:{port}/{database}"
 
+    # psycopg2 named for both: SQLAlchemy 2.1 takes psycopg (3), not installed, for a bare postgresql://
     env = {"FACTORY_AIRFLOW_DB_URL": url(f"airflow_{site}", "postgresql+psycopg2"),
-           f"FACTORY_MLFLOW_URI_{site.upper()}": url(f"mlflow_{site}", "postgresql")}
+           f"FACTORY_MLFLOW_URI_{site.upper()}": url(f"mlflow_{site}", "postgresql+psycopg2")}
     return cluster, port, env

@@ -137,3 +137,33 @@ def test_second_up_says_so_and_down_stops_everything(service_factory):
     assert not service.pids()
     assert not state_file(service.home, "origin").exists()
     assert "not running" in service.factory("down").stdout
+
+
+@pytest.mark.service
+def test_postgres_site_database_serves_the_sites_mlflow_store():
+    """A site's MLflow store on its Postgres database, through the URI its processes get (SQLAlchemy 2.1
+    would take a driver that is not installed for a bare postgresql:// URI)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.service.postgres import start_cluster
+
+    from .conftest import INITDB
+
+    if not INITDB.exists():
+        pytest.skip(f"PostgreSQL 15 is not installed ({INITDB} missing)")
+    home = Path(tempfile.mkdtemp(prefix="factory-pg-", dir="/tmp"))
+    home.chmod(0o755)  # the postgres system user must reach the cluster
+    cluster = None
+    try:
+        cluster, _, env = start_cluster(home, "origin")
+        client = MlflowClient(tracking_uri=env["FACTORY_MLFLOW_URI_ORIGIN"])
+        experiment = client.create_experiment("probe")
+        assert client.get_experiment(experiment).name == "probe"
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(home, ignore_errors=True)
