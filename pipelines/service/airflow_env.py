@@ -56,6 +56,19 @@ def ensure_passwords(home: Path | None = None, site: str | None = None) -> dict[
 
 # SQLite under several Airflow processes: wait for a lock instead of failing after sqlite3's 5 s.
 SQLITE_CONNECT_ARGS = {"timeout": 60}
+SQLITE_NOW = "STRFTIME('%Y-%m-%d %H:%M:%f', 'now')"
+
+
+def sqlite_now_in_milliseconds() -> None:
+    """Compile SQLAlchemy's `func.now()` for SQLite as SQLITE_NOW (UTC, milliseconds, the text form Airflow
+    stores its dates in) instead of CURRENT_TIMESTAMP, which has whole seconds: Airflow's scheduler starts
+    a queued run only once `run_after <= now()`, so on SQLite every run started up to a second late (median
+    0.47 s; 0.02 s on Postgres). `pipelines.service.preload` applies it in the scheduler process
+    (sqlalchemy.ext.compiler, SQLAlchemy's public hook for dialect-specific SQL)."""
+    from sqlalchemy.ext.compiler import compiles
+    from sqlalchemy.sql.functions import now
+
+    compiles(now, "sqlite")(lambda element, compiler, **kw: SQLITE_NOW)
 
 
 def simple_auth_users(site: str | None = None) -> str:

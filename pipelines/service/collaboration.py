@@ -110,6 +110,21 @@ class Deployment:
             return False
         return len([beat for beat in self.heartbeats if beat > parked_at + self.park_exit_seconds]) >= 2
 
+    def watch_settle(self, parked_at: float | None, *, within: float = 0.5, every: float = 0.05,
+                     patience: float = 3.0) -> bool:
+        """Once the scheduler's latest heartbeat is within `within` seconds of the gate's bound, read its
+        heartbeats every `every` seconds until the gate has `settled` (True), or for `patience` seconds
+        (False: a stalled scheduler; the next poll looks again). Answers a gate about a poll sooner."""
+        if parked_at is None or not self.heartbeats or self.heartbeats[-1] < parked_at + self.park_exit_seconds - within:
+            return False
+        deadline = time.monotonic() + patience
+        while not self.settled(parked_at):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(every)
+            self.observe_scheduler()
+        return True
+
     def close(self) -> None:
         self.http.close()
 
@@ -239,7 +254,7 @@ class Collaboration:
                     self.gates_seen[key] = (gate["try_number"], max((m for m in marks if m is not None), default=None))
                     self.gate_parked = self.approve
                     continue
-                if self.approve and not deployment.settled(seen[1]):
+                if self.approve and not (deployment.settled(seen[1]) or deployment.watch_settle(seen[1])):
                     self.gate_parked = True
                     continue
                 self._answer(deployment, gate)

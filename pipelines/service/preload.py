@@ -8,7 +8,8 @@ copy-on-write between the scheduler, its workers and the tasks (benchmarks/colla
 reports the deployments' PSS).
 
 Only modules are imported here: no configuration is read and no state is built, so a task still reads
-the site's conf, keys and stores when it runs.
+the site's conf, keys and stores when it runs. One SQL rule is set for the scheduler: on SQLite, `now()`
+with milliseconds (pipelines.service.airflow_env.sqlite_now_in_milliseconds).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def preload() -> None:
 def main() -> None:
     preload()
     from airflow.__main__ import main as airflow_main
+
+    from pipelines.service.airflow_env import sqlite_now_in_milliseconds
+
+    sqlite_now_in_milliseconds()  # runs start when due, not at the next whole second (a no-op on Postgres)
 
     sys.exit(airflow_main())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,54 @@ def test_driver_answers_a_gate_only_two_heartbeats_after_its_exit_can_have_been_
     slower.heartbeats = deployment.heartbeats
     assert not slower.settled(parked_at)
     deployment.close(), slower.close()
+
+
+def test_driver_watches_the_heartbeats_closely_only_near_the_bound(tmp_path, monkeypatch):
+    from pipelines.service.collaboration import PARK_EXIT_MARGIN, Deployment
+
+    (tmp_path / "passwords.json").write_text("{}")
+    deployment = Deployment("origin", {"url": "http://127.0.0.1:9", "passwords_file": str(tmp_path / "passwords.json"),
+                                       "task_exit_seconds": 1}, tmp_path)
+    parked_at = 1000.0
+    bound = parked_at + 1 + PARK_EXIT_MARGIN
+    beats = iter([bound + 0.1, bound + 0.3])
+    reads = []
+
+    def observe() -> None:  # the scheduler's next heartbeats, as /api/v2/monitor/health would show them
+        reads.append(1)
+        deployment.heartbeats.append(next(beats))
+
+    monkeypatch.setattr(deployment, "observe_scheduler", observe)
+    deployment.heartbeats = [bound - 1.0]
+    assert not deployment.watch_settle(parked_at) and reads == []  # far from the bound: the normal poll
+    deployment.heartbeats = [bound - 0.2]
+    assert deployment.watch_settle(parked_at, every=0.01) and len(reads) == 2
+    stalled = Deployment("origin", {"url": "http://127.0.0.1:9", "passwords_file": str(tmp_path / "passwords.json"),
+                                    "task_exit_seconds": 1}, tmp_path)
+    monkeypatch.setattr(stalled, "observe_scheduler", lambda: None)  # no new heartbeat
+    stalled.heartbeats = [bound - 0.2]
+    assert not stalled.watch_settle(parked_at, every=0.01, patience=0.1)
+    deployment.close(), stalled.close()
+
+
+def test_scheduler_reads_sqlite_now_with_milliseconds():
+    # In a process of its own, as the scheduler (pipelines.service.preload): the hook is process-wide.
+    probe = """
+import re
+from datetime import datetime, timedelta, timezone
+from sqlalchemy import create_engine, func, literal, select, text
+from pipelines.service.airflow_env import sqlite_now_in_milliseconds
+sqlite_now_in_milliseconds()  # before the first query, as in the scheduler (SQLAlchemy caches compiled SQL)
+engine = create_engine("sqlite://")
+with engine.connect() as db:
+    whole = db.execute(text("SELECT CURRENT_TIMESTAMP")).scalar()
+    now = db.execute(select(func.now())).scalar()
+    due = (datetime.now(timezone.utc) - timedelta(milliseconds=5)).strftime("%Y-%m-%d %H:%M:%S.%f")
+    print(whole, "|", now, "|", db.execute(select(literal(due) <= func.now())).scalar())
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    whole, now, due = (part.strip() for part in result.stdout.split("|"))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", whole)  # SQLite's own CURRENT_TIMESTAMP
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}000", now)  # milliseconds, read as a datetime
+    assert due == "True"  # a run due 5 ms ago is due now, not at the next whole second
