@@ -17,37 +17,39 @@ Two ways to run the collaboration:
     .venv/bin/python benchmarks/collaboration_overhead.py --deployments --scale 1800 --scale 5000 --scale 10000
     .venv/bin/python benchmarks/collaboration_overhead.py --floor 8
 
-Where the floor goes (`--floor 8`, medians, 2-core machine shared with other work; 0.70 s trigger to done):
+Where the floor goes (`--deployments`, the supplier's deployment after the run, medians of 5; 0.21 s trigger
+to done, it was 0.70 s before the SQLite `now()` rule below):
 
-    trigger -> run started (scheduler loop, idle sleep 0.25 s)          0.39 s
-    run started -> task queued (scheduler loop)                         0.02 s
-    task queued -> task running (worker, supervisor fork, /run call)    0.09 s
-    task running -> DAG file parsed in the task process                 0.06 s  (steps' imports preloaded)
+    trigger -> run started (scheduler loop)                             0.05 s  (0.39-0.55 s on SQLite's now())
+    run started -> task queued (scheduler loop)                         0.01 s
+    task queued -> task running (worker, supervisor fork, /run call)    0.02 s
+    task running -> DAG file parsed in the task process                 0.05 s  (steps' imports preloaded)
     parsed -> task body done, XCom, success call                        0.02 s
-    task done -> run marked success (scheduler loop)                    0.18 s
+    task done -> run marked success (scheduler loop)                    0.05 s
 
-The floor is not where the collaboration's orchestration went. What did go, and what was done (pipelines.service.up
-sets the Airflow options; all are options Airflow 3.3 reads):
+What cost time, and what was done (pipelines.service.up sets the Airflow options; all are options Airflow 3.3
+reads):
 
     first task of each deployment: its /run call took 3.5-9.4 s      the execution API (a Cadwyn app) builds its
-      (Cadwyn builds its versioned routes on the first request,      routes on a request to /execution/health at
-      blocking the API server; over 5 s the task's client retried)   `factory up` (wait_ready)
-    every task's supervisor noticed its process's exit up to 5 s     [workers] min_heartbeat_interval 1: the slot is
-      late ([workers] min_heartbeat_interval): slot held, and a      free within 1 s; a parked gate's exit reaches
-      parked gate's exit reached the scheduler up to 5.1 s late      the scheduler 0.1-1.2 s after the park
+      (Cadwyn builds its versioned routes on the first request)      routes at `factory up` (wait_ready)
+    every task's supervisor noticed its process's exit up to 5 s     [workers] min_heartbeat_interval 1
+      late: slot held, a parked gate's exit read that late
     the DAG processors re-parsed ~25 unchanged files every 30 s      [dag_processor] min_file_process_interval 600
-      in each deployment (a third of a core, SQLite write locks)     (a changed file is still parsed at once)
-    a package waited for the outbox pusher's pass (2 s)              passes every 0.5 s
-    the driver logged in on each poll of each deployment's gates     one login kept; the scheduler's health read
-      and read three health endpoints every 0.5 s                    only while a gate is parked
-    a parked gate was answered 3 s + 2 heartbeats (1 s) after its    margin: the deployment's supervisor interval
-      park (the Airflow 3.3.2 race: collaboration.Deployment.settled) (1 s) + 1.5 s, heartbeats every 0.5 s
+    every run started up to 1 s late (median 0.47 s): the            on SQLite the scheduler compiles now() with
+      scheduler starts a queued run once run_after <= now(),         milliseconds (airflow_env.
+      and SQLite's CURRENT_TIMESTAMP has whole seconds               sqlite_now_in_milliseconds); Postgres: 0.02 s
+    a task's successor waited for the idle scheduler (0.17 s)        scheduler_idle_sleep_time 0.1 (0.09 s); an
+                                                                     idle scheduler then takes 11.5 % of a core
+    a package waited for the outbox pusher's pass                    the release step pushes it itself
+    a parked gate was answered 3.6 s after its park (the Airflow     park taken from the gate's request time,
+      3.3.2 race: collaboration.Deployment.settled)                  bound park + 1 s + 1 s, heartbeats 0.25 s,
+                                                                     watched closely near the bound: 3.0 s
 
-What is left at the default scale (one run after these changes: 156 s, 98 s inside the steps, 58 s of
-orchestration): the six gates' wait for their answer, ~27 s (~4.5 s each: the race's margin; the scheduler has
-read the parked process's exit 0.1-1.2 s after the park); no task running, ~23 s (a package's hand-over from one
-site's release to the partner's first task, 1.0-1.6 s each, and ~0.2 s of scheduler loop per task in a DAG);
-inside the tasks but outside the steps (parse, XCom, API calls), ~7 s.
+What is left at the default scale (one run: 122 s, 84 s inside the steps, 38 s of orchestration, 31.5 %): the six
+gates' wait for their answer, ~18 s (~3 s each: the scheduler reads a parked gate's exit 0.1-1.2 s after the park;
+the driver answers two scheduler heartbeats after park + 2 s); the rest, ~16 s (13 %), is Airflow's per-task cost
+(~0.1 s scheduler loop + ~0.05 s worker start between tasks, ~0.25 s inside each task outside its step: parse,
+XCom, state calls) over 67 step tasks and 18 runs.
 """
 
 from __future__ import annotations
