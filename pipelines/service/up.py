@@ -342,6 +342,7 @@ def start_deployment(
     With `wait=False` the processes are started and `wait_ready` waits for them later (so several
     deployments come up side by side)."""
     from pipelines.carrier.settings import airflow_url_env, carrier_settings, inbox_url_env
+    from pipelines.carrier.tls import partners
     from pipelines.service.airflow_env import airflow_environment, passwords_file
 
     paths = SitePaths.of(site, home)
@@ -377,7 +378,7 @@ def start_deployment(
         if not env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite"):
             env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", None)  # SQLite's, from a caller's env
         if carrier:  # release steps push their package at once to a partner inbox named here (carrier.push.push_now)
-            for partner in (other for other in SITES if other != site):
+            for partner in partners(paths):
                 if (target := carrier_settings(partner)).transport == "https" and target.inbox_url:
                     env.setdefault(inbox_url_env(partner), target.inbox_url)
         env.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
