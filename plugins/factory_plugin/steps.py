@@ -38,7 +38,9 @@ def step_context(site: str, context: dict[str, Any]):
     return StepContext.for_site(site, run_id=context["run_id"], dag_id=context["dag"].dag_id, actor=actor)
 
 
-@task
+# One XCom, `return_value`: downstream steps take a step's whole result. (The `dict` return annotation alone
+# would make Airflow also push each key as an XCom of its own: one API call per key per task, read by nothing.)
+@task(multiple_outputs=False)
 def run_local_step(step_name: str, site: str, step_params: dict[str, Any], **context: Any) -> dict[str, Any]:
     from airflow.sdk.exceptions import AirflowFailException
 

@@ -119,6 +119,14 @@ def test_release_tasks_emit_no_asset_event_for_another_site():
             assert not [a for a in task.outlets if "/inbox/" in a.uri], f"{dag.dag_id}.{task.task_id}"
 
 
+def test_step_tasks_push_one_xcom_each():
+    """A step's result is one XCom (`return_value`), not also one per key: every XCom is an API call."""
+    steps = [task for dag in _bag(DAGS).dags.values() for task in dag.tasks
+             if getattr(task, "python_callable", None) is not None and task.python_callable.__name__ == "run_local_step"]
+    assert len(steps) > 50
+    assert not [task.task_id for task in steps if task.multiple_outputs]
+
+
 def test_stage_order_of_conf_lists_every_stage_dag_in_an_order_their_triggers_allow():
     from pipelines.config import load_config
 
