@@ -130,6 +130,53 @@ def test_driver_watches_the_heartbeats_closely_only_near_the_bound(tmp_path, mon
     deployment.close(), stalled.close()
 
 
+def _driven(tmp_path, monkeypatch, states: list[str], tis: list[dict]):
+    """A driver over three deployments whose REST answers are recorded: the followed run (at origin) is in
+    `states` one poll after another, its task instances are `tis`."""
+    from pipelines.service import collaboration
+
+    monkeypatch.setattr(collaboration, "LOOK_WIDE_EVERY", 0.05)
+    (tmp_path / "passwords.json").write_text("{}")
+    reads: dict[str, int] = {}
+    deployments = {}
+    for site in SITES:
+        deployment = collaboration.Deployment(site, {"url": "http://127.0.0.1:9", "task_exit_seconds": 1,
+                                                     "passwords_file": str(tmp_path / "passwords.json")}, tmp_path)
+        monkeypatch.setattr(deployment, "pending_gates",
+                            lambda site=site: reads.__setitem__(f"gates {site}", reads.get(f"gates {site}", 0) + 1) or [])
+        deployments[site] = deployment
+    states_left = iter(states)
+    monkeypatch.setattr(deployments["origin"], "run", lambda dag_id, run_id: {"state": next(states_left)})
+
+    def task_instances(dag_id, run_id):
+        reads["tis"] = reads.get("tis", 0) + 1
+        return tis
+
+    monkeypatch.setattr(deployments["origin"], "task_instances", task_instances)
+    drive = collaboration.Collaboration(deployments, approve=True, timeout=30, say=lambda line: None, poll=0.01)
+    return drive, deployments["origin"], reads
+
+
+def test_driver_reads_the_followed_site_every_poll_and_the_rest_now_and_then(tmp_path, monkeypatch):
+    drive, origin, reads = _driven(tmp_path, monkeypatch, ["running"] * 40 + ["success"], [])
+    assert drive.follow(origin, "stage_4_local_retraining_origin", "run-1") == "success"
+    assert reads["gates origin"] == 40  # every poll: a gate of the followed run is answered without delay
+    # the run's task instances and the other sites' gates: every LOOK_WIDE_EVERY (0.05 s of ~0.4 s of polls)
+    assert 2 <= reads["tis"] < 20 and reads["gates supplier"] == reads["gates destination"]
+    assert reads["tis"] - 1 <= reads["gates supplier"] <= reads["tis"]  # the last poll saw success and stopped
+
+
+def test_driver_stops_on_a_failed_task_while_the_run_goes_on(tmp_path, monkeypatch):
+    from pipelines.service.collaboration import DriveFailed
+
+    failed = {"task_id": "train_model", "state": "failed", "dag_id": "stage_4_local_retraining_origin",
+              "dag_run_id": "run-1", "try_number": 1}
+    drive, origin, reads = _driven(tmp_path, monkeypatch, ["running"] * 1000, [failed])
+    with pytest.raises(DriveFailed, match="task train_model failed"):
+        drive.follow(origin, "stage_4_local_retraining_origin", "run-1")
+    assert reads["tis"] == 1
+
+
 def test_scheduler_reads_sqlite_now_with_milliseconds():
     # In a process of its own, as the scheduler (pipelines.service.preload): the hook is process-wide.
     probe = """
