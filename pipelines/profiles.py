@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipelines.config import SITES, TrainingProfile, conf_dir, load_config, load_models
+from pipelines.config import SITES, TrainingProfile, conf_dir, load_config, load_models, parse_yaml
 from pipelines.fileio import read_json, write_json
 from pipelines.workspace import SitePaths, UnsafeName, safe_name
 
@@ -107,7 +107,7 @@ def load_profile(path: Path | str | None = None) -> Profile:
     """Read and check a profile (default: the digits demo); a bad one raises ProfileError naming the key."""
     path = Path(path).expanduser().resolve() if path is not None else default_profile_path().resolve()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text())
     except OSError as exc:
         raise ProfileError(f"profile {path}: cannot be read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:

@@ -13,9 +13,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
 from filelock import FileLock
 
+from pipelines.config import parse_yaml
 from pipelines.workspace import SitePaths
 
 _LOCKS: dict[str, FileLock] = {}
@@ -93,7 +93,7 @@ def dvc_md5(path: Path) -> str:
     meta = Path(f"{path}.dvc")
     if not meta.exists():
         raise RepoError(f"{path} is not tracked by DVC (no {meta.name})")
-    outs = yaml.safe_load(meta.read_text())["outs"]
+    outs = parse_yaml(meta.read_text())["outs"]
     return outs[0]["md5"]
 
 

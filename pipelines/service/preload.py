@@ -18,10 +18,16 @@ import importlib
 import sys
 
 # The libraries steps import lazily (at module level only where a step module needs them), then the
-# step modules themselves.
+# step modules themselves, then the DAG files' helpers.
 # `torch._dynamo` is what the first optimizer pulls in (1-2 s), `torch.onnx` what the ONNX export does.
 LIBRARIES = ("torch", "torch._dynamo", "torch.onnx", "mlflow", "great_expectations", "onnxruntime", "onnx",
              "sklearn", "scipy.ndimage", "model_signing", "dvc.repo", "cyclonedx.model.bom")
+
+
+# What the DAG files import (the plugins folder is on PYTHONPATH in a site's Airflow processes): every task
+# parses its DAG file first, ~20 ms less each with these loaded.
+DAG_HELPERS = ("factory_plugin.flows", "factory_plugin.federated_flows", "factory_plugin.revocation_flows",
+               "factory_plugin.approvals")
 
 
 def preload() -> None:
@@ -29,7 +35,7 @@ def preload() -> None:
         importlib.import_module(name)
     from pipelines.steps import STEP_MODULES
 
-    for name in STEP_MODULES:
+    for name in (*STEP_MODULES, *DAG_HELPERS):
         importlib.import_module(name)
 
 

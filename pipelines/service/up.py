@@ -83,10 +83,10 @@ def conf_with_free_ports(folder: Path) -> Path:
 
     import yaml
 
-    from pipelines.config import conf_dir
+    from pipelines.config import conf_dir, parse_yaml
 
     shutil.copytree(conf_dir(), folder)
-    sites = yaml.safe_load((folder / "sites.yaml").read_text())
+    sites = parse_yaml((folder / "sites.yaml").read_text())
     for site in SITES:
         port = free_port()
         entry = sites["sites"][site]

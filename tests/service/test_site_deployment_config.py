@@ -198,3 +198,22 @@ with engine.connect() as db:
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", whole)  # SQLite's own CURRENT_TIMESTAMP
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}000", now)  # milliseconds, read as a datetime
     assert due == "True"  # a run due 5 ms ago is due now, not at the next whole second
+
+
+def test_scheduler_preloads_what_tasks_import_and_reads_no_configuration(tmp_path):
+    """Task processes fork from the scheduler: the step modules and the DAG files' helpers are loaded there
+    first, and nothing is read from conf/ (a task reads the site's configuration as it is when it runs)."""
+    probe = """
+import sys
+from pipelines.service.preload import DAG_HELPERS, preload
+preload()
+from pipelines.config import _load
+from pipelines.steps import STEP_MODULES
+print(sorted(set((*STEP_MODULES, *DAG_HELPERS)) - set(sys.modules)), _load.cache_info().currsize)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")]),
+           "FACTORY_CONF": str(tmp_path / "no-conf-here")}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["[]", "0"]
