@@ -152,6 +152,7 @@ def pending_gates(
                 "try_number": ti.get("try_number"),
                 "subject": detail.get("subject"),
                 "created_at": detail.get("created_at"),
+                "started_at": ti.get("start_date"),  # of the task's current try
                 "assigned_users": sorted(assigned),
                 "may_answer": may_answer,
             })

@@ -99,10 +99,9 @@ class Deployment:
     def settled(self, parked_at: float | None) -> bool:
         """Has the scheduler taken in the exit of the process that parked a gate?
 
-        `parked_at` (server time) is no later than the park, or hardly: the later of the gate's request
-        (its HITL detail's `created_at`, written just before the park) and the scheduler's latest
-        heartbeat when the gate's task was first seen parked (state `awaiting_input`, which its task
-        process reports just before it exits).
+        `parked_at` (server time) is no later than the park, and hardly earlier: the later of the gate's
+        request (its HITL detail's `created_at`, written 4-12 ms before the park; a later try of the task
+        keeps its first request's row) and the start of the task's current try.
 
         Airflow 3.3.2 with the LocalExecutor fails a gate answered too early: the answer resumes the
         task, the scheduler queues it again and only then reads the "success" of the process that
@@ -241,9 +240,7 @@ class Collaboration:
             except ApprovalError as error:
                 raise DriveFailed(f"{deployment.site}: listing approval gates failed: {error}") from None
             if any(gate["state"] == "awaiting_input" for gate in gates):
-                # Only while a gate is parked: a heartbeat read after the gate was seen parked (never an
-                # older one) is where `settled` starts counting.
-                deployment.observe_scheduler()
+                deployment.observe_scheduler()  # only while a gate is parked: `settled` counts its heartbeats
             for gate in gates:
                 if gate["dag_id"] not in self.gate_dags or not self._ours(deployment, gate["dag_id"], gate["run_id"]):
                     continue
@@ -253,12 +250,10 @@ class Collaboration:
                 if gate["state"] != "awaiting_input":  # its process has not parked it yet
                     continue
                 seen = self.gates_seen.get(key)
-                if seen is None or seen[0] != gate["try_number"]:  # a new try: note when, look again later
-                    marks = [deployment.heartbeats[-1] if deployment.heartbeats else None,
-                             iso_seconds(gate.get("created_at"))]
-                    self.gates_seen[key] = (gate["try_number"], max((m for m in marks if m is not None), default=None))
-                    self.gate_parked = self.approve
-                    continue
+                if seen is None or seen[0] != gate["try_number"]:  # a new try: note when it parked
+                    marks = [iso_seconds(gate.get("created_at")), iso_seconds(gate.get("started_at"))]
+                    seen = self.gates_seen[key] = (gate["try_number"], max((m for m in marks if m is not None),
+                                                                            default=None))
                 if self.approve and not (deployment.settled(seen[1]) or deployment.watch_settle(seen[1])):
                     self.gate_parked = True
                     continue

@@ -177,6 +177,32 @@ def test_driver_stops_on_a_failed_task_while_the_run_goes_on(tmp_path, monkeypat
     assert reads["tis"] == 1
 
 
+def test_driver_times_a_gate_from_its_request_or_its_try_start_whichever_is_later(tmp_path, monkeypatch):
+    from datetime import UTC, datetime
+
+    drive, origin, _ = _driven(tmp_path, monkeypatch, [], [])
+    drive.gate_dags, drive.followed = {"stage_2_sovereign_data_release"}, {("origin", "run-1")}
+    started = 1_000_000.0
+
+    def iso(seconds: float) -> str:
+        return datetime.fromtimestamp(seconds, UTC).isoformat()
+
+    gate = {"dag_id": "stage_2_sovereign_data_release", "run_id": "run-1", "task_id": "release_approval",
+            "map_index": -1, "state": "awaiting_input", "try_number": 2, "subject": "Release?",
+            "created_at": iso(started - 100),  # the first try's request: its row is kept for the second try
+            "started_at": iso(started), "assigned_users": ["origin_officer"]}
+    monkeypatch.setattr(origin, "pending_gates", lambda: [gate])
+    monkeypatch.setattr(origin, "observe_scheduler", lambda: None)
+    answered = []
+    monkeypatch.setattr(drive, "_answer", lambda deployment, g: answered.append(g["task_id"]))
+    origin.heartbeats = [started + 0.4, started + 0.8]  # long after the first request, before this try's bound
+    drive.tend_gates(origin)
+    assert answered == [] and drive.gate_parked
+    origin.heartbeats += [started + 2.1, started + 2.2]  # two loops after this try's park + 1 s + the margin
+    drive.tend_gates(origin)
+    assert answered == ["release_approval"]
+
+
 def test_scheduler_reads_sqlite_now_with_milliseconds():
     # In a process of its own, as the scheduler (pipelines.service.preload): the hook is process-wide.
     probe = """
