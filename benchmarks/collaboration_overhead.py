@@ -41,15 +41,36 @@ reads):
     a task's successor waited for the idle scheduler (0.17 s)        scheduler_idle_sleep_time 0.1 (0.09 s); an
                                                                      idle scheduler then takes 11.5 % of a core
     a package waited for the outbox pusher's pass                    the release step pushes it itself
-    a parked gate was answered 3.6 s after its park (the Airflow     park taken from the gate's request time,
-      3.3.2 race: collaboration.Deployment.settled)                  bound park + 1 s + 1 s, heartbeats 0.25 s,
-                                                                     watched closely near the bound: 3.0 s
+    every step pushed each key of its result as an XCom of its own   run_local_step: multiple_outputs=False, one
+      besides return_value (a `dict` return annotation does that):     XCom a task
+      ~6 API calls a task, read by nothing
+    `factory run` read every site's gates and the followed run's     the followed run's state and its site's gates
+      task instances every poll: ~20 s of the API servers' CPU in     every poll, the rest every 2 s
+      a 120 s run, taken from the steps                              (collaboration.LOOK_WIDE_EVERY)
+    each task process parsed conf/ with PyYAML's pure-Python         libyaml's safe loader (config.parse_yaml);
+      loader (~25 ms) and imported the DAG files' helpers (~20 ms)    the helpers preloaded in the scheduler
+    a parked gate was answered 3.6 s after its park (the Airflow     bound = park + 1 s + 1 s, the park taken from
+      3.3.2 race: collaboration.Deployment.settled)                  the gate's request or its try's start (was:
+                                                                     when the driver first saw it); two heartbeats
+                                                                     later, watched closely; heartbeat every 0.1 s:
+                                                                     2.3-2.4 s (0.25 s: 2.7-3.1 s); an idle
+                                                                     scheduler then takes 2.3 % of a core more
 
-What is left at the default scale (one run: 122 s, 84 s inside the steps, 38 s of orchestration, 31.5 %): the six
-gates' wait for their answer, ~18 s (~3 s each: the scheduler reads a parked gate's exit 0.1-1.2 s after the park;
-the driver answers two scheduler heartbeats after park + 2 s); the rest, ~16 s (13 %), is Airflow's per-task cost
-(~0.1 s scheduler loop + ~0.05 s worker start between tasks, ~0.25 s inside each task outside its step: parse,
-XCom, state calls) over 67 step tasks and 18 runs.
+Measured at the end (one command per line, each with its own direct baseline; SQLite; the 2-core machine):
+
+    scale     run      in steps   orchestration   of which gates   ratio to direct training + evaluation
+    default   112.8 s  82.0 s     30.8 s  27.3 %  18.0 s           10.8x
+    5000      122.1 s  90.7 s     31.4 s  25.7 %  17.8 s            8.1x
+    15000     139.9 s  112.2 s    27.7 s  19.8 %  17.5 s            6.0x
+    40000     209.8 s  180.4 s    29.4 s  14.0 %  17.9 s            3.6x
+
+The default line with a 0.25 s heartbeat instead: 107.7 s, 76.2 s in steps, 31.5 s (29.3 %), gates 20.5 s.
+
+What is left (~30 s at every scale): the six gates' wait for their answer, ~18 s (~2.4 s each from the request:
+the scheduler reads a parked gate's exit 0.07-1.2 s after the park; the driver answers two scheduler heartbeats
+after park + 2 s); the rest, ~12 s, is Airflow's per-task cost over 67 step tasks and 18 runs (~0.1 s scheduler
+loop + ~0.05 s worker start between tasks, ~0.15 s inside each task outside its step: parse, XCom, state calls).
+Time inside the steps varies by 10 s between runs of the same code on this machine.
 """
 
 from __future__ import annotations
